@@ -1,0 +1,172 @@
+"""ArchConfig: a pruned model's shape as JSON, and rebuilding a model from it.
+
+``arch.json`` + ``model.safetensors`` are a complete, recipe-free description of a (pruned) model
+(DESIGN.md invariant 3): :func:`load_pruned` creates the timm model by name and kwargs, resizes every
+coupled parameter to the stored dims through the family's Structure, updates the module attributes,
+then loads the weights strictly. The model is still the timm class, with ``forward_features`` and
+``forward_head`` intact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitopt.arch.families import family_of, get_family
+from vitopt.errors import VitoptError
+from vitopt.io import atomic_write_json, load_weights, read_json, save_weights
+
+__all__ = ["ArchConfig", "create_model", "arch_of", "resize_to", "save_pruned", "load_pruned",
+           "ARCH_FILE", "WEIGHTS_FILE"]
+
+ARCH_FILE = "arch.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ArchConfig:
+    """The shape of a model: which timm model it started from and the size of every group.
+
+    Attributes:
+        family: family key (``"vit"``).
+        model_name: timm model name, e.g. ``"deit_small_patch16_224"``.
+        model_kwargs: kwargs given to ``timm.create_model`` (img_size, num_classes, ...).
+        dims: group name -> number of units, e.g. ``{"embed": 384, "blocks.0.heads": 6, ...}``.
+    """
+
+    family: str
+    model_name: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dims: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "arch.json") -> "ArchConfig":
+        """Parse the JSON object written by :meth:`to_json`; VitoptError names ``where`` if malformed."""
+        try:
+            return cls(family=str(obj["family"]), model_name=str(obj["model_name"]),
+                       model_kwargs=dict(obj.get("model_kwargs", {})),
+                       dims={str(k): int(v) for k, v in obj["dims"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise VitoptError(f"{where} is not a vitopt architecture file (missing or bad field: {exc}).") from None
+
+
+def create_model(name: str, kwargs: dict[str, Any] | None = None, *, pretrained: bool = False,
+                 checkpoint: str | Path | None = None) -> nn.Module:
+    """Create a timm model by name; optionally load local weights (safetensors or weights_only torch).
+
+    ``pretrained=True`` downloads through timm (needs network). ``checkpoint`` loads a dense state
+    dict matching the created model.
+
+    Raises:
+        VitoptError: unknown model name, failed pretrained download, or a checkpoint that does not fit.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise VitoptError(f"model {name!r} is not a timm model name (similar: {', '.join(close) or 'none'}).")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **(kwargs or {}))
+    except TypeError as exc:
+        raise VitoptError(f"model {name!r} rejected its kwargs: {exc}.") from None
+    except (OSError, RuntimeError) as exc:
+        if pretrained:
+            raise VitoptError(f"pretrained weights for {name!r} could not be loaded ({exc}); "
+                              "use pretrained: false or checkpoint: PATH offline.") from None
+        raise
+    if checkpoint is not None:
+        state = load_weights(checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0:2]
+            raise VitoptError(f"checkpoint {checkpoint} does not match model {name!r}: {' '.join(first)}") from None
+    return model
+
+
+def arch_of(model: nn.Module, model_name: str, model_kwargs: dict[str, Any] | None = None) -> ArchConfig:
+    """The :class:`ArchConfig` of a live model (its current dims)."""
+    fam = family_of(model)
+    return ArchConfig(fam.name, model_name, dict(model_kwargs or {}), fam.read_dims(model))
+
+
+def resize_to(model: nn.Module, dims: dict[str, int]) -> nn.Module:
+    """Resize every coupled parameter of ``model`` to ``dims`` (new, uninitialised storage) in place.
+
+    Used to rebuild a pruned model before loading its weights; values are NOT preserved (use
+    :func:`vitopt.pruning.surgery.prune_model` to keep values).
+
+    Raises:
+        VitoptError: ``dims`` names groups the model does not have.
+    """
+    fam = family_of(model)
+    structure = fam.structure(model)
+    unknown = set(dims) - set(structure.groups)
+    if unknown:
+        raise VitoptError(f"architecture names groups this model does not have: {sorted(unknown)[:5]}.")
+    shapes: dict[str, list[int]] = {}
+    for lay in structure.layouts:
+        shape = shapes.setdefault(lay.param, list(model.get_parameter(lay.param).shape))
+        shape[lay.axis] = lay.new_length(dims)
+    for name, shape in shapes.items():
+        old = model.get_parameter(name)
+        _set_param(model, name, torch.empty(shape, dtype=old.dtype, device=old.device), old.requires_grad)
+    fam.set_dims(model, {**fam.read_dims(model), **dims})
+    return model
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor, requires_grad: bool = True) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    setattr(module, leaf, nn.Parameter(value, requires_grad=requires_grad))
+
+
+def save_pruned(model: nn.Module, directory: str | Path, model_name: str,
+                model_kwargs: dict[str, Any] | None = None) -> ArchConfig:
+    """Write ``arch.json`` and ``model.safetensors`` for ``model`` into ``directory`` (atomically).
+
+    Returns the ArchConfig written.
+    """
+    directory = Path(directory)
+    arch = arch_of(model, model_name, model_kwargs)
+    save_weights(directory / WEIGHTS_FILE, model.state_dict(), metadata={"format": "pt", "vitopt": "1"})
+    atomic_write_json(directory / ARCH_FILE, arch.to_json())
+    return arch
+
+
+def load_pruned(path: str | Path) -> nn.Module:
+    """Rebuild a (pruned) model from a directory holding ``arch.json`` and ``model.safetensors``.
+
+    Args:
+        path: the directory, or the path of its ``arch.json``.
+
+    Returns:
+        The timm model in eval mode, on CPU, with the stored weights.
+
+    Raises:
+        VitoptError: missing/malformed files, unknown family or model, or weights that do not match
+            the architecture.
+    """
+    path = Path(path)
+    directory = path.parent if path.name == ARCH_FILE else path
+    if not directory.is_dir():
+        raise VitoptError(f"{directory} is not a directory with {ARCH_FILE} and {WEIGHTS_FILE}.")
+    arch = ArchConfig.from_json(read_json(directory / ARCH_FILE, "architecture file"), str(directory / ARCH_FILE))
+    get_family(arch.family)
+    model = create_model(arch.model_name, arch.model_kwargs)
+    resize_to(model, arch.dims)
+    state = load_weights(directory / WEIGHTS_FILE)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).strip().splitlines()[:2])
+        raise VitoptError(f"{directory / WEIGHTS_FILE} does not match {directory / ARCH_FILE}: {first}") from None
+    return model.eval()

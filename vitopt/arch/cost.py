@@ -1,0 +1,68 @@
+"""Analytic cost of an architecture: parameters and MACs, per group dims, without building a model.
+
+Allocation prices candidate architectures thousands of times, so costs are closed-form:
+
+* params: every parameter's element count scales with the factors its coupled axes carry
+  (from the Structure's layouts), so ``params(dims)`` is exact for any dims;
+* MACs: the family's closed form (matmuls and convolutions only; FLOPs = 2 x MACs, the convention of
+  fvcore and ``torch.utils.flop_counter``).
+
+Tests check both against ``sum(p.numel())`` and ``torch.utils.flop_counter`` on surgered models.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from vitopt.arch.families import family_of
+from vitopt.arch.structure import Structure
+
+__all__ = ["CostModel"]
+
+
+class CostModel:
+    """Closed-form params and MACs of one model at any dims of its groups.
+
+    Args:
+        model: the (dense or pruned) model whose Structure defines the groups.
+        structure: its Structure (built when omitted).
+
+    ``params(dims)`` counts parameters (all of them, including those no group touches);
+    ``macs(dims)`` returns the family's MAC count for one image; ``flops(dims) = 2 * macs(dims)``.
+    """
+
+    def __init__(self, model: nn.Module, structure: Structure | None = None) -> None:
+        self.family = family_of(model)
+        self.structure = structure or self.family.structure(model)
+        self.model = model
+        self.base_dims = self.structure.sizes()
+        coupled: dict[str, list] = {}
+        for lay in self.structure.layouts:
+            coupled.setdefault(lay.param, []).append(lay)
+        shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+        self._fixed = sum(math.prod(s) for n, s in shapes.items() if n not in coupled)
+        self._coupled = [(shapes[n], lays) for n, lays in coupled.items()]
+
+    def params(self, dims: dict[str, int]) -> int:
+        """Number of parameters at ``dims`` (groups absent from ``dims`` keep their current size)."""
+        total = self._fixed
+        for shape, lays in self._coupled:
+            shape = list(shape)
+            for lay in lays:
+                shape[lay.axis] = lay.new_length(dims)
+            total += math.prod(shape)
+        return total
+
+    def macs(self, dims: dict[str, int]) -> int:
+        """MACs for one image at ``dims`` (groups absent keep their current size)."""
+        return self.family.macs(self.model, {**self.base_dims, **dims})["total"]
+
+    def flops(self, dims: dict[str, int]) -> int:
+        """FLOPs (= 2 x MACs) for one image at ``dims``."""
+        return 2 * self.macs(dims)
+
+    def __call__(self, metric: str, dims: dict[str, int]) -> float:
+        """Cost of ``dims`` in ``metric`` (``"flops"``, ``"macs"`` or ``"params"``)."""
+        return float(getattr(self, metric)(dims))

@@ -1,0 +1,165 @@
+"""Groups of coupled slices: the one description of what can be pruned in a model.
+
+A structured unit (one head, one head-dim index, one MLP neuron, one embedding channel) lives in
+several tensors at once. A :class:`Structure` lists, for a concrete model:
+
+* its :class:`Group` s (``blocks.3.heads`` with 6 units, ``embed`` with 384 units, ...);
+* for every parameter axis the groups touch, an :class:`AxisLayout`: how that axis factorises into
+  unit factors. ``blocks.0.attn.qkv.weight`` axis 0 is ``(3) x (heads) x (head_dim)``; axis 1 is
+  ``(embed)``. Slicing, resizing, importance and cost are all computed from these layouts alone;
+* for every group its :class:`ChokePoint` s: the module inputs/outputs where multiplying by one value
+  per unit applies a gate or a hard mask with the same effect as removing the unit (DESIGN.md,
+  "gates and hard masks are applied at the group's choke point");
+* for the residual width, the LayerNorms whose statistics must be taken over kept channels when the
+  group is masked rather than removed.
+
+Everything downstream (masks, gates, importance, allocation, surgery) is generic over this list.
+The layout idea follows the dependency groups of Torch-Pruning (Fang et al., CVPR 2023,
+arXiv 2301.12900), made explicit and static per model family.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["Group", "AxisLayout", "ChokePoint", "Structure", "Factor", "GROUP_KINDS"]
+
+#: The kinds of group a family may declare, in the order tables print them.
+GROUP_KINDS = ("embed", "heads", "head_dim", "mlp")
+
+#: One factor of an axis: (group name, size), or (None, size) for a fixed factor that is never pruned
+#: (e.g. the 3 of q/k/v in a fused qkv projection).
+Factor = tuple["str | None", int]
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of interchangeable structured units pruned together.
+
+    Attributes:
+        name: unique key, e.g. ``"blocks.3.heads"`` or ``"embed"``.
+        kind: one of :data:`GROUP_KINDS`.
+        block: transformer block index, or None for model-wide groups (``embed``).
+        size: current number of units.
+    """
+
+    name: str
+    kind: str
+    block: int | None
+    size: int
+
+
+@dataclass(frozen=True)
+class AxisLayout:
+    """How one axis of one parameter factorises into unit factors (row-major).
+
+    Example: ``AxisLayout("blocks.0.attn.qkv.weight", 0, ((None, 3), ("blocks.0.heads", 6),
+    ("blocks.0.head_dim", 64)))`` says the 1152 rows are laid out as [qkv][head][head_dim].
+    The product of the factor sizes equals the axis length.
+    """
+
+    param: str
+    axis: int
+    factors: tuple[Factor, ...]
+
+    @property
+    def length(self) -> int:
+        return math.prod(s for _, s in self.factors)
+
+    def groups(self) -> list[str]:
+        return [g for g, _ in self.factors if g is not None]
+
+    def index(self, keep: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Flat indices (int64, sorted) along the axis that survive when each group keeps ``keep[g]``.
+
+        Groups absent from ``keep`` keep all their units.
+        """
+        idx = torch.zeros(1, dtype=torch.long)
+        for g, size in self.factors:
+            sel = keep[g] if (g is not None and g in keep) else torch.arange(size)
+            idx = (idx[:, None] * size + sel[None, :].long()).reshape(-1)
+        return idx
+
+    def new_length(self, sizes: dict[str, int]) -> int:
+        """Axis length after each group ``g`` is resized to ``sizes[g]`` (absent groups unchanged)."""
+        return math.prod(sizes.get(g, s) if g is not None else s for g, s in self.factors)
+
+    def expand(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-element multiplier of length :attr:`length` from per-unit values (outer product).
+
+        Groups absent from ``values`` (and fixed factors) contribute ones.
+        """
+        ref = next((values[g] for g, _ in self.factors if g is not None and g in values), None)
+        kw = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+        out = None
+        for g, size in self.factors:
+            v = values.get(g) if g is not None else None
+            v = torch.ones(size, **kw) if v is None else v
+            out = v if out is None else (out[:, None] * v[None, :]).reshape(-1)
+        return out
+
+    def reduce(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
+        """Sum ``tensor`` (shaped like the parameter) over everything except ``group``'s factor.
+
+        Returns a vector with one entry per unit of ``group``. Used by importance criteria.
+        """
+        t = tensor.movedim(self.axis, 0)
+        t = t.reshape(*[s for _, s in self.factors], -1)
+        pos = [g for g, _ in self.factors].index(group)
+        dims = [d for d in range(t.dim()) if d != pos]
+        return t.sum(dim=dims)
+
+
+@dataclass(frozen=True)
+class ChokePoint:
+    """A place where one value per unit, multiplied in, acts like keeping/removing the unit.
+
+    Attributes:
+        module: dotted module name (``blocks.0.attn.proj``).
+        side: ``"input"`` (multiply the module's first positional input along its last dim) or
+            ``"output"`` (multiply its output along the last dim).
+        factors: layout of that last dim, as in :class:`AxisLayout`.
+    """
+
+    module: str
+    side: Literal["input", "output"]
+    factors: tuple[Factor, ...]
+
+
+@dataclass
+class Structure:
+    """The prunable groups of one concrete model and every tensor slice coupled to them.
+
+    Built by a family (:mod:`vitopt.arch.families`) from a live model; it describes the model's
+    *current* dims, so rebuild it after surgery.
+
+    Attributes:
+        family: family key, e.g. ``"vit"``.
+        groups: name -> :class:`Group`, in a stable order (embed first, then block by block).
+        layouts: every coupled parameter axis.
+        chokes: group name -> choke points where gates / hard masks act.
+        norms: group name -> LayerNorm modules that normalise over that group's units (only the
+            residual width); masked simulation recomputes their statistics over kept units.
+    """
+
+    family: str
+    groups: dict[str, Group]
+    layouts: list[AxisLayout]
+    chokes: dict[str, list[ChokePoint]] = field(default_factory=dict)
+    norms: dict[str, list[str]] = field(default_factory=dict)
+
+    def of_kind(self, *kinds: str) -> list[Group]:
+        """Groups whose kind is in ``kinds``, in structure order."""
+        return [g for g in self.groups.values() if g.kind in kinds]
+
+    def sizes(self) -> dict[str, int]:
+        """Group name -> current number of units."""
+        return {name: g.size for name, g in self.groups.items()}
+
+    def layouts_of(self, group: str) -> list[AxisLayout]:
+        """Every parameter axis that ``group`` appears in."""
+        return [lay for lay in self.layouts if group in lay.groups()]

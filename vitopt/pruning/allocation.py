@@ -1,0 +1,163 @@
+"""Allocation: turn per-unit scores into a KeepPlan that meets a budget, with hardware rounding.
+
+Two scopes:
+
+* ``global`` - one ranking across all blocks and group kinds. Units are removed in chunks of
+  ``round_to`` (so kept counts stay multiples that tensor cores like), always the chunk with the
+  lowest importance per unit of cost saved, until the cost is within budget. Scores are normalised
+  per kind (divided by the kind's mean score) so heads, head dims and neurons compete on one scale;
+  cost is any closed-form function of the dims (FLOPs, params, or a latency table), in the spirit of
+  NViT's latency-aware global ranking (Yang et al., CVPR 2023) and HALP (Shen et al., NeurIPS 2022).
+* ``uniform`` - every selected group keeps the same fraction of its units; the fraction is the
+  largest that meets the budget (bisection).
+
+Kept counts are multiples of ``round_to[kind]`` (or the group's full size) and at least
+``min_keep[kind]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from vitopt.arch.structure import Structure
+from vitopt.errors import VitoptError
+from vitopt.pruning.plan import KeepPlan
+
+__all__ = ["allocate", "allowed_sizes", "DEFAULT_ROUND_TO"]
+
+#: Default rounding of kept counts per group kind (DESIGN.md: 8 for dims, heads by one).
+DEFAULT_ROUND_TO = {"heads": 1, "head_dim": 8, "mlp": 8, "embed": 8}
+
+
+def allowed_sizes(n: int, round_to: int, min_keep: int) -> list[int]:
+    """Kept counts a group of ``n`` units may take, descending: n, then multiples of round_to >= min_keep.
+
+    >>> allowed_sizes(20, 8, 8)
+    [20, 16, 8]
+    """
+    sizes = [n] + [k for k in range((n - 1) // round_to * round_to, 0, -round_to) if k >= min_keep]
+    return sorted(set(s for s in sizes if s >= 1), reverse=True)
+
+
+def _normalise(scores: dict[str, torch.Tensor], kinds: dict[str, str], base: dict[str, int],
+               cost: Callable) -> dict[str, torch.Tensor]:
+    """Put every kind on one scale: score / mean score of the kind * mean cost of one unit of the kind.
+
+    With uninformative scores (all equal within a kind) every unit then has the same importance per
+    unit of cost, so global allocation reduces to a uniform one; only real score differences move
+    capacity between blocks and kinds. Without this a whole head would weigh as much as one MLP
+    neuron although it costs ~head_dim times more.
+    """
+    full = cost(base)
+    unit_cost = {g: max(full - cost({**base, g: base[g] - 1}), 0.0) for g in scores if base[g] > 1}
+    by_kind: dict[str, list[str]] = {}
+    for g in scores:
+        by_kind.setdefault(kinds[g], []).append(g)
+    out = {}
+    for kind, gs in by_kind.items():
+        mean_score = torch.cat([scores[g].double().abs() for g in gs]).mean().item() or 1.0
+        costs = [unit_cost[g] for g in gs if g in unit_cost]
+        mean_cost = (sum(costs) / len(costs)) if costs else 1.0
+        for g in gs:
+            out[g] = scores[g].double() / mean_score * mean_cost
+    return out
+
+
+def allocate(structure: Structure, scores: dict[str, torch.Tensor], cost: Callable[[dict[str, int]], float],
+             budget: float, *, scope: str = "global", round_to: dict[str, int] | None = None,
+             min_keep: dict[str, int] | None = None) -> KeepPlan:
+    """Choose kept units for the groups in ``scores`` so that ``cost(dims) <= budget``.
+
+    Args:
+        structure: the model's Structure (current dims).
+        scores: group -> importance per unit (higher = keep); only these groups are pruned.
+        cost: dims -> cost (e.g. ``lambda d: cost_model.flops(d)``); must not increase as units go.
+        budget: the cost to reach, in the units of ``cost``.
+        scope: ``"global"`` or ``"uniform"``.
+        round_to: kind -> multiple for kept counts (defaults: :data:`DEFAULT_ROUND_TO`).
+        min_keep: kind -> minimum kept count (defaults: 1 head, ``round_to`` otherwise).
+
+    Returns:
+        A :class:`KeepPlan` over the scored groups.
+
+    Raises:
+        VitoptError: the budget cannot be met at the minimum sizes, or an unknown scope.
+    """
+    groups = structure.groups
+    kinds = {g: groups[g].kind for g in scores}
+    rto = {**DEFAULT_ROUND_TO, **(round_to or {})}
+    mink = {k: (1 if k == "heads" else rto[k]) for k in rto}
+    mink.update(min_keep or {})
+    ladders = {g: allowed_sizes(groups[g].size, rto[kinds[g]], mink[kinds[g]]) for g in scores}
+    base = structure.sizes()
+    if cost({**base, **{g: lad[-1] for g, lad in ladders.items()}}) > budget:
+        floor = cost({**base, **{g: lad[-1] for g, lad in ladders.items()}}) / cost(base)
+        raise VitoptError(f"the budget cannot be met: at the minimum sizes allowed by round_to/min_keep the model "
+                          f"still costs {floor:.1%} of its current cost; lower min_keep/round_to or prune more groups.")
+    if scope == "uniform":
+        sizes = _uniform(ladders, base, cost, budget)
+    elif scope == "global":
+        sizes = _global(_normalise(scores, kinds, base, cost), ladders, base, cost, budget, groups)
+    else:
+        raise VitoptError(f"unknown allocation scope {scope!r} (known: global, uniform).")
+    return KeepPlan.from_scores(scores, sizes)
+
+
+def _global(norm: dict[str, torch.Tensor], ladders: dict[str, list[int]], base: dict[str, int],
+            cost: Callable, budget: float, groups) -> dict[str, int]:
+    """Greedy chunk removal by (importance lost) / (cost saved), lowest first.
+
+    The saving of a chunk depends only on its own block's dims and the model-wide groups (costs are
+    sums over blocks), so after a removal only those candidates are re-priced.
+    """
+    prefix = {g: torch.cat([torch.zeros(1, dtype=torch.float64), torch.sort(s).values.cumsum(0)])
+              for g, s in norm.items()}                                 # prefix[g][r] = loss of removing r units
+    dims, step = dict(base), {g: 0 for g in ladders}
+    current = cost(dims)
+    cache: dict[str, tuple[float, float]] = {}                          # g -> (ratio, saving)
+
+    def candidate(g: str) -> tuple[float, float]:
+        if g not in cache:
+            lad, i, n = ladders[g], step[g], groups[g].size
+            if i + 1 >= len(lad):
+                cache[g] = (math.inf, 0.0)
+            else:
+                lost = (prefix[g][n - lad[i + 1]] - prefix[g][n - lad[i]]).item()
+                saving = current - cost({**dims, g: lad[i + 1]})
+                cache[g] = ((lost / saving) if saving > 0 else math.inf, saving)
+        return cache[g]
+
+    while current > budget:
+        best = min(ladders, key=lambda g: candidate(g)[0])
+        if math.isinf(candidate(best)[0]):
+            break
+        step[best] += 1
+        dims[best] = ladders[best][step[best]]
+        current = cost(dims)
+        blk = groups[best].block
+        for g in list(cache):
+            if blk is None or groups[g].block in (blk, None):
+                del cache[g]
+    return {g: dims[g] for g in ladders}
+
+
+def _uniform(ladders: dict[str, list[int]], base: dict[str, int], cost: Callable, budget: float) -> dict[str, int]:
+    def sizes_at(rho: float) -> dict[str, int]:
+        out = {}
+        for g, lad in ladders.items():
+            want = rho * lad[0]
+            fits = [s for s in lad if s <= math.ceil(want - 1e-9)]
+            out[g] = fits[0] if fits else lad[-1]
+        return out
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if cost({**base, **sizes_at(mid)}) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return sizes_at(lo)
