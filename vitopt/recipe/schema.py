@@ -1,0 +1,345 @@
+"""Pydantic v2 models of a vitopt recipe.
+
+A recipe names a timm model, a dataset and an ordered list of stages. Each stage type is one model,
+selected by its ``type`` key (a pydantic discriminated union), so the JSON Schema exported by
+:func:`vitopt.recipe.recipe_json_schema` tells an editor exactly which keys each stage takes.
+
+Every model forbids unknown keys. Values are checked here (types, ranges, allowed values) and so is
+the order of stages (:meth:`Recipe._check_stage_order`); nothing here touches the filesystem or
+imports torch, so ``vitopt recipe check`` is fast and runs anywhere.
+
+Relative paths (``output_dir``, ``model.checkpoint``, ``data.root``) are kept as written; they are
+relative to the working directory of the run, like timm's training script arguments.
+
+Methods cited by the fields:
+    VTP: Zhu, Tang, Han, "Vision Transformer Pruning", 2021, arXiv 2104.08500.
+    KD: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015, arXiv 1503.02531.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "GROUPS", "Group", "ModelConfig", "DigitsData", "ImageFolderData", "DataConfig", "LogConfig",
+    "TrainingStage", "TrainStage", "SparseTrainStage", "Target", "PruneStage", "KDConfig",
+    "FinetuneStage", "ExportStage", "ValidateStage", "StageConfig", "STAGE_TYPES", "DATA_TYPES",
+    "Recipe",
+]
+
+GROUPS: tuple[str, ...] = ("heads", "head_dim", "mlp")
+"""Prunable group kinds of a timm VisionTransformer block, in the order stages report them."""
+
+Group = Literal["heads", "head_dim", "mlp"]
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # safe as one directory name; no '/', no '..'
+
+
+def _unique(values: list) -> list:
+    """Reject an empty list or one with repeated items."""
+    if not values:
+        raise ValueError("the list is empty (allowed: at least one item)")
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"{seen[0]!r} is listed twice (allowed: each item once)")
+    return values
+
+
+GroupList = Annotated[list[Group], AfterValidator(_unique)]
+
+
+class _Config(BaseModel):
+    """Base of every recipe model: unknown keys are errors; aliased fields accept their name too."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ----------------------------------------------------------------------------- model, data, log
+
+
+class ModelConfig(_Config):
+    """The timm model to optimize, built with ``timm.create_model(name, pretrained, **kwargs)``."""
+
+    name: str = Field(description="timm model name, e.g. 'vit_tiny_patch16_224' or 'deit_small_patch16_224'.")
+    kwargs: dict[str, Any] = Field(
+        default={}, description="Extra keyword arguments for timm.create_model, e.g. {img_size: 32, depth: 4}.")
+    pretrained: bool = Field(
+        default=False, description="Load timm's pretrained weights (needs network access or a warm hub cache).")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Weights to load after building the model (.safetensors, or a torch file read with "
+                    "weights_only=True); relative to the working directory.")
+
+
+class _DataBase(_Config):
+    """Fields shared by every dataset type: normalization and loader workers."""
+
+    mean: tuple[float, ...] | None = Field(
+        default=None, description="Per-channel mean in [0, 1] pixel units; default: the timm model's pretrained_cfg.")
+    std: tuple[Annotated[float, Field(gt=0)], ...] | None = Field(
+        default=None, description="Per-channel std in [0, 1] pixel units (each > 0); default: pretrained_cfg.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (0 loads in the main process).")
+
+
+class DigitsData(_DataBase):
+    """scikit-learn's embedded 8x8 handwritten digits (10 classes); needs no download."""
+
+    type: Literal["digits"] = Field(default="digits", description="Dataset type tag.")
+    val_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Fraction of the images held out (stratified) for validation.")
+
+
+class ImageFolderData(_DataBase):
+    """A torchvision ImageFolder tree: ``root/train/<class>/*`` and ``root/val/<class>/*``."""
+
+    type: Literal["imagefolder"] = Field(default="imagefolder", description="Dataset type tag.")
+    root: Path = Field(description="Directory holding the train/ and val/ class folders.")
+
+
+DataConfig = Annotated[Union[DigitsData, ImageFolderData], Field(discriminator="type")]
+"""A dataset, chosen by its ``type`` key."""
+
+DATA_TYPES: dict[str, type[_DataBase]] = {"digits": DigitsData, "imagefolder": ImageFolderData}
+
+
+class LogConfig(_Config):
+    """Where training curves go besides ``metrics.json`` in the run directory."""
+
+    tensorboard: bool = Field(default=False, description="Also write TensorBoard event files under the run directory.")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class _StageBase(_Config):
+    """Fields every stage has."""
+
+    name: str | None = Field(
+        default=None, pattern=_NAME_PATTERN,
+        description="Optional label for logs and the stage's folder; unique within the recipe. "
+                    "Letters, digits, '.', '_' and '-'.")
+
+
+class TrainingStage(_StageBase):
+    """Hyper-parameters shared by stages that run the training loop (AdamW, warmup + cosine decay)."""
+
+    epochs: int = Field(ge=1, description="Number of passes over the training set.")
+    batch_size: int = Field(default=64, ge=1, description="Images per optimizer step (per process).")
+    lr: float = Field(default=1e-3, gt=0, description="Peak AdamW learning rate, reached after warmup.")
+    min_lr: float = Field(default=1e-5, ge=0, description="Learning rate at the end of the cosine decay; <= lr.")
+    weight_decay: float = Field(default=0.05, ge=0,
+                                description="AdamW decoupled weight decay (not applied to norms and biases).")
+    warmup_epochs: float = Field(default=0, ge=0,
+                                 description="Linear warmup length in epochs (fractions allowed); <= epochs.")
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy target.")
+    grad_clip: float | None = Field(default=None, gt=0,
+                                    description="Clip the global gradient norm to this value; null: no clipping.")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainingStage:
+        """Raise ValueError when min_lr > lr or warmup_epochs > epochs."""
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})")
+        return self
+
+
+class TrainStage(TrainingStage):
+    """Dense training (or fine-tuning a dense model) with cross-entropy."""
+
+    type: Literal["train"] = Field(default="train", description="Stage type tag.")
+
+
+class SparseTrainStage(TrainingStage):
+    """Training with learnable per-unit gates and an L1 penalty on them (VTP, arXiv 2104.08500).
+
+    One gate per unit of each group in ``groups`` scales that unit's slice; the loss adds
+    ``lambda * sum(|gate|)``. A later ``prune`` stage with ``criterion: gate`` ranks units by gate
+    magnitude.
+    """
+
+    type: Literal["sparse_train"] = Field(default="sparse_train", description="Stage type tag.")
+    method: Literal["vtp"] = Field(
+        default="vtp", description="Sparsity method: 'vtp' (Zhu, Tang, Han 2021, arXiv 2104.08500).")
+    lambda_: float = Field(
+        default=1e-4, ge=0, alias="lambda",
+        description="Weight of the L1 penalty on the gates; VTP (Zhu, Tang, Han 2021, arXiv 2104.08500) uses ~1e-4.")
+    groups: GroupList = Field(
+        default=["heads", "head_dim", "mlp"], description="Group kinds that get gates; non-empty, no repeats.")
+    threshold: float = Field(
+        default=0.05, gt=0, description="Gate magnitude below which a unit counts as 'off' in the logs.")
+    gate_lr: float | None = Field(
+        default=None, gt=0, description="Learning rate of the gates; null: the stage's lr.")
+
+
+class Target(_Config):
+    """What the pruned model may keep, as a fraction of the dense model; set exactly one field."""
+
+    flops: float | None = Field(default=None, gt=0, le=1,
+                                description="Fraction of the dense model's FLOPs to keep, in (0, 1].")
+    params: float | None = Field(default=None, gt=0, le=1,
+                                 description="Fraction of the dense model's parameters to keep, in (0, 1].")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Target:
+        """Raise ValueError unless exactly one of flops and params is set."""
+        if (self.flops is None) == (self.params is None):
+            raise ValueError("set exactly one of target.flops or target.params")
+        return self
+
+
+class PruneStage(_StageBase):
+    """Structured pruning: score units, allocate a budget, then physically remove the dropped units."""
+
+    type: Literal["prune"] = Field(default="prune", description="Stage type tag.")
+    criterion: Literal["gate", "l1"] = Field(
+        default="l1", description="Importance of a unit: 'gate' (|gate| from an earlier sparse_train stage) or "
+                                  "'l1' (L1 norm of the unit's weights).")
+    target: Target = Field(description="Budget of the pruned model as a fraction of the dense model.")
+    scope: Literal["global", "uniform"] = Field(
+        default="global", description="'global' ranks units of a group kind across all blocks; 'uniform' keeps the "
+                                      "same fraction in every block.")
+    groups: GroupList = Field(default=["heads", "head_dim", "mlp"],
+                              description="Group kinds to prune; non-empty, no repeats.")
+    round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] = Field(
+        default=8, description="Kept counts are rounded to multiples of this (tensor-core friendly); an integer "
+                               "applies to head_dim and mlp (heads round to 1), a mapping sets it per group.")
+    min_keep: dict[Group, Annotated[int, Field(ge=1)]] = Field(
+        default={}, description="Minimum units kept per block for each group (default 1).")
+
+    def round_for(self, group: str) -> int:
+        """Rounding multiple of ``group``: heads 1 and others ``round_to`` unless a mapping names them."""
+        default = 1 if group == "heads" else 8
+        if isinstance(self.round_to, dict):
+            return self.round_to.get(group, default)
+        return 1 if group == "heads" else self.round_to
+
+    def min_keep_for(self, group: str) -> int:
+        """Minimum kept units per block for ``group`` (1 unless ``min_keep`` names it)."""
+        return self.min_keep.get(group, 1)
+
+
+class KDConfig(_Config):
+    """Knowledge distillation from the model as it was before pruning (Hinton et al. 2015, arXiv 1503.02531).
+
+    Loss: ``(1 - alpha) * CE(student, y) + alpha * tau**2 * KL(softmax(teacher/tau) || softmax(student/tau))``.
+    """
+
+    enabled: bool = Field(default=True, description="Distill from the pre-prune model (Hinton et al. 2015).")
+    alpha: float = Field(default=0.5, ge=0, le=1,
+                         description="Weight of the distillation term; 1 - alpha weights the label loss.")
+    tau: float = Field(default=4.0, gt=0,
+                       description="Softmax temperature of the distillation term (Hinton et al. 2015).")
+
+
+class FinetuneStage(TrainingStage):
+    """Fine-tuning of the pruned model, with knowledge distillation from the pre-prune model."""
+
+    type: Literal["finetune"] = Field(default="finetune", description="Stage type tag.")
+    kd: KDConfig = Field(default_factory=KDConfig, description="Knowledge distillation settings (Hinton et al. 2015).")
+
+
+class ExportStage(_StageBase):
+    """ONNX export of the current model (keeps LayerNormalization, so opset >= 17)."""
+
+    type: Literal["export"] = Field(default="export", description="Stage type tag.")
+    opset: int = Field(default=17, ge=17, description="ONNX opset version; >= 17 for LayerNormalization.")
+    dynamic_batch: bool = Field(default=True, description="Make the batch dimension dynamic.")
+    simplify: bool = Field(default=True, description="Run onnxsim on the exported graph.")
+
+
+class ValidateStage(_StageBase):
+    """Accuracy and latency of the current model on the validation set, per runtime and batch size."""
+
+    type: Literal["validate"] = Field(default="validate", description="Stage type tag.")
+    runtimes: Annotated[list[Literal["pytorch", "onnxruntime"]], AfterValidator(_unique)] = Field(
+        default=["pytorch", "onnxruntime"],
+            description="Runtimes to measure; 'onnxruntime' needs an earlier export stage.")
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default=[1, 32], min_length=1, description="Batch sizes at which latency is measured.")
+    warmup: int = Field(default=10, ge=0, description="Untimed iterations before measuring.")
+    repeats: int = Field(default=50, ge=1, description="Timed iterations; the report gives median and p90.")
+    threads: int = Field(default=2, ge=1, description="CPU threads for the CPU runtimes.")
+
+
+StageConfig = Annotated[
+    Union[TrainStage, SparseTrainStage, PruneStage, FinetuneStage, ExportStage, ValidateStage],
+    Field(discriminator="type"),
+]
+"""One stage, chosen by its ``type`` key."""
+
+STAGE_TYPES: dict[str, type[_StageBase]] = {
+    "train": TrainStage,
+    "sparse_train": SparseTrainStage,
+    "prune": PruneStage,
+    "finetune": FinetuneStage,
+    "export": ExportStage,
+    "validate": ValidateStage,
+}
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def _order_error(index: int, reason: str) -> PydanticCustomError:
+    """A stage-order error; the loader reads ``ctx['index']`` to point at ``stages[index]``."""
+    return PydanticCustomError(
+        "stage_order", "stages[{index}]: {reason}", {"index": index, "reason": reason})
+
+
+class Recipe(_Config):
+    """A complete vitopt run: a model, a dataset and the stages applied to it in order.
+
+    The run directory is ``output_dir / name`` (:attr:`run_dir`).
+    """
+
+    name: str = Field(
+        default="run", pattern=_NAME_PATTERN,
+        description="Run name; the run directory is output_dir/name. Letters, digits, '.', '_' and '-'.")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1,
+                      description="Seed for Python, NumPy and torch RNGs and the data split.")
+    output_dir: Path = Field(default=Path("runs"), description="Parent directory of run directories.")
+    model: ModelConfig = Field(description="The timm model to optimize.")
+    data: DataConfig = Field(description="The dataset, chosen by its type key.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Extra logging outputs.")
+    stages: list[StageConfig] = Field(
+        min_length=1, description="Stages run in order, each chosen by its type key.")
+
+    @property
+    def run_dir(self) -> Path:
+        """The directory this run writes to: ``output_dir / name``."""
+        return self.output_dir / self.name
+
+    @model_validator(mode="after")
+    def _check_stage_order(self) -> Recipe:
+        """Raise a ``stage_order`` error naming ``stages[i]`` when a stage lacks what it needs earlier.
+
+        Rules: ``prune`` with ``criterion: gate`` needs an earlier ``sparse_train``; ``validate`` with
+        ``onnxruntime`` needs an earlier ``export``; ``finetune`` with ``kd.enabled`` needs an earlier
+        ``prune`` (the teacher is the model before pruning); explicit stage names are unique.
+        """
+        seen: set[str] = set()
+        names: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name is not None:
+                if stage.name in names:
+                    raise _order_error(i, f"stage name {stage.name!r} is already used by stages[{names[stage.name]}] "
+                                          f"(allowed: a unique name)")
+                names[stage.name] = i
+            if isinstance(stage, PruneStage) and stage.criterion == "gate" and "sparse_train" not in seen:
+                raise _order_error(i, "a prune stage with criterion 'gate' needs an earlier sparse_train stage to "
+                                      "learn the gates (allowed: criterion 'l1', or a sparse_train stage before it)")
+            if isinstance(stage, ValidateStage) and "onnxruntime" in stage.runtimes and "export" not in seen:
+                raise _order_error(i, "a validate stage with runtime 'onnxruntime' needs an earlier export stage "
+                                      "(allowed: an export stage before it, or runtimes: [pytorch])")
+            if isinstance(stage, FinetuneStage) and stage.kd.enabled and "prune" not in seen:
+                raise _order_error(i, "a finetune stage with kd.enabled needs an earlier prune stage, because the "
+                                      "teacher is the model before pruning (allowed: a prune stage before it, or "
+                                      "kd.enabled: false)")
+            seen.add(stage.type)
+        return self
