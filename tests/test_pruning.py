@@ -120,11 +120,13 @@ def test_gates_fold_and_stats(model):
         assert stats["gate_mean"] == pytest.approx(every.mean().item())
         assert stats["gate_frac_below"] == pytest.approx((every < 0.5).double().mean().item())
         assert gates.l1().item() == pytest.approx(every.abs().sum().item(), rel=1e-6)
+        values = gates.values()
         gates.fold_into(m)
         assert (m(x) - gated).abs().max().item() <= 1e-5
         assert all(torch.all(p == 1) for p in gates.gates.values())
-    scores = compute_scores("gate", m, st, gates.groups, gates=gates)
+    scores = compute_scores("gate", m, st, gates.groups, gates=values)
     assert set(scores) == set(gates.groups)
+    assert all(torch.equal(scores[g], values[g].double()) for g in gates.groups)
 
 
 def test_gate_criterion_needs_gates(model):

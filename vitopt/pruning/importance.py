@@ -42,6 +42,9 @@ def l1_scores(model: nn.Module, structure: Structure, groups: list[str], *, gate
 def gate_scores(model: nn.Module, structure: Structure, groups: list[str], *, gates=None) -> dict[str, torch.Tensor]:
     """VTP importance: the magnitude of each unit's learned gate (Zhu, Tang, Han 2021, arXiv 2104.08500).
 
+    Args:
+        gates: group -> trained gate values [group size] (``UnitGates.values()``).
+
     Raises:
         VitoptError: no gates were trained (no ``sparse_train`` stage before), or a group has none.
     """
@@ -49,8 +52,8 @@ def gate_scores(model: nn.Module, structure: Structure, groups: list[str], *, ga
         raise VitoptError("criterion 'gate' needs gates from an earlier sparse_train stage.")
     out = {}
     for g in groups:
-        value = gates.value(g)
-        if value is None:
+        value = gates.get(g)
+        if value is None or value.shape != (structure.groups[g].size,):
             raise VitoptError(f"criterion 'gate' has no gate for group {g!r}; add its kind to sparse_train.groups.")
         out[g] = value.detach().abs().double().cpu()
     return out

@@ -46,6 +46,10 @@ class UnitGates(nn.Module):
         """The gate vector of ``group`` (shape [size]), or None if that group is not gated."""
         return self.gates[_key(group)] if _key(group) in self.gates else None
 
+    def values(self) -> dict[str, torch.Tensor]:
+        """group -> detached copy of its gate vector (what the ``gate`` criterion scores)."""
+        return {g: self.gates[_key(g)].detach().clone() for g in self.groups}
+
     def attach(self, model: nn.Module) -> ScalerHandle:
         """Hook the gates onto ``model`` (built from the same Structure); returns the removable handle."""
         return attach_scalers(model, self.structure, {g: self.gates[_key(g)] for g in self.groups})

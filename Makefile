@@ -1,0 +1,20 @@
+# The two entry points of README.md. Each creates .venv and installs vitopt when missing.
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: quickstart test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+## quickstart: train, sparse-train, prune, fine-tune, export and validate a ViT on the embedded digits.
+quickstart: $(STAMP)
+	$(VENV)/bin/vitopt run recipes/quickstart.yaml
+
+## test: the whole test suite (CPU).
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q

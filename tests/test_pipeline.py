@@ -1,0 +1,147 @@
+"""End to end: a small recipe through every stage, resume, and the CLI's bad-input contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitopt
+from vitopt.pipeline import run_recipe
+from vitopt.recipe import load_recipe
+
+RECIPE = """
+name: e2e
+seed: 3
+output_dir: {out}
+model:
+  name: deit_tiny_patch16_224
+  kwargs: {{img_size: 8, patch_size: 2, in_chans: 1, embed_dim: 64, depth: 2, num_heads: 4}}
+data: {{type: digits}}
+stages:
+  - {{type: train, epochs: 2, lr: 2.0e-3}}
+  - {{type: sparse_train, epochs: 1, lambda: 1.0e-3, gate_lr: 1.0e-2}}
+  - type: prune
+    criterion: gate
+    target: {{flops: 0.6}}
+    round_to: {{heads: 1, head_dim: 8, mlp: 16}}
+  - {{type: finetune, epochs: 1, kd: {{alpha: 0.5, tau: 2.0}}}}
+  - {{type: export}}
+  - {{type: validate, batch_sizes: [1, 4], warmup: 1, repeats: 3}}
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    path = out / "e2e.yaml"
+    path.write_text(RECIPE.format(out=out))
+    return run_recipe(load_recipe(path)), path
+
+
+@pytest.mark.slow
+def test_every_stage_leaves_its_outputs(run_dir):
+    run, _ = run_dir
+    labels = ["00_train", "01_sparse_train", "02_prune", "03_finetune", "04_export", "05_validate"]
+    for label in labels:
+        assert (run / label / "metrics.json").is_file(), label
+    for label in ("00_train", "01_sparse_train", "02_prune", "03_finetune"):
+        assert (run / label / "model" / "arch.json").is_file()
+    assert (run / "01_sparse_train" / "gates.safetensors").is_file()
+    assert (run / "04_export" / "model.onnx").is_file()
+    assert (run / "recipe.yaml").is_file()
+
+    prune = json.loads((run / "02_prune" / "metrics.json").read_text())["metrics"]
+    assert prune["flops_ratio"] <= 0.6
+    assert len(prune["blocks"]) == 2
+    for b in prune["blocks"]:
+        assert 1 <= b["heads_kept"] <= b["heads"] and b["mlp_kept"] % 16 == 0 and b["head_dim_kept"] % 8 == 0
+
+    val = json.loads((run / "05_validate" / "metrics.json").read_text())["metrics"]
+    final = val["final"]
+    assert final["parity"]["max_abs_diff"] <= 1e-4
+    assert final["parity"]["argmax_agreement"] == 1.0
+    assert final["runtimes"]["onnxruntime"]["top1"] == final["runtimes"]["pytorch"]["top1"]
+    for lat in final["runtimes"]["onnxruntime"]["latency"].values():
+        assert 0 < lat["p50_ms"] <= lat["p90_ms"]
+    assert val["reference"]["flops"] > final["flops"]
+
+    summary = (run / "summary.md").read_text()
+    for needle in ("## Stages", "## Final vs dense", "## Kept units per block", "top-1 onnxruntime",
+                   "onnxruntime latency batch 4 p50"):
+        assert needle in summary
+
+
+@pytest.mark.slow
+def test_saved_model_reloads_without_recipe(run_dir):
+    run, _ = run_dir
+    model = vitopt.load(run / "03_finetune" / "model")
+    dims = json.loads((run / "03_finetune" / "model" / "arch.json").read_text())["dims"]
+    assert model.blocks[0].mlp.fc1.out_features == dims["blocks.0.mlp"]
+    logits = model(torch.randn(2, 1, 8, 8))
+    assert logits.shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages_and_resumes_the_rest(run_dir):
+    run, recipe_path = run_dir
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/metrics.json")}
+    (run / "05_validate" / "metrics.json").unlink()          # as if killed during validate
+    run_recipe(load_recipe(recipe_path))
+    for p, t in stamps.items():
+        if p.parent.name != "05_validate":
+            assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
+    assert (run / "05_validate" / "metrics.json").is_file()
+    # a different config for a finished stage is refused rather than silently mixed
+    with pytest.raises(vitopt.errors.VitoptError, match="different config"):
+        run_recipe(load_recipe(recipe_path, ["stages[0].epochs=3"]))
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "vitopt.cli", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_cli_bad_recipe_is_one_sentence(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: deit_tiny_patch16_224}\ndata: {type: digits}\nstages:\n  - {type: prune, target: {flops: 1.5}}\n")
+    res = _cli("recipe", "check", str(bad))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert f"{bad}:4: stages[0].target.flops" in " ".join(res.stderr.split())
+    res = _cli("run", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_unknown_model_and_inspect(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}\nmodel: {{name: deit_tinyy}}\ndata: {{type: digits}}\nstages:\n  - {{type: export}}\n")
+    res = _cli("run", str(recipe))
+    assert res.returncode == 2 and "not a timm model name" in res.stderr and "Traceback" not in res.stderr
+
+    import timm
+
+    from vitopt.arch.config import save_pruned
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2,
+                              num_heads=2, num_classes=10)
+    save_pruned(model, tmp_path / "m", "deit_tiny_patch16_224",
+                dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10))
+    res = _cli("inspect", str(tmp_path / "m"))
+    assert res.returncode == 0, res.stderr
+    from vitopt.arch.cost import CostModel
+
+    cm = CostModel(model)
+    assert f"{cm.flops(cm.structure.sizes()) / 1e6:.2f} MFLOPs" in res.stdout
+
+
+def test_cli_schema_is_json():
+    res = _cli("recipe", "schema")
+    assert res.returncode == 0
+    schema = json.loads(res.stdout)
+    assert "stages" in schema["properties"]

@@ -1,0 +1,121 @@
+"""What stages share: the State passed from stage to stage and the stage's own folder.
+
+A stage is a function ``(config, State, StageDir) -> State`` (DESIGN.md). It reads the model and
+data from the State, writes its outputs (checkpoint, metrics.json, ONNX...) into its StageDir, and
+returns the State for the next stage. ``metrics.json`` is written last and atomically, so its
+presence marks a finished stage; :mod:`vitopt.pipeline` skips finished stages on resume and restores
+the State from what they recorded under ``"outputs"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitopt.arch.config import load_pruned, save_pruned
+from vitopt.arch.cost import CostModel
+from vitopt.io import atomic_write_json, read_json
+
+__all__ = ["State", "StageDir", "MODEL_DIR"]
+
+MODEL_DIR = "model"
+
+
+@dataclass
+class State:
+    """Everything one stage hands to the next.
+
+    Attributes:
+        model: the current model (timm class, possibly pruned), on CPU.
+        model_name, model_kwargs: how to re-create the dense model with timm (for arch.json).
+        data: the :class:`~vitopt.train.data.DataBundle`.
+        seed: the recipe's seed.
+        dense: cost of the recipe's dense model: ``{"flops": int, "macs": int, "params": int}``.
+        reference_dir: model folder of the dense model as it entered the first prune (for the
+            dense-vs-pruned comparison in ``validate``), or None before any prune.
+        teacher: KD teacher (the model as it was before the last prune), or None.
+        teacher_dir: the folder it was saved in (so a resumed run can reload it).
+        gates: trained gate values from ``sparse_train`` (group -> [size]), or None.
+        onnx_path: the ONNX file written by ``export``, or None.
+        results: stage label -> the metrics that stage recorded.
+    """
+
+    model: nn.Module
+    model_name: str
+    model_kwargs: dict[str, Any]
+    data: Any
+    seed: int
+    dense: dict[str, int]
+    reference_dir: Path | None = None
+    teacher: nn.Module | None = None
+    teacher_dir: Path | None = None
+    gates: dict[str, torch.Tensor] | None = None
+    onnx_path: Path | None = None
+    results: dict[str, dict] = field(default_factory=dict)
+
+    def cost(self, model: nn.Module | None = None) -> dict[str, int]:
+        """FLOPs (= 2 x MACs), MACs and params of ``model`` (default: the current model), one image."""
+        model = model if model is not None else self.model
+        cm = CostModel(model)
+        dims = cm.structure.sizes()
+        return {"flops": cm.flops(dims), "macs": cm.macs(dims), "params": cm.params(dims)}
+
+    def frozen_copy(self) -> nn.Module:
+        """A deep copy of the current model in eval mode with gradients off (a KD teacher)."""
+        teacher = copy.deepcopy(self.model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+
+@dataclass
+class StageDir:
+    """The folder of one stage inside the run directory (``runs/NAME/02_prune``).
+
+    Attributes:
+        path: the folder.
+        label: ``"02_prune"`` - index and name, used as the key in summaries.
+        index: position in the recipe's ``stages`` list.
+        started: wall-clock start (``time.time()``), for the ``seconds`` the stage took.
+    """
+
+    path: Path
+    label: str
+    index: int
+    started: float = field(default_factory=time.time)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def done(self) -> bool:
+        """True when the stage finished (its metrics.json exists)."""
+        return self.metrics_file.is_file()
+
+    def save_model(self, state: State, sub: str = MODEL_DIR) -> Path:
+        """Write ``state.model`` as arch.json + model.safetensors into ``path/sub``; returns that folder."""
+        save_pruned(state.model, self.path / sub, state.model_name, state.model_kwargs)
+        return self.path / sub
+
+    def load_model(self, sub: str = MODEL_DIR) -> nn.Module:
+        """Rebuild the model saved by :meth:`save_model` (train mode, CPU)."""
+        return load_pruned(self.path / sub).train()
+
+    def finish(self, config: Any, metrics: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
+        """Write metrics.json (marks the stage done). ``outputs`` maps kinds to files relative to the run dir."""
+        record = {"stage": self.label, "type": config.type, "seconds": round(time.time() - self.started, 2),
+                  "config": config.model_dump(mode="json", by_alias=True),
+                  "outputs": outputs, "metrics": metrics}
+        atomic_write_json(self.metrics_file, record)
+        return record
+
+    def read(self) -> dict[str, Any]:
+        """The record written by :meth:`finish`."""
+        return read_json(self.metrics_file, "stage metrics file")
