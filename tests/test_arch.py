@@ -197,3 +197,27 @@ def test_unsupported_models_are_named():
     qk = timm.create_model("vit_tiny_patch16_224", **SMALL, qk_norm=True)
     with pytest.raises(VitoptError, match="qk_norm"):
         family_of(qk).structure(qk)
+
+
+def test_deit_base_cut_to_deit_tiny_shape_equals_timm_deit_tiny():
+    """UP-ViTs' shape recipe: DeiT-B with embed 192, 3 heads x 64, mlp 768 is exactly DeiT-T's size."""
+    base = timm.create_model("deit_base_patch16_224").eval()
+    st = family_of(base).structure(base)
+    sizes = {"embed": 192}
+    for i in range(12):
+        sizes.update({f"blocks.{i}.heads": 3, f"blocks.{i}.head_dim": 64, f"blocks.{i}.mlp": 768})
+    g = torch.Generator().manual_seed(0)
+    plan = KeepPlan({k: sorted(torch.randperm(st.groups[k].size, generator=g)[:v].tolist()) for k, v in sizes.items()})
+    pruned = prune_model(base, plan)
+    tiny = timm.create_model("deit_tiny_patch16_224").eval()
+    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in tiny.parameters())
+    assert {k: tuple(v.shape) for k, v in pruned.state_dict().items()} == \
+           {k: tuple(v.shape) for k, v in tiny.state_dict().items()}
+    x = torch.randn(1, 3, 224, 224)
+    set_fused(pruned, False)
+    set_fused(tiny, False)
+    fam = family_of(pruned)
+    analytic = 2 * fam.macs(pruned, fam.read_dims(pruned))["total"]
+    counted_tiny = _counted_flops(tiny, x)
+    assert abs(analytic - counted_tiny) / counted_tiny <= 0.001
+    assert _counted_flops(pruned, x) == counted_tiny

@@ -145,3 +145,53 @@ def test_cli_schema_is_json():
     assert res.returncode == 0
     schema = json.loads(res.stdout)
     assert "stages" in schema["properties"]
+
+
+ISSUE3 = """
+name: {name}
+seed: 1
+output_dir: {out}
+model:
+  name: deit3_small_patch16_224
+  kwargs: {{img_size: 8, patch_size: 2, in_chans: 1, embed_dim: 64, depth: 2, num_heads: 4, init_values: 0.1}}
+data: {{type: digits}}
+stages:
+  - {{type: train, epochs: 1, lr: 2.0e-3}}
+  - type: prune
+    criterion: {criterion}
+    target: {target}
+    groups: [embed, heads, head_dim, mlp]
+    round_to: {{heads: 1, head_dim: 8, mlp: 16, embed: 16}}
+    schedule: {schedule}
+    iterative: {{rounds: 2, train_steps: 3}}
+    calibration: {{batches: 2, batch_size: 32, per_class: 2}}
+  - {{type: finetune, epochs: 1}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion,target,schedule", [
+    ("kl", "{shape: {embed: 48, heads: 2, head_dim: 16, mlp: 128}}", "one_shot"),
+    ("taylor", "{flops: 0.5}", "iterative"),
+    ("hessian", "{params: 0.6}", "one_shot"),
+])
+def test_prune_targets_and_criteria_end_to_end(tmp_path, criterion, target, schedule):
+    path = tmp_path / "r.yaml"
+    path.write_text(ISSUE3.format(name=criterion, out=tmp_path, criterion=criterion, target=target, schedule=schedule))
+    run = run_recipe(load_recipe(path))
+    m = json.loads((run / "01_prune" / "metrics.json").read_text())["metrics"]
+    model = vitopt.load(run / "02_finetune" / "model")
+    if criterion == "kl":   # the exact shape, in every block
+        assert model.embed_dim == 48 and m["embed"]["after"] == 48
+        for blk in model.blocks:
+            assert (blk.attn.num_heads, blk.attn.head_dim, blk.mlp.fc1.out_features) == (2, 16, 128)
+            assert blk.ls1.gamma.shape == (48,)
+        assert m["rounds"][0]["criterion_cost"]["forward_passes"] > 0
+    elif criterion == "taylor":
+        assert m["flops_ratio"] <= 0.5 and len(m["rounds"]) == 2
+        assert m["rounds"][0]["budget"] > m["rounds"][1]["budget"]
+        assert "recovery" in m["rounds"][0]
+    else:
+        assert m["params_ratio"] <= 0.6
+    assert model.embed_dim % 16 == 0
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

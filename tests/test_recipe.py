@@ -159,7 +159,7 @@ def test_alias_bound(tmp_path):
 
 def test_literal_lists_allowed_values(tmp_path):
     path = edit(tmp_path, "criterion: gate", "criterion: magnitude")
-    assert error_of(path) == f"{path}:14: stages[2].criterion: 'magnitude' is not allowed (allowed: 'gate', 'l1')."
+    assert error_of(path) == f"{path}:14: stages[2].criterion: 'magnitude' is not allowed (allowed: 'gate', 'l1', 'taylor', 'hessian', 'kl')."
 
 
 def test_unknown_key_did_you_mean(tmp_path):
@@ -199,7 +199,7 @@ def test_missing_required_key_points_at_parent(tmp_path):
 
 def test_target_needs_exactly_one(tmp_path):
     path = edit(tmp_path, "flops: 0.5", "flops: 0.5\n      params: 0.5")
-    assert error_of(path) == f"{path}:15: stages[2].target: set exactly one of target.flops or target.params."
+    assert error_of(path) == f"{path}:15: stages[2].target: set exactly one of target.flops, target.params, target.latency_ms or target.shape."
 
 
 def test_wrong_type_and_error_count(tmp_path):
@@ -210,7 +210,7 @@ def test_wrong_type_and_error_count(tmp_path):
 def test_round_to_union_reports_the_matching_member(tmp_path):
     path = edit(tmp_path, "criterion: gate", "criterion: gate\n    round_to: {foo: 16}")
     assert error_of(path) == (f"{path}:15: stages[2].round_to: key 'foo' is not allowed "
-                              f"(allowed: 'heads', 'head_dim', 'mlp').")
+                              f"(allowed: 'embed', 'heads', 'head_dim', 'mlp').")
     path = edit(tmp_path, "criterion: gate", "criterion: gate\n    round_to: 0")
     assert error_of(path) == f"{path}:15: stages[2].round_to: 0 is too small (allowed: >= 1)."
 
@@ -382,3 +382,23 @@ def test_mutated_recipes_load_or_raise_vitopt_error(case):
             assert isinstance(recipe, Recipe)
             again = write(Path(tmp), dump_resolved(recipe), "resolved.yaml")
             assert load_recipe(again) == recipe
+
+
+def test_prune_combinations_are_checked(tmp_path):
+    """Issue 3 options: a latency target needs a LUT; iterative pruning cannot re-score with gates."""
+    base = ("model: {name: deit_tiny_patch16_224}\ndata: {type: digits}\nstages:\n"
+            "  - {type: sparse_train, epochs: 1}\n  - type: prune\n    criterion: %s\n    target: %s\n%s")
+    cases = {
+        ("l1", "{latency_ms: 2.0}", ""): "target.latency_ms needs lut",
+        ("gate", "{flops: 0.5}", "    schedule: iterative\n"): "schedule 'iterative' re-scores",
+        ("l1", "{shape: {embed: 64}}", "    schedule: iterative\n"): "target.shape is applied in one shot",
+    }
+    for (crit, target, extra), needle in cases.items():
+        path = tmp_path / "r.yaml"
+        path.write_text(base % (crit, target, extra))
+        with pytest.raises(VitoptError) as err:
+            load_recipe(path)
+        assert needle in str(err.value) and "stages[1]" in str(err.value)
+    path.write_text(base % ("kl", "{shape: {embed: 64, heads: 2, mlp: 128}}", "    groups: [embed, heads, mlp]\n"))
+    stage = load_recipe(path).stages[1]
+    assert stage.target.metric == "shape" and stage.target.shape.embed == 64 and stage.groups[0] == "embed"

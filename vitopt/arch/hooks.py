@@ -8,6 +8,10 @@ invariant 1); with learnable values it is a VTP gate (Zhu, Tang, Han 2021, arXiv
 For the residual width (``embed``), a hard mask must also take LayerNorm statistics over the kept
 channels only; with ``renorm=True`` the LayerNorms listed in ``Structure.norms`` are recomputed that
 way (the UP-ViTs consistency requirement, Yu & Wu 2021).
+
+:func:`attach_replica_masks` is the batched variant used by one-at-a-time removal criteria (UP-ViTs'
+KL importance, Yu & Wu 2021, arXiv 2111.15127): the input batch is replicated R times and replica
+``r`` sees its own 0/1 mask, so R different "unit removed" models run in one forward pass.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import nn
 
 from vitopt.arch.structure import AxisLayout, ChokePoint, Structure
 
-__all__ = ["ScalerHandle", "attach_scalers"]
+__all__ = ["ScalerHandle", "attach_scalers", "attach_replica_masks"]
 
 
 @dataclass
@@ -101,4 +105,110 @@ def attach_scalers(model: nn.Module, structure: Structure, values: dict[str, tor
         if renorm:
             for name in structure.norms.get(group, []):
                 handle.handles.append(model.get_submodule(name).register_forward_hook(_renorm_hook(value)))
+    return handle
+
+
+# ------------------------------------------------------------------------------------ replica masks
+def _replica_multiplier(factors, group: str, masks: torch.Tensor) -> torch.Tensor:
+    """[R, L] per-replica multiplier: row r is the outer-product expansion of ``masks[r]`` over ``factors``."""
+    R = masks.shape[0]
+    out = torch.ones(R, 1, dtype=masks.dtype, device=masks.device)
+    for g, size in factors:
+        v = masks if g == group else torch.ones(R, size, dtype=masks.dtype, device=masks.device)
+        out = (out[:, :, None] * v[:, None, :]).reshape(R, -1)
+    return out
+
+
+def _per_replica(x: torch.Tensor, mult: torch.Tensor, where: str) -> torch.Tensor:
+    """Multiply ``x`` [R*B, ..., L] by ``mult`` [R, L], replica r being rows r*B..(r+1)*B-1."""
+    R, L = mult.shape
+    if x.shape[0] % R != 0 or x.shape[-1] != L:
+        raise ValueError(f"{where}: tensor of shape {tuple(x.shape)} cannot be split into {R} replicas "
+                         f"with last dim {L}; the batch must be the input replicated R times (R-major).")
+    return (x.reshape(R, -1, L) * mult[:, None, :].to(x.dtype)).reshape(x.shape)
+
+
+def _replica_scale_hook(choke: ChokePoint, group: str, masks: torch.Tensor):
+    if choke.side == "input":
+        def pre_hook(module, args):
+            x = args[0]
+            mult = _replica_multiplier(choke.factors, group, masks.to(device=x.device, dtype=x.dtype))
+            return (_per_replica(x, mult, choke.module),) + tuple(args[1:])
+        return "pre", pre_hook
+
+    def hook(module, args, out):
+        mult = _replica_multiplier(choke.factors, group, masks.to(device=out.device, dtype=out.dtype))
+        return _per_replica(out, mult, choke.module)
+    return "post", hook
+
+
+def _replica_renorm_hook(name: str, masks: torch.Tensor):
+    """LayerNorm over each replica's kept channels (masked mean / biased variance); removed channels -> 0."""
+    def hook(module: nn.LayerNorm, args, out):
+        x = args[0]
+        R, D = masks.shape
+        if x.shape[0] % R != 0 or x.shape[-1] != D:
+            raise ValueError(f"{name}: input of shape {tuple(x.shape)} cannot be split into {R} replicas of "
+                             f"width {D}.")
+        m = masks.to(device=x.device, dtype=x.dtype)[:, None, :]          # [R, 1, D]
+        xr = x.reshape(R, -1, D)                                          # [R, B*..., D]
+        n = m.sum(-1, keepdim=True)
+        mean = (xr * m).sum(-1, keepdim=True) / n
+        var = ((xr - mean) ** 2 * m).sum(-1, keepdim=True) / n
+        y = (xr - mean) * torch.rsqrt(var + module.eps)
+        if module.weight is not None:
+            y = y * module.weight
+        if module.bias is not None:
+            y = y + module.bias
+        return (y * m).reshape(x.shape)
+    return hook
+
+
+def attach_replica_masks(model: nn.Module, structure: Structure, group: str, masks: torch.Tensor,
+                         *, renorm: bool = True) -> ScalerHandle:
+    """Hard-mask ``group`` with a different 0/1 mask per replica of a replicated batch.
+
+    The caller feeds ``x.repeat(R, 1, 1, 1)`` (R-major: replica r is rows ``r*B .. (r+1)*B - 1``);
+    at each choke point of ``group`` the module's input/output ``[R*B, ..., L]`` is viewed as
+    ``[R, B*..., L]`` and replica r is multiplied by ``masks[r]`` expanded over the choke point's
+    layout. Replica r therefore computes exactly what the model with the units where
+    ``masks[r] == 0`` physically removed computes (DESIGN.md invariant 1), R models per forward.
+    Used by the UP-ViTs KL criterion (Yu & Wu 2021, arXiv 2111.15127).
+
+    For a group with LayerNorms in ``structure.norms`` (the residual width ``embed``) and
+    ``renorm=True``, those LayerNorms are recomputed per replica over its kept channels only:
+    ``mean = sum(x*m)/sum(m)``, ``var = sum((x-mean)^2*m)/sum(m)``,
+    ``y = ((x-mean)/sqrt(var+eps)*w + b)*m``.
+
+    Several groups may be attached at once (one call each); their hooks compose, so replica r
+    sees the product of its rows. Rows of all ones leave the replica unpruned.
+
+    Args:
+        model: the model ``structure`` was built from.
+        structure: its :class:`Structure`.
+        group: group name, e.g. ``"blocks.0.heads"`` or ``"embed"``.
+        masks: float tensor ``[R, group.size]`` of 0/1 values (read at every forward), R >= 1;
+            every row must keep at least one unit when ``renorm`` applies.
+        renorm: recompute the group's LayerNorms over kept units (needed for exact ``embed``).
+
+    Returns:
+        A :class:`ScalerHandle`; ``remove()`` restores the unhooked model.
+
+    Raises:
+        KeyError: ``group`` is not in the structure.
+        ValueError: ``masks`` is not ``[R, group.size]``; at forward time, a hooked tensor whose
+            batch dim is not a multiple of R.
+    """
+    size = structure.groups[group].size
+    if masks.dim() != 2 or masks.shape[1] != size or masks.shape[0] < 1:
+        raise ValueError(f"masks for {group!r} has shape {tuple(masks.shape)}, expected (R, {size}) with R >= 1")
+    handle = ScalerHandle()
+    for choke in structure.chokes[group]:
+        module = model.get_submodule(choke.module)
+        kind, fn = _replica_scale_hook(choke, group, masks)
+        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+        handle.handles.append(register(fn))
+    if renorm:
+        for name in structure.norms.get(group, []):
+            handle.handles.append(model.get_submodule(name).register_forward_hook(_replica_renorm_hook(name, masks)))
     return handle

@@ -26,15 +26,17 @@ from pydantic_core import PydanticCustomError
 
 __all__ = [
     "GROUPS", "Group", "ModelConfig", "DigitsData", "ImageFolderData", "DataConfig", "LogConfig",
-    "TrainingStage", "TrainStage", "SparseTrainStage", "Target", "PruneStage", "KDConfig",
+    "TrainingStage", "TrainStage", "SparseTrainStage", "Target", "Shape", "Calibration", "Iterative",
+    "PruneStage", "KDConfig",
     "FinetuneStage", "ExportStage", "ValidateStage", "StageConfig", "STAGE_TYPES", "DATA_TYPES",
     "Recipe",
 ]
 
-GROUPS: tuple[str, ...] = ("heads", "head_dim", "mlp")
-"""Prunable group kinds of a timm VisionTransformer block, in the order stages report them."""
+GROUPS: tuple[str, ...] = ("embed", "heads", "head_dim", "mlp")
+"""Prunable group kinds of a timm VisionTransformer, in the order stages report them: the residual
+width (``embed``, UP-ViTs) and, per block, heads, head_dim and MLP hidden neurons."""
 
-Group = Literal["heads", "head_dim", "mlp"]
+Group = Literal["embed", "heads", "head_dim", "mlp"]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # safe as one directory name; no '/', no '..'
 
@@ -50,6 +52,8 @@ def _unique(values: list) -> list:
 
 
 GroupList = Annotated[list[Group], AfterValidator(_unique)]
+BlockGroup = Literal["heads", "head_dim", "mlp"]
+BlockGroupList = Annotated[list[BlockGroup], AfterValidator(_unique)]
 
 
 class _Config(BaseModel):
@@ -169,48 +173,112 @@ class SparseTrainStage(TrainingStage):
     lambda_: float = Field(
         default=1e-4, ge=0, alias="lambda",
         description="Weight of the L1 penalty on the gates; VTP (Zhu, Tang, Han 2021, arXiv 2104.08500) uses ~1e-4.")
-    groups: GroupList = Field(
-        default=["heads", "head_dim", "mlp"], description="Group kinds that get gates; non-empty, no repeats.")
+    groups: BlockGroupList = Field(
+        default=["heads", "head_dim", "mlp"], description="Group kinds that get gates (per block: heads, "
+                                                          "head_dim, mlp); non-empty, no repeats.")
     threshold: float = Field(
         default=0.05, gt=0, description="Gate magnitude below which a unit counts as 'off' in the logs.")
     gate_lr: float | None = Field(
         default=None, gt=0, description="Learning rate of the gates; null: the stage's lr.")
 
 
+class Shape(_Config):
+    """An exact target architecture, the same in every block (UP-ViTs' shape recipe, Yu & Wu 2021).
+
+    Example: DeiT-T's shape from DeiT-B is ``{embed: 192, heads: 3, head_dim: 64, mlp: 768}``. Omitted
+    dims stay as they are; the criterion decides which units are kept.
+    """
+
+    embed: int | None = Field(default=None, ge=1, description="Residual width (embed_dim) to keep.")
+    heads: int | None = Field(default=None, ge=1, description="Attention heads to keep in every block.")
+    head_dim: int | None = Field(default=None, ge=1, description="Dims per head to keep in every block.")
+    mlp: int | None = Field(default=None, ge=1, description="MLP hidden neurons to keep in every block.")
+
+
 class Target(_Config):
-    """What the pruned model may keep, as a fraction of the dense model; set exactly one field."""
+    """What the pruned model may keep; set exactly one field."""
 
     flops: float | None = Field(default=None, gt=0, le=1,
                                 description="Fraction of the dense model's FLOPs to keep, in (0, 1].")
     params: float | None = Field(default=None, gt=0, le=1,
                                  description="Fraction of the dense model's parameters to keep, in (0, 1].")
+    latency_ms: float | None = Field(default=None, gt=0,
+                                     description="Latency budget in milliseconds on the runtime of the stage's "
+                                                 "latency lookup table (`lut`, from `vitopt measure-lut`).")
+    shape: Shape | None = Field(default=None, description="An exact architecture instead of a budget.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
-        """Raise ValueError unless exactly one of flops and params is set."""
-        if (self.flops is None) == (self.params is None):
-            raise ValueError("set exactly one of target.flops or target.params")
+        """Raise ValueError unless exactly one of flops, params, latency_ms and shape is set."""
+        if sum(v is not None for v in (self.flops, self.params, self.latency_ms, self.shape)) != 1:
+            raise ValueError("set exactly one of target.flops, target.params, target.latency_ms or target.shape")
         return self
+
+    @property
+    def metric(self) -> str:
+        """``"flops"``, ``"params"``, ``"latency_ms"`` or ``"shape"``: which field is set."""
+        return next(k for k in ("flops", "params", "latency_ms", "shape") if getattr(self, k) is not None)
+
+
+class Calibration(_Config):
+    """Data for the data-driven criteria (taylor, hessian, kl), drawn from the training split."""
+
+    batches: int = Field(default=8, ge=1, description="Batches averaged by 'taylor' and 'hessian'.")
+    batch_size: int = Field(default=64, ge=1, description="Images per calibration batch.")
+    per_class: int = Field(default=5, ge=1, description="Proxy images per class for 'kl' (UP-ViTs uses a few).")
+
+
+class Iterative(_Config):
+    """NViT-style iterative pruning: prune a slice of the budget, recover with KD, repeat."""
+
+    rounds: int = Field(default=4, ge=2, description="Prune rounds; each removes an equal share of the cost.")
+    train_steps: int = Field(default=50, ge=0, description="KD training steps between rounds.")
+    lr: float = Field(default=1e-4, gt=0, description="Peak learning rate of the recovery steps.")
+    batch_size: int = Field(default=64, ge=1, description="Batch size of the recovery steps.")
 
 
 class PruneStage(_StageBase):
     """Structured pruning: score units, allocate a budget, then physically remove the dropped units."""
 
     type: Literal["prune"] = Field(default="prune", description="Stage type tag.")
-    criterion: Literal["gate", "l1"] = Field(
-        default="l1", description="Importance of a unit: 'gate' (|gate| from an earlier sparse_train stage) or "
-                                  "'l1' (L1 norm of the unit's weights).")
-    target: Target = Field(description="Budget of the pruned model as a fraction of the dense model.")
+    criterion: Literal["gate", "l1", "taylor", "hessian", "kl"] = Field(
+        default="l1", description="Importance of a unit: 'gate' (|gate| from an earlier sparse_train stage, VTP), "
+                                  "'l1' (L1 norm of the unit's weights), 'taylor' (|sum w*dL/dw|, Molchanov 2019), "
+                                  "'hessian' (NViT's (sum w*dL/dw)^2), 'kl' (UP-ViTs: KL to the unpruned model "
+                                  "when the unit alone is removed).")
+    target: Target = Field(description="Budget of the pruned model (a fraction of the dense model, a latency "
+                                       "in ms, or an exact shape).")
     scope: Literal["global", "uniform"] = Field(
         default="global", description="'global' ranks units of a group kind across all blocks; 'uniform' keeps the "
                                       "same fraction in every block.")
     groups: GroupList = Field(default=["heads", "head_dim", "mlp"],
-                              description="Group kinds to prune; non-empty, no repeats.")
+                              description="Group kinds to prune; non-empty, no repeats. Add 'embed' to prune "
+                                          "the residual width consistently (UP-ViTs).")
     round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] = Field(
         default=8, description="Kept counts are rounded to multiples of this (tensor-core friendly); an integer "
-                               "applies to head_dim and mlp (heads round to 1), a mapping sets it per group.")
+                               "applies to every group but heads (heads round to 1), a mapping sets it per group.")
     min_keep: dict[Group, Annotated[int, Field(ge=1)]] = Field(
         default={}, description="Minimum units kept per block for each group (default 1).")
+    lut: Path | None = Field(default=None, description="Latency lookup table (JSON from `vitopt measure-lut`); "
+                                                       "required by target.latency_ms.")
+    schedule: Literal["one_shot", "iterative"] = Field(
+        default="one_shot", description="'one_shot' prunes to the target at once; 'iterative' prunes in rounds "
+                                        "with KD recovery steps between them (NViT).")
+    iterative: Iterative = Field(default_factory=Iterative, description="Settings of the iterative schedule.")
+    calibration: Calibration = Field(default_factory=Calibration,
+                                     description="Data used by the taylor, hessian and kl criteria.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneStage:
+        """Raise ValueError for combinations that cannot work."""
+        if self.target.latency_ms is not None and self.lut is None:
+            raise ValueError("target.latency_ms needs lut: PATH (a table from `vitopt measure-lut`)")
+        if self.schedule == "iterative" and self.criterion == "gate":
+            raise ValueError("schedule 'iterative' re-scores after every round; gates only score the first "
+                             "(allowed criteria: l1, taylor, hessian, kl)")
+        if self.target.shape is not None and self.schedule == "iterative":
+            raise ValueError("target.shape is applied in one shot (allowed schedule: one_shot)")
+        return self
 
     def round_for(self, group: str) -> int:
         """Rounding multiple of ``group``: heads 1 and others ``round_to`` unless a mapping names them."""

@@ -78,8 +78,11 @@ def _compare_table(val: dict, dense_top1: float | None) -> str:
 def _blocks_table(record: dict) -> str:
     m = record["metrics"]
     rows = [[b["block"]] + [f"{b[k]} -> {b[k + '_kept']}" for k in ("heads", "head_dim", "mlp")] for b in m["blocks"]]
-    head = (f"### {record['stage']}: criterion `{m['criterion']}`, scope `{m['scope']}`, target {m['target_metric']} "
-            f"{m['target']:.2f} -> achieved FLOPs ratio {m['flops_ratio']:.3f}, params ratio {m['params_ratio']:.3f}; "
+    target = m["target"]
+    target = ", ".join(f"{k} {v}" for k, v in target.items() if v is not None) if isinstance(target, dict) else f"{target:g}"
+    head = (f"### {record['stage']}: criterion `{m['criterion']}`, scope `{m['scope']}`, "
+            f"schedule `{m.get('schedule', 'one_shot')}`, target {m['target_metric']} {target} "
+            f"-> achieved FLOPs ratio {m['flops_ratio']:.3f}, params ratio {m['params_ratio']:.3f}; "
             f"embed_dim {m['embed']['before']} -> {m['embed']['after']}\n\n")
     return head + _table(["block", "heads", "head_dim", "mlp hidden"], rows)
 

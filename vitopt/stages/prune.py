@@ -1,31 +1,41 @@
-"""``prune``: score units, allocate kept units under a FLOPs/params budget, and cut them out.
+"""``prune``: score units, allocate kept units under a budget, and cut them out.
 
-1. importance per unit with ``criterion`` (``l1`` weight magnitude, or ``gate`` from ``sparse_train``);
+1. importance per unit with ``criterion``: ``l1`` weight magnitude, ``gate`` (VTP gates from
+   ``sparse_train``), ``taylor``/``hessian`` (first-order / NViT saliency on calibration batches) or
+   ``kl`` (UP-ViTs: KL to the unpruned model when one unit is removed, on a few images per class);
 2. allocation (:func:`vitopt.pruning.allocation.allocate`) to ``target.flops`` / ``target.params`` as a
-   fraction of the recipe's dense model, ``scope`` global or uniform, kept counts rounded to
-   ``round_to`` and at least ``min_keep``;
-3. surgery (:func:`vitopt.pruning.surgery.prune_model`), after which the model is the same timm class,
-   physically smaller.
+   fraction of the recipe's dense model, or ``target.latency_ms`` priced by a latency lookup table;
+   ``scope`` global or uniform, kept counts rounded to ``round_to`` and at least ``min_keep`` - or an
+   exact ``target.shape`` (UP-ViTs' recipe, e.g. DeiT-T's dims from DeiT-B);
+3. surgery (:func:`vitopt.pruning.surgery.prune_model`): the same timm class, physically smaller.
 
-The model as it was before pruning becomes the KD teacher of a later ``finetune``. A per-block table
-of heads / head_dim / mlp before and after is printed and stored in metrics.json.
+``schedule: iterative`` repeats 1-3 in ``rounds`` equal steps of cost, with KD recovery training
+from the unpruned model between rounds (NViT, Yang et al. CVPR 2023). The model as it was before
+pruning becomes the KD teacher of a later ``finetune``. A per-block table of kept units is printed
+and stored in metrics.json.
 """
 
 from __future__ import annotations
 
+import time
+
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
+from vitopt.errors import VitoptError
+from vitopt.pruning import importance
 from vitopt.pruning.allocation import allocate
-from vitopt.pruning.importance import compute_scores
+from vitopt.pruning.plan import KeepPlan
 from vitopt.pruning.surgery import prune_model
 from vitopt.stages.base import MODEL_DIR, StageDir, State
 from vitopt.train.data import make_loader
-from vitopt.train.loop import evaluate
+from vitopt.train.loop import TrainHParams, evaluate, fit
 
 __all__ = ["run", "block_table"]
+
 
 
 def block_table(before: dict[str, int], after: dict[str, int], depth: int) -> list[dict[str, int]]:
@@ -51,26 +61,149 @@ def _print_table(rows: list[dict], embed: tuple[int, int], title: str) -> None:
     Console().print(table)
 
 
+# ------------------------------------------------------------------------------------------- data
+def _labels(dataset) -> torch.Tensor:
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors[1]
+    if hasattr(dataset, "targets"):
+        return torch.as_tensor(dataset.targets)
+    return torch.as_tensor([dataset[i][1] for i in range(len(dataset))])
+
+
+def _calibration(cfg, state: State, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Batches for data-driven criteria: ``calibration.batches`` shuffled training batches, or for
+    ``kl`` a proxy set of ``calibration.per_class`` training images per class (UP-ViTs)."""
+    if cfg.criterion not in importance.DATA_CRITERIA:
+        return None
+    train, cal = state.data.train, cfg.calibration
+    if cfg.criterion == "kl":
+        labels = _labels(train)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.cat([(labels == c).nonzero().squeeze(1)[torch.randperm(int((labels == c).sum()), generator=g)[:cal.per_class]]
+                         for c in labels.unique()])
+        subset = torch.utils.data.Subset(train, idx.tolist())
+        return list(make_loader(subset, cal.batch_size, shuffle=False, seed=seed))
+    loader = make_loader(train, cal.batch_size, shuffle=True, seed=seed, num_workers=state.data.num_workers)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == cal.batches:
+            break
+    return out
+
+
+class _Limited:
+    """The first ``steps`` batches of a loader, repeated over epochs of the loader as needed."""
+
+    def __init__(self, loader, steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        n = 0
+        while True:
+            for batch in self.loader:
+                if n == self.steps:
+                    return
+                n += 1
+                yield batch
+
+
+def _recover(cfg, state: State, sd: StageDir, rnd: int) -> dict:
+    it = cfg.iterative
+    loader = make_loader(state.data.train, it.batch_size, shuffle=True, seed=state.seed * 1000 + sd.index * 10 + rnd,
+                         num_workers=state.data.num_workers, drop_last=len(state.data.train) > it.batch_size)
+    hp = TrainHParams(epochs=1, lr=it.lr, min_lr=it.lr * 0.1, weight_decay=0.05, warmup_epochs=0.0,
+                      label_smoothing=0.1, grad_clip=None)
+    state.model.train()
+    rec = fit(state.model, _Limited(loader, it.train_steps), None, hp, teacher=state.teacher,
+              desc=f"{sd.label} recover {rnd}")[-1]
+    state.model.eval()
+    return {"train_loss": rec["train_loss"]}
+
+
+# --------------------------------------------------------------------------------------- planning
+def _scores(cfg, model, structure, groups: list[str], state: State, calib) -> tuple[dict, dict]:
+    t0 = time.perf_counter()
+    # only kl compares against the teacher: for taylor/hessian a teacher equal to the model gives zero gradients
+    scores = importance.compute_scores(cfg.criterion, model, structure, groups, gates=state.gates, batches=calib,
+                                       teacher=state.teacher if cfg.criterion == "kl" else None)
+    cost = {"seconds": time.perf_counter() - t0}
+    cost.update(getattr(importance, "LAST_COST", {}) if cfg.criterion == "kl" else {})
+    return scores, cost
+
+
+def _shape_plan(cfg, model, state: State, calib) -> tuple[KeepPlan, dict]:
+    """Keep exactly ``target.shape`` in every block, choosing units by the criterion."""
+    structure = family_of(model).structure(model)
+    shape = cfg.target.shape.model_dump()
+    sizes = {}
+    for grp in structure.groups.values():
+        want = shape.get(grp.kind)
+        if want is None:
+            continue
+        if want > grp.size:
+            raise VitoptError(f"target.shape.{grp.kind} is {want} but {grp.name} has only {grp.size} units.")
+        sizes[grp.name] = want
+    scores, cost = _scores(cfg, model, structure, list(sizes), state, calib)
+    return KeepPlan.from_scores(scores, sizes), cost
+
+
+def _cost_fn(cfg, model, structure):
+    metric = cfg.target.metric
+    if metric == "latency_ms":
+        from vitopt.pruning.latency_lut import LatencyTable, cost_fn
+
+        return cost_fn(LatencyTable.load(cfg.lut), model)
+    return getattr(CostModel(model, structure), metric)
+
+
+def _budget_rounds(cfg, state: State, sd: StageDir, calib) -> list[dict]:
+    """Prune to the budget in ``rounds`` equal steps of cost (1 round for one_shot)."""
+    model, fam = state.model, family_of(state.model)
+    metric = cfg.target.metric
+    rounds = cfg.iterative.rounds if cfg.schedule == "iterative" else 1
+    structure = fam.structure(model)
+    start = _cost_fn(cfg, model, structure)(structure.sizes())
+    final = cfg.target.latency_ms if metric == "latency_ms" else getattr(cfg.target, metric) * state.dense[metric]
+    log = []
+    for rnd in range(1, rounds + 1):
+        structure = fam.structure(model)
+        budget = start - (start - final) * rnd / rounds
+        groups = [g.name for g in structure.of_kind(*cfg.groups)]
+        scores, score_cost = _scores(cfg, model, structure, groups, state, calib)
+        cost = _cost_fn(cfg, model, structure)
+        plan = allocate(structure, scores, cost, budget, scope=cfg.scope,
+                        round_to={k: cfg.round_for(k) for k in cfg.groups},
+                        min_keep={k: cfg.min_keep_for(k) for k in cfg.groups})
+        achieved = cost(plan.dims(structure))
+        prune_model(model, plan)
+        entry = {"round": rnd, "budget": budget, "achieved": achieved, "criterion_cost": score_cost}
+        if rnd < rounds and cfg.iterative.train_steps > 0:
+            entry["recovery"] = _recover(cfg, state, sd, rnd)
+        log.append(entry)
+    return log
+
+
 def run(cfg, state: State, sd: StageDir) -> State:
-    """Prune ``state.model`` in place to the configured budget; save the pruned model and the teacher."""
+    """Prune ``state.model`` in place to the configured target; save the pruned model and the teacher."""
     model = state.model.eval()
     fam = family_of(model)
-    structure = fam.structure(model)
-    before = structure.sizes()
+    before = fam.read_dims(model)
     teacher_dir = sd.save_model(state, "teacher")
     if state.reference_dir is None:            # the first prune's teacher is the dense reference
         state.reference_dir = teacher_dir
     state.teacher, state.teacher_dir = state.frozen_copy(), teacher_dir
+    calib = _calibration(cfg, state, state.seed * 1000 + sd.index)
 
-    groups = [g.name for g in structure.of_kind(*cfg.groups)]
-    scores = compute_scores(cfg.criterion, model, structure, groups, gates=state.gates)
-    metric = "flops" if cfg.target.flops is not None else "params"
-    fraction = cfg.target.flops if metric == "flops" else cfg.target.params
-    cost = CostModel(model, structure)
-    plan = allocate(structure, scores, getattr(cost, metric), fraction * state.dense[metric],
-                    scope=cfg.scope, round_to={k: cfg.round_for(k) for k in cfg.groups},
-                    min_keep={k: cfg.min_keep_for(k) for k in cfg.groups})
-    prune_model(model, plan)
+    if cfg.target.metric == "shape":
+        plan, score_cost = _shape_plan(cfg, model, state, calib)
+        prune_model(model, plan)
+        rounds = [{"round": 1, "shape": cfg.target.shape.model_dump(), "criterion_cost": score_cost}]
+    else:
+        rounds = _budget_rounds(cfg, state, sd, calib)
     after = fam.read_dims(model)
     rows = block_table(before, after, len(model.blocks))
     _print_table(rows, (before["embed"], after["embed"]), f"{sd.label}: kept units ({cfg.criterion}, {cfg.scope})")
@@ -78,12 +211,15 @@ def run(cfg, state: State, sd: StageDir) -> State:
     sd.save_model(state)
     val = make_loader(state.data.val, 256, shuffle=False, seed=0, num_workers=state.data.num_workers)
     pruned_cost = state.cost()
-    metrics = {"criterion": cfg.criterion, "scope": cfg.scope, "target_metric": metric, "target": fraction,
+    target = getattr(cfg.target, cfg.target.metric)
+    metrics = {"criterion": cfg.criterion, "scope": cfg.scope, "schedule": cfg.schedule,
+               "target_metric": cfg.target.metric,
+               "target": target.model_dump() if hasattr(target, "model_dump") else target,
                "val_top1_before_finetune": evaluate(model, val)["top1"],
                **pruned_cost, "flops_ratio": pruned_cost["flops"] / state.dense["flops"],
                "params_ratio": pruned_cost["params"] / state.dense["params"],
                "embed": {"before": before["embed"], "after": after["embed"]}, "blocks": rows,
-               "keep": plan.keep}
+               "rounds": rounds}
     state.model.train()
     outputs = {"model": f"{sd.label}/{MODEL_DIR}", "teacher": f"{sd.label}/teacher",
                "reference": str(state.reference_dir.relative_to(sd.path.parent)), "gates": None}
