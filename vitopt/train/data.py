@@ -1,0 +1,371 @@
+"""Datasets that yield model-ready tensors: scikit-learn digits (embedded) and ImageNet-layout folders.
+
+Every dataset goes through one preprocessing function, :func:`to_model_input`, so a model sees the
+same channel conversion, resize and normalization whether its images came from ``load_digits``, a
+folder of PNGs, or (in the deploy layer) NumPy arrays fed to ONNX Runtime / TensorRT. What a model
+expects (channels, spatial size, mean/std) is read once from the timm model by :func:`model_input`.
+
+Sources: scikit-learn ``load_digits`` (UCI optical recognition of handwritten digits, 1,797 8x8
+images); torchvision ``ImageFolder``; timm ``pretrained_cfg`` for mean/std; ITU-R BT.601 luma weights
+for RGB -> grayscale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from vitopt.errors import VitoptError
+
+__all__ = [
+    "ModelInput",
+    "model_input",
+    "to_model_input",
+    "DataBundle",
+    "load_data",
+    "val_arrays",
+    "make_loader",
+    "IMAGE_EXTENSIONS",
+    "LUMA_601",
+]
+
+#: ITU-R BT.601 luma weights (R, G, B); they sum to 1, so a gray image stored as RGB maps back exactly.
+LUMA_601: tuple[float, float, float] = (0.299, 0.587, 0.114)
+
+#: File suffixes (lower case) that the imagefolder dataset treats as images.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+# timm's IMAGENET_DEFAULT_MEAN / _STD, used when a model carries no pretrained_cfg.
+_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a model expects as input.
+
+    Attributes:
+        in_chans: number of input channels (1 for grayscale, 3 for RGB).
+        img_size: (height, width) in pixels.
+        mean: per-channel mean subtracted after scaling pixels to [0, 1]; length ``in_chans``.
+        std: per-channel std divided after subtracting the mean; length ``in_chans``.
+    """
+
+    in_chans: int
+    img_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _fit_stats(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
+    """Adapt a mean/std vector to ``n`` channels: keep, repeat a single value, or average to 1."""
+    vals = tuple(float(v) for v in values)
+    if len(vals) == n:
+        return vals
+    if len(vals) == 1:
+        return vals * n
+    if n == 1:
+        return (sum(vals) / len(vals),)
+    if len(vals) % n == 0:  # e.g. 6 -> 3: average consecutive groups
+        k = len(vals) // n
+        return tuple(sum(vals[i * k:(i + 1) * k]) / k for i in range(n))
+    raise VitoptError(
+        f"the {what} has {len(vals)} values but the model takes {n} input channels; "
+        f"give {n} values (or 1, repeated to every channel)."
+    )
+
+
+def model_input(model: torch.nn.Module, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> ModelInput:
+    """Read the input a timm Vision Transformer expects.
+
+    Args:
+        model: a timm model with ``patch_embed.img_size`` and ``patch_embed.proj`` (a Conv2d).
+        mean, std: per-channel statistics in [0, 1] pixel units; default from
+            ``model.pretrained_cfg`` (timm), else ImageNet's. If their length differs from the
+            model's ``in_chans`` they are adapted: a 3-value ImageNet mean becomes its average for a
+            1-channel model, a single value is repeated.
+
+    Returns:
+        :class:`ModelInput` with ``img_size`` as (H, W).
+
+    Raises:
+        VitoptError: the model has no ``patch_embed`` with an image size and a conv projection, or
+            mean/std lengths cannot be adapted.
+    """
+    pe = getattr(model, "patch_embed", None)
+    img_size = getattr(pe, "img_size", None)
+    proj = getattr(pe, "proj", None)
+    in_chans = getattr(proj, "in_channels", None)
+    if img_size is None or in_chans is None:
+        raise VitoptError(
+            f"model {type(model).__name__} has no patch_embed.img_size and patch_embed.proj.in_channels; "
+            "vitopt reads its input size from a timm VisionTransformer-style patch embedding."
+        )
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    img_size = (int(img_size[0]), int(img_size[1]))
+    cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
+    if mean is None:
+        mean = cfg.get("mean") or _DEFAULT_MEAN
+    if std is None:
+        std = cfg.get("std") or _DEFAULT_STD
+    return ModelInput(
+        in_chans=int(in_chans),
+        img_size=img_size,
+        mean=_fit_stats(mean, int(in_chans), "mean"),
+        std=_fit_stats(std, int(in_chans), "std"),
+    )
+
+
+def to_model_input(images: Tensor, mi: ModelInput) -> Tensor:
+    """Turn [0, 1] images into what the model takes: channels, then size, then normalization.
+
+    The one preprocessing path of vitopt (training, validation, export calibration all use it).
+
+    Args:
+        images: float tensor [B, C, H, W] with values in [0, 1]; C is 1 (gray), 3 (RGB) or 4 (RGBA,
+            alpha dropped).
+        mi: the model's input description (:func:`model_input`).
+
+    Returns:
+        float32 tensor [B, mi.in_chans, *mi.img_size]:
+        gray -> RGB repeats the channel; RGB -> gray uses ITU-R BT.601 luma (0.299 R + 0.587 G +
+        0.114 B); a size change uses bilinear interpolation with antialiasing
+        (``align_corners=False``); then ``(x - mean[c]) / std[c]``.
+
+    Raises:
+        VitoptError: ``images`` is not 4-D or its channel count cannot be converted.
+    """
+    if images.ndim != 4:
+        raise VitoptError(f"images must be a 4-D tensor [B, C, H, W]; got shape {tuple(images.shape)}.")
+    x = images.float()
+    c = x.shape[1]
+    if c == 4:
+        x, c = x[:, :3], 3
+    if c != mi.in_chans:
+        if c == 1:
+            x = x.expand(-1, mi.in_chans, -1, -1)
+        elif c == 3 and mi.in_chans == 1:
+            w = torch.tensor(LUMA_601, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            x = (x * w).sum(dim=1, keepdim=True)
+        else:
+            raise VitoptError(
+                f"cannot convert {c}-channel images to the model's {mi.in_chans} input channels; "
+                "vitopt converts between 1 (gray), 3 (RGB) and 4 (RGBA) channels."
+            )
+    if tuple(x.shape[-2:]) != tuple(mi.img_size):
+        x = F.interpolate(x, size=mi.img_size, mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(mi.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(mi.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+@dataclass
+class DataBundle:
+    """Train and validation sets, already model-ready.
+
+    Attributes:
+        train, val: datasets yielding ``(image, label)``; image is float32 [in_chans, H, W]
+            normalized by :func:`to_model_input`, label an ``int`` in ``[0, num_classes)``.
+        num_classes: number of classes.
+        class_names: class names, index = label.
+        name: short dataset name for logs and reports ("digits", or the folder's name).
+        num_workers: suggested DataLoader workers (0 for in-memory datasets).
+        meta: provenance: for digits ``train_indices``/``val_indices`` (int arrays into
+            ``load_digits()``), for imagefolder ``root``.
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+    name: str
+    num_workers: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_digits(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    vf = getattr(cfg, "val_fraction", None)
+    val_fraction = 0.2 if vf is None else float(vf)
+    if not 0.0 < val_fraction < 1.0:
+        raise VitoptError(f"data.val_fraction must be between 0 and 1 (exclusive); got {val_fraction}.")
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
+    y = d.target.astype(np.int64)
+    idx = np.arange(len(y))
+    tr_idx, va_idx = train_test_split(idx, test_size=val_fraction, stratify=y, random_state=seed)
+    tr_idx, va_idx = np.sort(tr_idx), np.sort(va_idx)
+    xm = to_model_input(x, mi)
+    yt = torch.from_numpy(y)
+    return DataBundle(
+        train=TensorDataset(xm[tr_idx], yt[tr_idx]),
+        val=TensorDataset(xm[va_idx], yt[va_idx]),
+        num_classes=10,
+        class_names=[str(i) for i in range(10)],
+        name="digits",
+        meta={"train_indices": tr_idx, "val_indices": va_idx},
+    )
+
+
+class _ImageTransform:
+    """PIL image -> model-ready tensor [in_chans, H, W] (module level so DataLoader workers can pickle it)."""
+
+    def __init__(self, mi: ModelInput) -> None:
+        self.mi = mi
+
+    def __call__(self, img: Any) -> Tensor:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
+        x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+        return to_model_input(x, self.mi)[0]
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_image(p: str | Path) -> bool:
+    p = Path(p)
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _load_imagefolder(cfg: Any, mi: ModelInput) -> DataBundle:
+    from torchvision.datasets import ImageFolder
+
+    raw_root = getattr(cfg, "root", None)
+    if raw_root is None:
+        raise VitoptError("data.root is required for an imagefolder dataset (a folder holding train/ and val/).")
+    root = Path(raw_root).expanduser()
+    if not root.is_dir():
+        raise VitoptError(f"data.root {root} does not exist or is not a folder; point it at a folder holding train/ and val/.")
+    classes: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        sd = root / split
+        if not sd.is_dir():
+            raise VitoptError(
+                f"data.root {root} has no {split}/ subfolder; the layout is {root}/train/<class>/*.png and {root}/val/<class>/*.png."
+            )
+        names = _class_dirs(sd)
+        if not names:
+            raise VitoptError(f"{sd} has no class subfolders; put images in {sd}/<class>/ (ImageNet layout).")
+        for n in names:
+            if not any(_is_image(p) for p in (sd / n).rglob("*")):
+                raise VitoptError(
+                    f"{sd / n} contains no images; allowed suffixes are {', '.join(IMAGE_EXTENSIONS)}."
+                )
+        classes[split] = names
+    if classes["train"] != classes["val"]:
+        only_t = sorted(set(classes["train"]) - set(classes["val"]))
+        only_v = sorted(set(classes["val"]) - set(classes["train"]))
+        raise VitoptError(
+            f"the class folders of {root / 'train'} and {root / 'val'} differ "
+            f"(only in train: {only_t or 'none'}; only in val: {only_v or 'none'}); both must list the same classes."
+        )
+    tf = _ImageTransform(mi)
+    try:
+        train = ImageFolder(str(root / "train"), transform=tf, is_valid_file=_is_image)
+        val = ImageFolder(str(root / "val"), transform=tf, is_valid_file=_is_image)
+    except (FileNotFoundError, OSError) as e:  # pragma: no cover - guarded by the checks above
+        raise VitoptError(f"cannot read the image folders under {root}: {e}.") from e
+    return DataBundle(
+        train=train,
+        val=val,
+        num_classes=len(train.classes),
+        class_names=list(train.classes),
+        name=root.name or str(root),
+        num_workers=int(getattr(cfg, "num_workers", 0) or 0),
+        meta={"root": str(root)},
+    )
+
+
+def load_data(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
+    """Load a dataset as model-ready train/val sets.
+
+    Args:
+        cfg: an object with ``.type``:
+            ``"digits"``: scikit-learn ``load_digits`` (1,797 8x8 gray images, pixel values 0..16
+            scaled to [0, 1]), split with ``train_test_split(stratify=y, random_state=seed,
+            test_size=cfg.val_fraction)`` (default 0.2 -> 1,437 train / 360 val), preprocessed once
+            into in-memory ``TensorDataset`` s.
+            ``"imagefolder"``: ``cfg.root/train/<class>/*`` and ``cfg.root/val/<class>/*`` (ImageNet
+            layout) read with torchvision ``ImageFolder``; each file decoded by PIL, converted to RGB,
+            scaled to [0, 1] and passed through :func:`to_model_input`. ``cfg.num_workers`` is kept
+            in :attr:`DataBundle.num_workers` for :func:`make_loader`.
+        mi: the model's input (:func:`model_input`).
+        seed: split seed (digits); the same seed gives the same split.
+
+    Returns:
+        :class:`DataBundle`.
+
+    Raises:
+        VitoptError: unknown type; bad val_fraction; imagefolder root missing, no train/ or val/
+            subfolder, a split without class folders, a class folder without images, or train and
+            val class lists that differ.
+    """
+    kind = getattr(cfg, "type", None)
+    if kind == "digits":
+        return _load_digits(cfg, mi, seed)
+    if kind == "imagefolder":
+        return _load_imagefolder(cfg, mi)
+    raise VitoptError(f"unknown data type {kind!r}; allowed types are 'digits' and 'imagefolder'.")
+
+
+def val_arrays(bundle: DataBundle, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The validation set as NumPy arrays, for runtimes outside PyTorch (ONNX Runtime, TensorRT).
+
+    Returns:
+        ``(images, labels)``: float32 [N, C, H, W] (already normalized, model-ready) and int64 [N].
+    """
+    ds = bundle.val
+    if isinstance(ds, TensorDataset):
+        x, y = ds.tensors[0], ds.tensors[1]
+        return x.numpy().astype(np.float32, copy=True), y.numpy().astype(np.int64, copy=True)
+    xs, ys = [], []
+    for xb, yb in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=bundle.num_workers):
+        xs.append(xb.numpy())
+        ys.append(np.asarray(yb))
+    return np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys).astype(np.int64, copy=False)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose shuffling (and worker seeding) comes from a seeded ``torch.Generator``.
+
+    The sequence of epoch orders is a function of ``seed`` alone: two loaders built with the same
+    seed yield the same batches epoch after epoch. Pinned memory is used when CUDA is available.
+
+    Args:
+        dataset: any map-style dataset.
+        batch_size: samples per batch (> 0).
+        shuffle: reshuffle every epoch.
+        seed: generator seed.
+        num_workers: worker processes (0 = load in the main process).
+        drop_last: drop the last incomplete batch.
+
+    Raises:
+        VitoptError: ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise VitoptError(f"batch_size must be at least 1; got {batch_size}.")
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
