@@ -110,13 +110,19 @@ def export(path: Path = typer.Argument(..., help="Model folder or run directory.
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
-    """Rebuild summary.md of a run directory from its stage metrics."""
+def report(run_dirs: list[Path] = typer.Argument(..., help="One or more run directories."),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report .html file or folder "
+                                              "(default: inside the first run directory).")) -> None:
+    """Write summary.md of each run and one self-contained HTML report (plots embedded) across them."""
+    from vitopt.report import write_report
     from vitopt.report.summary import write_summary
 
-    if not run_dir.is_dir():
-        raise VitoptError(f"run directory {run_dir} does not exist.")
-    console.print(f"wrote {write_summary(run_dir)}")
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            raise VitoptError(f"run directory {run_dir} does not exist.")
+        write_summary(run_dir)
+    paths = write_report(list(run_dirs), out)
+    console.print(f"wrote {paths['html']} and {paths['markdown']}")
 
 
 def main() -> None:
