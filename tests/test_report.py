@@ -20,26 +20,6 @@ from vitopt.report import SECTIONS, build_report, collect_environment, pareto_po
 from vitopt.report.html import parse_markdown_blocks
 from vitopt.report.summary import render_summary
 
-RECIPE = """
-name: report_e2e
-seed: 3
-output_dir: {out}
-model:
-  name: deit_tiny_patch16_224
-  kwargs: {{img_size: 8, patch_size: 2, in_chans: 1, embed_dim: 64, depth: 2, num_heads: 4}}
-data: {{type: digits}}
-stages:
-  - {{type: train, epochs: 2, lr: 2.0e-3}}
-  - {{type: sparse_train, epochs: 1, lambda: 1.0e-3, gate_lr: 1.0e-2}}
-  - type: prune
-    criterion: gate
-    target: {{flops: 0.6}}
-    round_to: {{heads: 1, head_dim: 8, mlp: 16}}
-  - {{type: finetune, epochs: 1, kd: {{alpha: 0.5, tau: 2.0}}}}
-  - {{type: export}}
-  - {{type: validate, batch_sizes: [1, 4], warmup: 1, repeats: 3}}
-"""
-
 PNG = "data:image/png;base64,"
 
 
@@ -153,14 +133,8 @@ def _num(cell: str) -> float:
 
 # ------------------------------------------------------------------------------------------ real run
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory) -> Path:
-    from vitopt.pipeline import run_recipe
-    from vitopt.recipe import load_recipe
-
-    out = tmp_path_factory.mktemp("report_runs")
-    path = out / "report_e2e.yaml"
-    path.write_text(RECIPE.format(out=out))
-    return run_recipe(load_recipe(path))
+def real_run(e2e_run) -> Path:
+    return e2e_run[0]
 
 
 @pytest.mark.slow
@@ -179,12 +153,12 @@ def test_real_run_report_has_every_figure_section_and_table(real_run):
     assert text.count(f'<img src="{PNG}') == len(page.images) == 5
     report = build_report([real_run])
     assert [f.key for f in report.figures()] == [
-        "report_e2e:kept-units:02_prune", "report_e2e:training", "report_e2e:gates:01_sparse_train",
-        "accuracy-vs-flops", "report_e2e:latency:05_validate"]
+        "e2e:kept-units:02_prune", "e2e:training", "e2e:gates:01_sparse_train",
+        "accuracy-vs-flops", "e2e:latency:05_validate"]
     assert all(f.png.startswith(b"\x89PNG") for f in report.figures())
     assert report.notes() == []
-    for key in ("runs", "accuracy-vs-flops", "report_e2e:stages", "report_e2e:final-vs-dense",
-                "report_e2e:kept-units-per-block", "environment"):
+    for key in ("runs", "accuracy-vs-flops", "e2e:stages", "e2e:final-vs-dense",
+                "e2e:kept-units-per-block", "environment"):
         assert key in page.tables, key
     md = paths["markdown"].read_text()
     for _, title in SECTIONS:
@@ -199,7 +173,7 @@ def test_real_run_report_has_every_figure_section_and_table(real_run):
 @pytest.mark.slow
 def test_real_run_final_vs_dense_table_matches_metrics(real_run):
     val = json.loads((real_run / "05_validate" / "metrics.json").read_text())["metrics"]
-    rows = {r[0]: r[1:] for r in _parse(write_report([real_run])["html"].read_text()).tables["report_e2e:final-vs-dense"]}
+    rows = {r[0]: r[1:] for r in _parse(write_report([real_run])["html"].read_text()).tables["e2e:final-vs-dense"]}
     assert rows["metric"][:2] == ["final (pruned)", "dense reference"]
     final, ref = val["final"], val["reference"]
     for i, m in enumerate((final, ref)):
@@ -232,7 +206,7 @@ def test_two_runs_give_four_pareto_points(real_run, tmp_path):
     vfile.write_text(json.dumps(rec))
 
     points = pareto_points([real_run, other])
-    assert [(p.run, p.model) for p in points] == [("report_e2e", "dense"), ("report_e2e", "final"),
+    assert [(p.run, p.model) for p in points] == [("e2e", "dense"), ("e2e", "final"),
                                                   ("other", "dense"), ("other", "final")]
     assert [p.on_front for p in points] == [False, False, False, True]
     out = tmp_path / "cmp" / "both.html"
