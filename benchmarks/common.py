@@ -1,0 +1,267 @@
+"""Helpers shared by the benchmark scripts: rich tables, JSON results, timing, environment.
+
+The scripts in this folder are run by hand (``python benchmarks/NAME.py [--quick] [--out FILE]``);
+each prints rich tables and writes one JSON file. This module holds what they share and nothing
+model-specific (model building and pruning live in :mod:`variants`).
+
+Conventions used in every table and JSON file:
+
+* FLOPs = 2 x MACs, matmuls and convolutions only (fvcore / ``torch.utils.flop_counter``
+  convention), counted for one image;
+* latency = wall-clock time per call in milliseconds, p50 (median) over timed calls after untimed
+  warm-up calls (:func:`vitopt.deploy.latency.measure_latency`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["console", "print_table", "write_json", "environment", "set_threads", "tp_status", "fmt", "fmt_pm",
+           "median_ms", "latency_p50", "CudaHalfRuntime", "default_out", "ratio", "first_line"]
+
+#: One console for every script (wide enough for the latency tables when piped to a file).
+console = Console(width=max(160, Console().width))
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+
+
+def default_out(name: str) -> Path:
+    """``results/NAME.json`` at the repository root (the default ``--out``)."""
+    return RESULTS_DIR / f"{name}.json"
+
+
+# ---------------------------------------------------------------------------------- formatting
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: ``-`` for None/nan, fixed-point floats, str() otherwise."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_pm(values: Sequence[float], digits: int = 1) -> str:
+    """``mean ± std`` of ``values`` (population std over seeds; just the value for one seed)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.fmean(vals):.{digits}f} ± {statistics.pstdev(vals):.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None when either is missing or ``b`` is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``ExcType: first line of the message`` (for recording errors in JSON)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {(text[0] if text else '')[:limit]}"
+
+
+def print_table(title: str, columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequence[Any]],
+                caption: str | None = None) -> Table:
+    """Print a rich table; ``columns`` are names or ``(name, justify)``; cells are formatted by :func:`fmt`."""
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for col in columns:
+        name, justify = (col, "right") if isinstance(col, str) else col
+        table.add_column(name, justify=justify)
+    for row in rows:
+        table.add_row(*(fmt(c) for c in row))
+    console.print(table)
+    return table
+
+
+# ---------------------------------------------------------------------------------- environment
+def tp_status() -> tuple[bool, str]:
+    """``(True, version)`` when Torch-Pruning imports, else ``(False, reason)``."""
+    try:
+        import torch_pruning as tp
+    except Exception as exc:  # ImportError, or a broken install
+        return False, f"torch_pruning is not importable ({first_line(exc)}); pip install torch-pruning (extra 'bench')"
+    try:
+        from importlib.metadata import version
+
+        return True, version("torch-pruning")
+    except Exception:
+        return True, str(getattr(tp, "__version__", "unknown"))
+
+
+def _pkg(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions, CPU/GPU and thread settings: stored in every JSON file so numbers stay comparable."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "timm": _pkg("timm"),
+        "onnx": _pkg("onnx"),
+        "onnxruntime": _pkg("onnxruntime"),
+        "torch_pruning": _pkg("torch-pruning"),
+        "vitopt": _pkg("vitopt"),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda_version"] = torch.version.cuda
+    try:
+        env["load_average"] = os.getloadavg()
+    except (AttributeError, OSError):
+        pass
+    return env
+
+
+def set_threads(threads: int | None) -> int:
+    """``torch.set_num_threads(threads)`` when given; returns the thread count in effect."""
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def write_json(path: str | os.PathLike | None, payload: dict[str, Any], *, script: str,
+               args: dict[str, Any] | None = None, argv: list[str] | None = None) -> Path | None:
+    """Write ``{"script", "created", "argv", "args", "environment", **payload}`` atomically to ``path``.
+
+    NumPy scalars/arrays, tensors, Paths and non-finite floats are converted (NaN/inf -> null).
+    Returns the path written, or None when ``path`` is None.
+    """
+    if path is None:
+        return None
+    from vitopt.io import atomic_write_text
+
+    doc = {"script": script, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "argv": sys.argv[1:] if argv is None else list(argv), "args": args or {}, "environment": environment(), **payload}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n")
+    console.print(f"[dim]wrote {path}[/]")
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return _clean(obj.detach().cpu().tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------------- timing
+def median_ms(fn: Callable[[], Any], *, steps: int, warmup: int, sync: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``steps`` times timed; ms statistics per call."""
+    for _ in range(warmup):
+        fn()
+        if sync is not None:
+            sync()
+    samples = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(samples), "mean_ms": statistics.fmean(samples),
+            "min_ms": min(samples), "max_ms": max(samples), "steps": steps, "warmup": warmup}
+
+
+def latency_p50(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[int], batch: int, *, warmup: int,
+                repeats: int, min_repeats: int = 5, budget_s: float | None = None,
+                sync: Callable[[], Any] | None = None) -> dict[str, float]:
+    """p50 latency (ms) of ``runtime`` at one batch size with :func:`vitopt.deploy.latency.measure_latency`.
+
+    With ``budget_s`` the number of timed calls adapts to slow calls: after one probe call it is
+    ``clamp(budget_s / probe, min_repeats, repeats)`` (a DeiT-B batch of 32 on CPU can take a second
+    per call). Returns measure_latency's statistics for that batch size.
+    """
+    from vitopt.deploy.latency import measure_latency
+
+    n = repeats
+    if budget_s is not None:
+        x = np.random.default_rng(1).standard_normal((batch, *input_shape), dtype=np.float32)
+        t0 = time.perf_counter()
+        runtime(x)
+        if sync is not None:
+            sync()
+        probe = max(time.perf_counter() - t0, 1e-6)
+        n = int(max(min_repeats, min(repeats, budget_s // probe)))
+        warmup = int(min(warmup, max(1, budget_s // (4 * probe))))
+    return measure_latency(runtime, input_shape, [batch], warmup=warmup, repeats=n, sync=sync)[batch]
+
+
+class CudaHalfRuntime:
+    """Run a model eagerly in fp16 on CUDA (``model.half().cuda()``, ``torch.no_grad``).
+
+    The NumPy input is copied to the GPU once and reused while the same array is passed again (as
+    ``measure_latency`` does), so the timing covers the model and not the host-to-device copy; the
+    logits stay on the GPU. ``sync`` is ``torch.cuda.synchronize``.
+    """
+
+    name = "cuda_fp16"
+
+    def __init__(self, model: torch.nn.Module, device: str = "cuda") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).half().eval()
+        self._key: tuple | None = None
+        self._x: torch.Tensor | None = None
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def __call__(self, x: np.ndarray):
+        key = (x.__array_interface__["data"][0], x.shape)
+        if key != self._key:
+            self._x = torch.from_numpy(np.ascontiguousarray(x)).to(self.device).half()
+            self._key = key
+        with torch.no_grad():
+            return self.model(self._x)
+
+    def close(self) -> None:
+        self.model = None
+        self._x = None
+        torch.cuda.empty_cache()
