@@ -125,6 +125,45 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more run dire
     console.print(f"wrote {paths['html']} and {paths['markdown']}")
 
 
+def _dense_model_dir(path: Path) -> Path:
+    """A model folder, or a run folder's FIRST stage model (the dense widths a latency table must cover)."""
+    if (path / "arch.json").is_file():
+        return path
+    _model_dir(path)                                        # same error for a folder with no model
+    return sorted(path.glob("[0-9][0-9]_*/model/arch.json"))[0].parent
+
+
+@app.command("measure-lut")
+def measure_lut_cmd(path: Path = typer.Argument(..., help="Model folder, or run directory (its first stage's model)."),
+                    out: Path = typer.Option(..., "--out", "-o", help="Destination JSON file."),
+                    runtime: str = typer.Option("onnxruntime", help="Runtime to time: onnxruntime or pytorch."),
+                    batch_size: int = typer.Option(1, min=1, help="Images per call."),
+                    threads: int = typer.Option(2, min=1, help="CPU threads of the runtime."),
+                    grid_points: int = typer.Option(4, min=2, help="Grid points per axis (embed, attn, mlp)."),
+                    device: str = typer.Option("cpu", help="cpu, or cuda for the PyTorch runtime on a GPU."),
+                    statistic: str = typer.Option("min", help="Timing statistic per probe: min or median.")) -> None:
+    """Measure a latency lookup table for target.latency_ms budgets (NViT / HALP style)."""
+    from vitopt.arch.config import ArchConfig, load_pruned
+    from vitopt.io import read_json
+    from vitopt.pruning.latency_lut import measure_lut, measure_model_latency
+
+    mdir = _dense_model_dir(path)
+    arch = ArchConfig.from_json(read_json(mdir / "arch.json", "architecture file"))
+    model = load_pruned(mdir)
+    opts = dict(runtime=runtime, batch_size=batch_size, threads=threads, device=device, statistic=statistic)
+    table = measure_lut(model, grid_points=grid_points, model_name=arch.model_name, model_kwargs=arch.model_kwargs,
+                        **opts)
+    table.reference_ms = measure_model_latency(model, **opts)
+    table.save(out)
+    summary = Table(title=f"latency table for {mdir} ({runtime}, {table.device}, batch {batch_size})")
+    summary.add_column("whole model", justify="left")
+    summary.add_column("ms", justify="right")
+    summary.add_row("predicted by the table", f"{table.predicted_model_ms:.3f}")
+    summary.add_row("measured", f"{table.reference_ms:.3f}")
+    console.print(summary)
+    console.print(f"wrote {out}")
+
+
 def main() -> None:
     """Console-script entry point: run the app; VitoptError -> one sentence on stderr, exit 2."""
     try:
