@@ -171,3 +171,29 @@ def test_prune_targets_and_criteria_end_to_end(tmp_path, criterion, target, sche
         assert m["params_ratio"] <= 0.6
     assert model.embed_dim % 16 == 0
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_tensorboard_logs_every_epoch_of_every_training_stage(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = tmp_path / "tb.yaml"
+    path.write_text(f"""
+name: tb
+output_dir: {tmp_path}
+log: {{tensorboard: true}}
+model:
+  name: deit_tiny_patch16_224
+  kwargs: {{img_size: 8, patch_size: 4, in_chans: 1, embed_dim: 32, depth: 1, num_heads: 2}}
+data: {{type: digits}}
+stages:
+  - {{type: train, epochs: 2}}
+  - {{type: sparse_train, epochs: 1}}
+""")
+    run = run_recipe(load_recipe(path))
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"00_train/val_top1", "00_train/train_loss", "01_sparse_train/gate_mean"} <= tags
+    top1 = [e.value for e in acc.Scalars("00_train/val_top1")]
+    history = json.loads((run / "00_train" / "metrics.json").read_text())["metrics"]["history"]
+    assert top1 == pytest.approx([h["val_top1"] for h in history])

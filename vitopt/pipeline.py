@@ -105,9 +105,25 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, console: Console 
     state = State(model=model, model_name=recipe.model.name, model_kwargs=kwargs, data=data,
                   seed=recipe.seed, dense={})
     state.dense = state.cost()
+    if recipe.log.tensorboard:
+        from vitopt.train.tensorboard import TensorBoardLog
+
+        state.logger = TensorBoardLog(run_dir / "tensorboard")
     console.print(f"[bold]vitopt[/] {recipe.name}: {recipe.model.name} on {data.name} "
                   f"({len(data.train)} train / {len(data.val)} val, {data.num_classes} classes), "
                   f"{state.dense['flops'] / 1e6:.1f} MFLOPs, {state.dense['params'] / 1e6:.3f} M params -> {run_dir}")
+    try:
+        state = _run_stages(recipe, state, dirs, run_dir, console)
+    finally:
+        if state.logger is not None:
+            state.logger.close()
+    summary = write_summary(run_dir)
+    console.print(f"summary: {summary}")
+    return run_dir
+
+
+def _run_stages(recipe: Recipe, state: State, dirs: list[StageDir], run_dir: Path, console: Console) -> State:
+    """Run (or restore) each stage in order; returns the final State."""
     for cfg, sd in zip(recipe.stages, dirs):
         if sd.done:
             _restore(state, sd.read(), run_dir)
@@ -118,6 +134,4 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, console: Console 
         sd.path.mkdir(parents=True, exist_ok=True)
         sd.started = time.time()
         state = STAGES[cfg.type](cfg, state, sd)
-    summary = write_summary(run_dir)
-    console.print(f"summary: {summary}")
-    return run_dir
+    return state

@@ -44,6 +44,7 @@ class State:
         gates: trained gate values from ``sparse_train`` (group -> [size]), or None.
         onnx_path: the ONNX file written by ``export``, or None.
         results: stage label -> the metrics that stage recorded.
+        logger: a :class:`~vitopt.train.tensorboard.TensorBoardLog` when the recipe asks for one.
     """
 
     model: nn.Module
@@ -58,6 +59,17 @@ class State:
     gates: dict[str, torch.Tensor] | None = None
     onnx_path: Path | None = None
     results: dict[str, dict] = field(default_factory=dict)
+    logger: Any = None
+
+    def epoch_hook(self, stage: str, extra=None):
+        """An ``on_epoch_end(epoch, record)`` for :func:`~vitopt.train.loop.fit`: runs ``extra`` (which may
+        add keys to the record), then logs the record to TensorBoard when enabled."""
+        def hook(epoch: int, record: dict) -> None:
+            if extra is not None:
+                extra(epoch, record)
+            if self.logger is not None:
+                self.logger.log_epoch(stage, record)
+        return hook
 
     def cost(self, model: nn.Module | None = None) -> dict[str, int]:
         """FLOPs (= 2 x MACs), MACs and params of ``model`` (default: the current model), one image."""

@@ -22,7 +22,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
                           "add a prune stage before it or set kd.enabled: false.")
     train, val = loaders(cfg, state, sd.index)
     history = fit(state.model, train, val, hparams(cfg), teacher=teacher, kd_alpha=cfg.kd.alpha,
-                  kd_tau=cfg.kd.tau, desc=sd.label)
+                  kd_tau=cfg.kd.tau, on_epoch_end=state.epoch_hook(sd.label), desc=sd.label)
     sd.save_model(state)
     final = history[-1]
     metrics = {"val_top1": final["val_top1"], "val_loss": final["val_loss"], **state.cost(), "history": history}

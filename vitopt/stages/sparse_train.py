@@ -31,7 +31,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
     with gates.attach(model):
         history = fit(model, train, val, hparams(cfg), param_groups=groups,
                       extra_loss=lambda: lam * gates.l1(),
-                      on_epoch_end=lambda epoch, rec: rec.update(gates.stats(cfg.threshold)),
+                      on_epoch_end=state.epoch_hook(sd.label, lambda epoch, rec: rec.update(gates.stats(cfg.threshold))),
                       desc=sd.label)
     values = gates.values()
     gates.fold_into(model)

@@ -32,7 +32,7 @@ def loaders(cfg, state: State, stage_index: int):
 def run(cfg, state: State, sd: StageDir) -> State:
     """Train ``state.model`` densely; save it and the per-epoch history."""
     train, val = loaders(cfg, state, sd.index)
-    history = fit(state.model, train, val, hparams(cfg), desc=sd.label)
+    history = fit(state.model, train, val, hparams(cfg), on_epoch_end=state.epoch_hook(sd.label), desc=sd.label)
     sd.save_model(state)
     final = history[-1]
     metrics = {"val_top1": final["val_top1"], "val_loss": final["val_loss"], **state.cost(), "history": history}
