@@ -402,3 +402,13 @@ def test_prune_combinations_are_checked(tmp_path):
     path.write_text(base % ("kl", "{shape: {embed: 64, heads: 2, mlp: 128}}", "    groups: [embed, heads, mlp]\n"))
     stage = load_recipe(path).stages[1]
     assert stage.target.metric == "shape" and stage.target.shape.embed == 64 and stage.groups[0] == "embed"
+
+
+def test_every_shipped_recipe_validates():
+    """recipes/*.yaml are documentation users copy: each must pass the schema as shipped."""
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    files = sorted(folder.glob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        recipe = load_recipe(path)
+        assert recipe.stages, path
