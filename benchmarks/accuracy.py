@@ -10,7 +10,7 @@ alpha 0.7, tau 2, the same seed and batch order for every method). Methods:
 * vitopt, groups heads/head_dim/mlp, global scope: ``l1``, ``taylor``, ``hessian`` (NViT), ``kl``
   (UP-ViTs), and ``gate`` (VTP: ``sparse_train`` with L1-penalised gates for ``--sparse-epochs``
   first, as in the quickstart recipe, then the ``gate`` criterion - it trains that much longer);
-* ``l1+embed`` - l1 with the residual width (embed) also prunable;
+* ``l1+embed``, ``taylor+embed``, ``kl+embed`` - that criterion with the residual width (embed) also prunable;
 * Torch-Pruning (documented timm-ViT recipe, ratio searched to the same FLOPs as in speedup.py):
   ``tp-magnitude`` / ``tp-taylor`` (GroupMagnitudeImportance / GroupTaylorImportance, embed
   pruned) and ``tp-magnitude-bottleneck`` / ``tp-taylor-bottleneck`` (every fc2 ignored: the
@@ -44,7 +44,9 @@ SCRIPT = "accuracy"
 VITOPT_METHODS = {"l1": ("l1", ("heads", "head_dim", "mlp")), "taylor": ("taylor", ("heads", "head_dim", "mlp")),
                   "hessian": ("hessian", ("heads", "head_dim", "mlp")), "kl": ("kl", ("heads", "head_dim", "mlp")),
                   "gate": ("gate", ("heads", "head_dim", "mlp")),
-                  "l1+embed": ("l1", ("embed", "heads", "head_dim", "mlp"))}
+                  "l1+embed": ("l1", ("embed", "heads", "head_dim", "mlp")),
+                  "taylor+embed": ("taylor", ("embed", "heads", "head_dim", "mlp")),
+                  "kl+embed": ("kl", ("embed", "heads", "head_dim", "mlp"))}
 TP_METHODS = {"tp-magnitude": ("magnitude", False), "tp-taylor": ("taylor", False),
               "tp-magnitude-bottleneck": ("magnitude", True), "tp-taylor-bottleneck": ("taylor", True)}
 ALL_METHODS = [*VITOPT_METHODS, *TP_METHODS]

@@ -76,6 +76,8 @@ def test_rerun_skips_finished_stages_and_resumes_the_rest(run_dir):
     # a different config for a finished stage is refused rather than silently mixed
     with pytest.raises(vitopt.errors.VitoptError, match="different config"):
         run_recipe(load_recipe(recipe_path, ["stages[0].epochs=3"]))
+    with pytest.raises(vitopt.errors.VitoptError, match="different model and seed"):
+        run_recipe(load_recipe(recipe_path, ["seed=4", "model.kwargs.depth=3"]))
 
 
 def _cli(*args, cwd=None):

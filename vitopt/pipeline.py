@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 
 from vitopt.arch.config import create_model, load_pruned
@@ -40,7 +41,15 @@ def stage_dirs(recipe: Recipe, run_dir: Path) -> list[StageDir]:
 
 
 def _check_resumable(recipe: Recipe, run_dir: Path, dirs: list[StageDir]) -> None:
-    """A finished stage must have run with the same config the recipe now gives it."""
+    """Finished stages are reused only for the same model, data and seed, each with its same config."""
+    previous = run_dir / RECIPE_FILE
+    if previous.is_file() and any(sd.done for sd in dirs):
+        old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
+        new = yaml.safe_load(dump_resolved(recipe))
+        changed = [k for k in ("model", "data", "seed") if old.get(k) != new.get(k)]
+        if changed:
+            raise VitoptError(f"run directory {run_dir} holds finished stages made with a different "
+                              f"{' and '.join(changed)}; use a new name/output_dir or delete the run directory.")
     for sd, cfg in zip(dirs, recipe.stages):
         if sd.done:
             old = sd.read().get("config")
