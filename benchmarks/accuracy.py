@@ -96,10 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    for k, v in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args = common.parse_with_defaults(build_parser(), argv, QUICK, DEFAULTS)
     if args.targets is None:
         args.targets = [0.5] if args.quick else [0.5, 0.3]
     if args.img_size is None:

@@ -14,6 +14,8 @@ Conventions used in every table and JSON file:
 
 from __future__ import annotations
 
+import argparse
+
 import datetime as _dt
 import json
 import math
@@ -46,6 +48,16 @@ def default_out(name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------- formatting
+def parse_with_defaults(parser: "argparse.ArgumentParser", argv: list[str] | None, quick: dict[str, Any],
+                        defaults: dict[str, Any]) -> "argparse.Namespace":
+    """Parse ``argv``; every option left at None takes its ``--quick`` or full-run default."""
+    args = parser.parse_args(argv)
+    for k, v in (quick if args.quick else defaults).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
 def fmt(value: Any, digits: int = 2) -> str:
     """A table cell: ``-`` for None/nan, fixed-point floats, str() otherwise."""
     if value is None:

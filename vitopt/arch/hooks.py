@@ -74,6 +74,21 @@ def _renorm_hook(mask: torch.Tensor):
     return hook
 
 
+def _attach(model: nn.Module, structure: Structure, group: str, scale_hook, norm_hook) -> list:
+    """Register ``scale_hook(choke)`` at each choke point of ``group`` and, when ``norm_hook`` is given,
+    ``norm_hook(name)`` on each LayerNorm of the group; returns the hook handles."""
+    handles = []
+    for choke in structure.chokes[group]:
+        module = model.get_submodule(choke.module)
+        kind, fn = scale_hook(choke)
+        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+        handles.append(register(fn))
+    if norm_hook is not None:
+        for name in structure.norms.get(group, []):
+            handles.append(model.get_submodule(name).register_forward_hook(norm_hook(name)))
+    return handles
+
+
 def attach_scalers(model: nn.Module, structure: Structure, values: dict[str, torch.Tensor],
                    *, renorm: bool = False) -> ScalerHandle:
     """Multiply every choke point of each group in ``values`` by that group's per-unit values.
@@ -97,14 +112,9 @@ def attach_scalers(model: nn.Module, structure: Structure, values: dict[str, tor
         if value.shape != (structure.groups[group].size,):
             raise ValueError(f"values[{group!r}] has shape {tuple(value.shape)}, "
                              f"expected ({structure.groups[group].size},)")
-        for choke in structure.chokes[group]:
-            module = model.get_submodule(choke.module)
-            kind, fn = _scale_hook(choke, group, value)
-            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
-            handle.handles.append(register(fn))
-        if renorm:
-            for name in structure.norms.get(group, []):
-                handle.handles.append(model.get_submodule(name).register_forward_hook(_renorm_hook(value)))
+        handle.handles += _attach(model, structure, group,
+                                  lambda choke, g=group, v=value: _scale_hook(choke, g, v),
+                                  (lambda name, v=value: _renorm_hook(v)) if renorm else None)
     return handle
 
 
@@ -202,13 +212,5 @@ def attach_replica_masks(model: nn.Module, structure: Structure, group: str, mas
     size = structure.groups[group].size
     if masks.dim() != 2 or masks.shape[1] != size or masks.shape[0] < 1:
         raise ValueError(f"masks for {group!r} has shape {tuple(masks.shape)}, expected (R, {size}) with R >= 1")
-    handle = ScalerHandle()
-    for choke in structure.chokes[group]:
-        module = model.get_submodule(choke.module)
-        kind, fn = _replica_scale_hook(choke, group, masks)
-        register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
-        handle.handles.append(register(fn))
-    if renorm:
-        for name in structure.norms.get(group, []):
-            handle.handles.append(model.get_submodule(name).register_forward_hook(_replica_renorm_hook(name, masks)))
-    return handle
+    return ScalerHandle(_attach(model, structure, group, lambda choke: _replica_scale_hook(choke, group, masks),
+                                (lambda name: _replica_renorm_hook(name, masks)) if renorm else None))
