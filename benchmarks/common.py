@@ -120,6 +120,17 @@ def tp_status() -> tuple[bool, str]:
         return True, str(getattr(tp, "__version__", "unknown"))
 
 
+def available_variants(requested: Sequence[str], tp_variants: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """The requested variants that can run, and {skipped variant: reason} (Torch-Pruning ones need the package)."""
+    tp_ok, tp_msg = tp_status()
+    tp_variants = set(tp_variants)
+    variants = [v for v in requested if tp_ok or v not in tp_variants]
+    skipped = {v: tp_msg for v in requested if v not in variants}
+    if skipped:
+        console.print(f"[yellow]skipping {', '.join(skipped)}: {tp_msg}[/]")
+    return variants, skipped
+
+
 def _pkg(name: str) -> str | None:
     try:
         from importlib.metadata import version

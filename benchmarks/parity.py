@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = resolve_args(argv)
     threads = common.set_threads(args.threads)
-    tp_ok, tp_msg = common.tp_status()
-    variants = [v for v in args.variants if tp_ok or v not in V.TP_VARIANTS]
-    skipped = {v: tp_msg for v in args.variants if v not in variants}
-    if skipped:
-        common.console.print(f"[yellow]skipping {', '.join(skipped)}: {tp_msg}[/]")
+    variants, skipped = common.available_variants(args.variants, V.TP_VARIANTS)
     rows: list[dict] = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vitopt-parity-") as tmp:
@@ -157,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "max rel diff", "argmax agree", "min margin", "pass", ("error", "left")], table,
                        caption=f"pass: max abs logit diff <= {TOL:g} and every top-1 equal (DESIGN.md invariant 4)")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    payload = {"config": config, "tolerance": TOL, "tp_available": tp_ok, "tp_skipped": skipped, "rows": rows,
+    payload = {"config": config, "tolerance": TOL, "tp_available": common.tp_status()[0], "tp_skipped": skipped, "rows": rows,
                "seconds": time.perf_counter() - t_start}
     common.write_json(args.out, payload, script=SCRIPT, args=config, argv=argv)
     return payload

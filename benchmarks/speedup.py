@@ -240,11 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON payload (also written to ``--out``)."""
     args = resolve_args(argv)
     threads = common.set_threads(args.threads)
-    tp_ok, tp_msg = common.tp_status()
-    variants = [v for v in args.variants if tp_ok or v not in V.TP_VARIANTS]
-    skipped = {v: tp_msg for v in args.variants if v not in variants}
-    if skipped:
-        common.console.print(f"[yellow]skipping {', '.join(skipped)}: {tp_msg}[/]")
+    variants, skipped = common.available_variants(args.variants, V.TP_VARIANTS)
     keys = latency_keys(args)
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -284,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wins = winners(rows, keys)
     print_results(rows, wins, keys)
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "latency_keys": keys, "tp_available": tp_ok, "tp_skipped": skipped, "rows": rows, "winners": wins,
+               "latency_keys": keys, "tp_available": common.tp_status()[0], "tp_skipped": skipped, "rows": rows, "winners": wins,
                "seconds": time.perf_counter() - t_start}
     common.write_json(args.out, payload, script=SCRIPT, args=payload["config"], argv=argv)
     return payload
