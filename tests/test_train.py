@@ -420,3 +420,41 @@ def test_fit_distilled_deit_tuple_outputs():
     hist = fit(m, make_loader(small, 32, shuffle=True, seed=0), make_loader(b.val, 512, shuffle=False, seed=0),
                TrainHParams(epochs=1, lr=1e-3))
     assert math.isfinite(hist[0]["train_loss"]) and 0.0 <= hist[0]["val_top1"] <= 100.0
+
+
+def test_fit_callbacks_order_loss_and_masking():
+    """Callback hooks run once per update in order; their loss term counts as extra loss; a weight
+    masked after every step and a gradient masked after backward stay exactly zero."""
+    from vitopt.train import Callback
+
+    set_seed(0)
+    m, tl, _ = _digits_loaders()
+    w = m.blocks[0].mlp.fc1.weight
+    mask = torch.ones_like(w)
+    mask[:4] = 0
+
+    class Log(Callback):
+        def __init__(self):
+            self.events = []
+
+        def loss(self):
+            return 1e-3 * w.abs().sum()
+
+        def after_backward(self, step):
+            self.events.append(("b", step))
+            w.grad.mul_(mask)
+
+        def after_step(self, step):
+            self.events.append(("s", step))
+            w.data.mul_(mask)
+
+        def on_epoch_end(self, epoch, record):
+            record["masked_rows_zero"] = bool((w[:4] == 0).all())
+
+    cb = Log()
+    hist = fit(m, tl, None, TrainHParams(epochs=2, lr=1e-3, warmup_epochs=0), callbacks=[cb])
+    n = 2 * len(tl)
+    assert cb.total_steps == n and cb.optimizer is not None
+    assert cb.events == [e for s in range(n) for e in (("b", s), ("s", s))]
+    assert all(h["masked_rows_zero"] for h in hist) and hist[0]["train_extra_loss"] > 0
+    assert (w[4:] != 0).any()

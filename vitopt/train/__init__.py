@@ -3,6 +3,7 @@
 See :mod:`vitopt.train.data`, :mod:`vitopt.train.loop` and :mod:`vitopt.train.losses`.
 """
 
+from vitopt.train.callbacks import Callback
 from vitopt.train.data import (
     DataBundle,
     ModelInput,
@@ -25,6 +26,7 @@ from vitopt.train.loop import (
 from vitopt.train.losses import kd_loss, merge_heads
 
 __all__ = [
+    "Callback",
     "DataBundle",
     "ModelInput",
     "load_data",

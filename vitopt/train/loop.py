@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from vitopt.errors import VitoptError
+from vitopt.train.callbacks import Callback
 from vitopt.train.losses import kd_loss, merge_heads
 
 __all__ = [
@@ -228,6 +229,7 @@ def fit(
     extra_loss: Callable[[], Tensor] | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    callbacks: Sequence[Callback] = (),
     desc: str = "train",
 ) -> list[dict]:
     """Train ``model`` in place and return one record per epoch.
@@ -253,7 +255,10 @@ def fit(
         param_groups: AdamW groups to use instead of the model's (each may set its own ``lr`` and
             ``weight_decay``; missing ones default to ``hp``). Each group's ``lr`` is its peak; the
             cosine ends at ``hp.min_lr`` for every group.
-        on_epoch_end: ``f(epoch, record)`` called after validation; it may add keys to ``record``.
+        on_epoch_end: ``f(epoch, record)`` called after validation (after the callbacks' own
+            ``on_epoch_end``); it may add keys to ``record``.
+        callbacks: :class:`~vitopt.train.callbacks.Callback` objects acting inside each step (loss
+            terms, gradient/weight masks, mask updates); their ``loss()`` terms count as extra loss.
         desc: label for the progress bar and the epoch lines.
 
     Returns:
@@ -276,6 +281,9 @@ def fit(
     optimizer = make_optimizer(model, hp, param_groups)
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
     clip_params = [p for g in optimizer.param_groups for p in g["params"]]
+    for cb in callbacks:
+        cb.on_fit_start(model, optimizer, hp.epochs * steps_per_epoch)
+    has_extra = extra_loss is not None or any(type(cb).loss is not Callback.loss for cb in callbacks)
     if teacher is not None:
         teacher.to(device)
         teacher.eval()
@@ -302,8 +310,10 @@ def fit(
                                    label_smoothing=hp.label_smoothing)
                 else:
                     loss = F.cross_entropy(merge_heads(out), y, label_smoothing=hp.label_smoothing)
-                if extra_loss is not None:
-                    extra = extra_loss()
+                terms = [extra_loss()] if extra_loss is not None else []
+                terms += [t for t in (cb.loss() for cb in callbacks) if t is not None]
+                if terms:
+                    extra = torch.stack([t.reshape(()) for t in terms]).sum()
                     loss = loss + extra
                     sum_extra += float(extra.detach()) * y.numel()
                 loss_value = float(loss.detach())
@@ -315,9 +325,13 @@ def fit(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for cb in callbacks:
+                    cb.after_backward(global_step)
                 if hp.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(clip_params, hp.grad_clip)
                 optimizer.step()
+                for cb in callbacks:
+                    cb.after_step(global_step)
                 global_step += 1
                 scheduler.step_update(num_updates=global_step)
                 sum_loss += loss_value * y.numel()
@@ -327,7 +341,7 @@ def fit(
             "epoch": epoch,
             "train_loss": sum_loss / max(1, n_seen),
         }
-        if extra_loss is not None:
+        if has_extra:
             record["train_extra_loss"] = sum_extra / max(1, n_seen)
         if val_loader is not None:
             ev = evaluate(model, val_loader)
@@ -336,6 +350,8 @@ def fit(
             record["val_loss"], record["val_top1"] = None, None
         record["lr"] = lr_now
         record["seconds"] = time.perf_counter() - t0
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, record)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
         history.append(record)
