@@ -43,9 +43,14 @@ class ArchConfig:
     model_name: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     dims: dict[str, int] = field(default_factory=dict)
+    #: SViTE+ token selector config (:meth:`vitopt.sparsity.token_selector.TokenSelector.config`), or None.
+    token_selector: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        out = {"format_version": FORMAT_VERSION, **asdict(self)}
+        if out["token_selector"] is None:       # files without a selector stay as before
+            del out["token_selector"]
+        return out
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "arch.json") -> "ArchConfig":
@@ -53,7 +58,9 @@ class ArchConfig:
         try:
             return cls(family=str(obj["family"]), model_name=str(obj["model_name"]),
                        model_kwargs=dict(obj.get("model_kwargs", {})),
-                       dims={str(k): int(v) for k, v in obj["dims"].items()})
+                       dims={str(k): int(v) for k, v in obj["dims"].items()},
+                       token_selector=({str(k): int(v) for k, v in obj["token_selector"].items()}
+                                       if obj.get("token_selector") is not None else None))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise VitoptError(f"{where} is not a vitopt architecture file (missing or bad field: {exc}).") from None
 
@@ -73,8 +80,16 @@ def create_model(name: str, kwargs: dict[str, Any] | None = None, *, pretrained:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise VitoptError(f"model {name!r} is not a timm model name (similar: {', '.join(close) or 'none'}).")
+    kwargs = dict(kwargs or {})
     try:
-        model = timm.create_model(name, pretrained=pretrained, **(kwargs or {}))
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in kwargs or "img_size" not in str(exc):
+                raise
+            # a resolution-agnostic model (PVTv2): create it without img_size, then record the size
+            model = timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if k != "img_size"})
+            _record_input_size(model, kwargs["img_size"])
     except TypeError as exc:
         raise VitoptError(f"model {name!r} rejected its kwargs: {exc}.") from None
     except (OSError, RuntimeError) as exc:
@@ -92,10 +107,33 @@ def create_model(name: str, kwargs: dict[str, Any] | None = None, *, pretrained:
     return model
 
 
+def _record_input_size(model: nn.Module, img_size: Any) -> None:
+    """Record ``img_size`` (int or (H, W)) as ``patch_embed.img_size`` and in ``pretrained_cfg["input_size"]``
+    for a model whose constructor takes no ``img_size`` (PVTv2): the data pipeline resizes images to it
+    and the cost model counts MACs at it.
+
+    Raises:
+        VitoptError: ``img_size`` is not a positive int or a pair of them, or the model has no patch embedding.
+    """
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise VitoptError(f"model kwarg img_size must be a positive int or [H, W], got {img_size!r}.")
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        raise VitoptError(f"model {type(model).__name__} takes no img_size and has no patch_embed to record it on.")
+    pe.img_size = (int(size[0]), int(size[1]))
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
+    cfg["input_size"] = (int(chans), *pe.img_size)
+    model.pretrained_cfg = cfg
+
+
 def arch_of(model: nn.Module, model_name: str, model_kwargs: dict[str, Any] | None = None) -> ArchConfig:
     """The :class:`ArchConfig` of a live model (its current dims)."""
     fam = family_of(model)
-    return ArchConfig(fam.name, model_name, dict(model_kwargs or {}), fam.read_dims(model))
+    selector = getattr(model, "token_selector", None)
+    return ArchConfig(fam.name, model_name, dict(model_kwargs or {}), fam.read_dims(model),
+                      selector.config() if selector is not None else None)
 
 
 def resize_to(model: nn.Module, dims: dict[str, int]) -> nn.Module:
@@ -163,6 +201,10 @@ def load_pruned(path: str | Path) -> nn.Module:
     get_family(arch.family)
     model = create_model(arch.model_name, arch.model_kwargs)
     resize_to(model, arch.dims)
+    if arch.token_selector is not None:        # SViTE+ selector: re-attach before loading its weights
+        from vitopt.sparsity.token_selector import attach_token_selector
+
+        attach_token_selector(model, **arch.token_selector)
     state = load_weights(directory / WEIGHTS_FILE)
     try:
         model.load_state_dict(state, strict=True)

@@ -56,7 +56,15 @@ class CostModel:
         return total
 
     def macs(self, dims: dict[str, int]) -> int:
-        """MACs for one image at ``dims`` (groups absent keep their current size)."""
+        """MACs for one image at ``dims`` (groups absent keep their current size).
+
+        A model with an SViTE+ token selector (``model.token_selector``, see
+        :mod:`vitopt.sparsity.token_selector`) is counted by the selector, with the reduced token
+        count in the blocks after it.
+        """
+        selector = getattr(self.model, "token_selector", None)
+        if selector is not None:
+            return selector.macs(self.model, {**self.base_dims, **dims})["total"]
         return self.family.macs(self.model, {**self.base_dims, **dims})["total"]
 
     def flops(self, dims: dict[str, int]) -> int:

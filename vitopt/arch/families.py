@@ -2,20 +2,23 @@
 
 A family knows one timm model class: it builds the :class:`~vitopt.arch.structure.Structure`, reads
 and writes dims (module attributes), folds family-specific constants before surgery, and counts
-MACs analytically. New families (Swin, PVTv2) register here.
+MACs analytically: ViT/DeiT (:mod:`vitopt.arch.vit`), Swin v1 (:mod:`vitopt.arch.swin`) and PVTv2
+(:mod:`vitopt.arch.pvt`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from vitopt.arch.pvt import PvtV2Family
+from vitopt.arch.swin import SwinFamily
 from vitopt.arch.vit import VitFamily
 from vitopt.errors import VitoptError
 
 __all__ = ["FAMILIES", "family_of", "get_family"]
 
 #: family key -> family object, in the order they are tried.
-FAMILIES = {"vit": VitFamily()}
+FAMILIES = {"vit": VitFamily(), "swin": SwinFamily(), "pvt_v2": PvtV2Family()}
 
 
 def family_of(model: nn.Module):

@@ -61,11 +61,20 @@ def _scale_hook(choke: ChokePoint, group: str, value: torch.Tensor):
     return "post", hook
 
 
-def _renorm_hook(mask: torch.Tensor):
-    """LayerNorm forward over the channels where ``mask != 0``; removed channels output 0."""
+def _norm_mask(mask: torch.Tensor, factors, group: str) -> torch.Tensor:
+    """``mask`` over a group's units -> mask over a LayerNorm's width laid out as ``factors`` (None: the same)."""
+    return mask if factors is None else AxisLayout("", -1, factors).expand({group: mask})
+
+
+def _renorm_hook(mask: torch.Tensor, factors=None, group: str = ""):
+    """LayerNorm forward over the channels where ``mask != 0``; removed channels output 0.
+
+    ``factors`` (from ``Structure.norm_factors``) expands a per-unit mask over a LayerNorm wider than
+    the group, e.g. Swin's PatchMerging norm over ``4 x C``.
+    """
     def hook(module: nn.LayerNorm, args, out):
         x = args[0]
-        keep = (mask != 0).nonzero().squeeze(1).to(x.device)
+        keep = (_norm_mask(mask, factors, group) != 0).nonzero().squeeze(1).to(x.device)
         y = torch.zeros_like(out)
         w = module.weight[keep] if module.weight is not None else None
         b = module.bias[keep] if module.bias is not None else None
@@ -114,7 +123,8 @@ def attach_scalers(model: nn.Module, structure: Structure, values: dict[str, tor
                              f"expected ({structure.groups[group].size},)")
         handle.handles += _attach(model, structure, group,
                                   lambda choke, g=group, v=value: _scale_hook(choke, g, v),
-                                  (lambda name, v=value: _renorm_hook(v)) if renorm else None)
+                                  (lambda name, g=group, v=value: _renorm_hook(v, structure.norm_factors.get(name), g))
+                                  if renorm else None)
     return handle
 
 
@@ -152,15 +162,19 @@ def _replica_scale_hook(choke: ChokePoint, group: str, masks: torch.Tensor):
     return "post", hook
 
 
-def _replica_renorm_hook(name: str, masks: torch.Tensor):
-    """LayerNorm over each replica's kept channels (masked mean / biased variance); removed channels -> 0."""
+def _replica_renorm_hook(name: str, masks: torch.Tensor, factors=None, group: str = ""):
+    """LayerNorm over each replica's kept channels (masked mean / biased variance); removed channels -> 0.
+
+    ``factors`` (from ``Structure.norm_factors``) expands each replica's per-unit mask over a LayerNorm
+    wider than the group (Swin's PatchMerging norm over ``4 x C``)."""
     def hook(module: nn.LayerNorm, args, out):
         x = args[0]
-        R, D = masks.shape
+        full = masks if factors is None else _replica_multiplier(factors, group, masks)
+        R, D = full.shape
         if x.shape[0] % R != 0 or x.shape[-1] != D:
             raise ValueError(f"{name}: input of shape {tuple(x.shape)} cannot be split into {R} replicas of "
                              f"width {D}.")
-        m = masks.to(device=x.device, dtype=x.dtype)[:, None, :]          # [R, 1, D]
+        m = full.to(device=x.device, dtype=x.dtype)[:, None, :]           # [R, 1, D]
         xr = x.reshape(R, -1, D)                                          # [R, B*..., D]
         n = m.sum(-1, keepdim=True)
         mean = (xr * m).sum(-1, keepdim=True) / n
@@ -213,4 +227,5 @@ def attach_replica_masks(model: nn.Module, structure: Structure, group: str, mas
     if masks.dim() != 2 or masks.shape[1] != size or masks.shape[0] < 1:
         raise ValueError(f"masks for {group!r} has shape {tuple(masks.shape)}, expected (R, {size}) with R >= 1")
     return ScalerHandle(_attach(model, structure, group, lambda choke: _replica_scale_hook(choke, group, masks),
-                                (lambda name: _replica_renorm_hook(name, masks)) if renorm else None))
+                                (lambda name: _replica_renorm_hook(name, masks, structure.norm_factors.get(name), group))
+                                if renorm else None))

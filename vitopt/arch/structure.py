@@ -43,14 +43,17 @@ class Group:
     Attributes:
         name: unique key, e.g. ``"blocks.3.heads"`` or ``"embed"``.
         kind: one of :data:`GROUP_KINDS`.
-        block: transformer block index, or None for model-wide groups (``embed``).
+        block: transformer block index (counted over the whole model, across stages), or None for
+            groups that span blocks (``embed``, or a hierarchical model's per-stage ``stages.1.embed``).
         size: current number of units.
+        stage: stage index of a hierarchical model (Swin, PVTv2), or None for single-stage models (ViT).
     """
 
     name: str
     kind: str
     block: int | None
     size: int
+    stage: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ class Structure:
         chokes: group name -> choke points where gates / hard masks act.
         norms: group name -> LayerNorm modules that normalise over that group's units (only the
             residual width); masked simulation recomputes their statistics over kept units.
+        norm_factors: LayerNorm module -> layout of its normalised dim, for a LayerNorm whose width is
+            not just its group's units. Swin's PatchMerging norm spans ``4 x C`` channels of the
+            previous stage, ``((None, 4), ("layers.0.embed", C))``. A LayerNorm absent from this map
+            normalises exactly the units of the group it is listed under in ``norms``.
     """
 
     family: str
@@ -151,6 +158,7 @@ class Structure:
     layouts: list[AxisLayout]
     chokes: dict[str, list[ChokePoint]] = field(default_factory=dict)
     norms: dict[str, list[str]] = field(default_factory=dict)
+    norm_factors: dict[str, tuple[Factor, ...]] = field(default_factory=dict)
 
     def of_kind(self, *kinds: str) -> list[Group]:
         """Groups whose kind is in ``kinds``, in structure order."""
@@ -159,6 +167,10 @@ class Structure:
     def sizes(self) -> dict[str, int]:
         """Group name -> current number of units."""
         return {name: g.size for name, g in self.groups.items()}
+
+    def stages(self) -> list[int]:
+        """Stage indices of a hierarchical model, sorted (``[]`` for single-stage models)."""
+        return sorted({g.stage for g in self.groups.values() if g.stage is not None})
 
     def layouts_of(self, group: str) -> list[AxisLayout]:
         """Every parameter axis that ``group`` appears in."""

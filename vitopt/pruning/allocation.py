@@ -12,7 +12,9 @@ Two scopes:
   largest that meets the budget (bisection).
 
 Kept counts are multiples of ``round_to[kind]`` (or the group's full size) and at least
-``min_keep[kind]``.
+``min_keep[kind]``. ``rank="score"`` replaces the cost-normalised ranking by a global threshold on
+raw scores (an option for scores that already weigh each unit's cost, such as the ``search``
+criterion's gates; not the default anywhere).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def _normalise(scores: dict[str, torch.Tensor], kinds: dict[str, str], base: dic
 
 def allocate(structure: Structure, scores: dict[str, torch.Tensor], cost: Callable[[dict[str, int]], float],
              budget: float, *, scope: str = "global", round_to: dict[str, int] | None = None,
-             min_keep: dict[str, int] | None = None) -> KeepPlan:
+             min_keep: dict[str, int] | None = None, rank: str = "per_cost") -> KeepPlan:
     """Choose kept units for the groups in ``scores`` so that ``cost(dims) <= budget``.
 
     Args:
@@ -79,13 +81,19 @@ def allocate(structure: Structure, scores: dict[str, torch.Tensor], cost: Callab
         scope: ``"global"`` or ``"uniform"``.
         round_to: kind -> multiple for kept counts (defaults: :data:`DEFAULT_ROUND_TO`).
         min_keep: kind -> minimum kept count (defaults: 1 head, ``round_to`` otherwise).
+        rank: how ``global`` orders chunks: ``"per_cost"`` (default) - per-kind normalised importance
+            lost per unit of cost saved; ``"score"`` - raw importance lost per unit removed, a global
+            threshold on the scores (VTP's rule), for scores that are already comparable across kinds
+            and priced by cost (the ``search`` criterion's gates).
 
     Returns:
         A :class:`KeepPlan` over the scored groups.
 
     Raises:
-        VitoptError: the budget cannot be met at the minimum sizes, or an unknown scope.
+        VitoptError: the budget cannot be met at the minimum sizes, or an unknown scope / rank.
     """
+    if rank not in ("per_cost", "score"):
+        raise VitoptError(f"unknown allocation rank {rank!r} (known: per_cost, score).")
     groups = structure.groups
     kinds = {g: groups[g].kind for g in scores}
     rto = {**DEFAULT_ROUND_TO, **(round_to or {})}
@@ -100,15 +108,17 @@ def allocate(structure: Structure, scores: dict[str, torch.Tensor], cost: Callab
     if scope == "uniform":
         sizes = _uniform(ladders, base, cost, budget)
     elif scope == "global":
-        sizes = _global(_normalise(scores, kinds, base, cost), ladders, base, cost, budget, groups)
+        norm = _normalise(scores, kinds, base, cost) if rank == "per_cost" else {g: s.double() for g, s in scores.items()}
+        sizes = _global(norm, ladders, base, cost, budget, groups, per_cost=rank == "per_cost")
     else:
         raise VitoptError(f"unknown allocation scope {scope!r} (known: global, uniform).")
     return KeepPlan.from_scores(scores, sizes)
 
 
 def _global(norm: dict[str, torch.Tensor], ladders: dict[str, list[int]], base: dict[str, int],
-            cost: Callable, budget: float, groups) -> dict[str, int]:
-    """Greedy chunk removal by (importance lost) / (cost saved), lowest first.
+            cost: Callable, budget: float, groups, per_cost: bool = True) -> dict[str, int]:
+    """Greedy chunk removal by (importance lost) / (cost saved), lowest first; with ``per_cost=False``
+    by (importance lost) / (units removed), i.e. a global threshold on the scores.
 
     The saving of a chunk depends only on its own block's dims and the model-wide groups (costs are
     sums over blocks), so after a removal only those candidates are re-priced.
@@ -127,7 +137,8 @@ def _global(norm: dict[str, torch.Tensor], ladders: dict[str, list[int]], base: 
             else:
                 lost = (prefix[g][n - lad[i + 1]] - prefix[g][n - lad[i]]).item()
                 saving = current - cost({**dims, g: lad[i + 1]})
-                cache[g] = ((lost / saving) if saving > 0 else math.inf, saving)
+                denom = saving if per_cost else float(lad[i] - lad[i + 1])
+                cache[g] = ((lost / denom) if saving > 0 else math.inf, saving)
         return cache[g]
 
     while current > budget:

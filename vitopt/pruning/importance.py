@@ -15,6 +15,8 @@ and is registered in :data:`CRITERIA`. Scores are computed from the Structure's 
   number of coupled elements (Yang et al., CVPR 2023, arXiv 2110.04869).
 * ``kl`` - UP-ViTs: KL(teacher || model without the unit) on a proxy set (Yu & Wu 2021,
   arXiv 2111.15127), many units per forward via replicated batches.
+* ``search`` - SiDT-style dimension search (Xue et al. 2022, arXiv 2204.07722): gates on every unit
+  trained under a FLOPs target, scored by their final magnitude (:mod:`vitopt.pruning.search`).
 
 Data-driven criteria (``taylor``, ``hessian``, ``kl``) take ``batches``: a list of
 ``(images [B, C, H, W], labels [B])`` tuples, and raise :class:`VitoptError` when it is missing or
@@ -44,6 +46,7 @@ from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
 
 __all__ = ["CRITERIA", "LAST_COST", "l1_scores", "gate_scores", "taylor_scores", "hessian_scores", "kl_scores",
+           "search_scores",
            "compute_scores", "coupled_counts", "DATA_CRITERIA"]
 
 log = logging.getLogger(__name__)
@@ -368,6 +371,14 @@ def kl_scores(model: nn.Module, structure: Structure, groups: list[str], *, gate
     return {g: t / images for g, t in total.items()}
 
 
+def search_scores(model: nn.Module, structure: Structure, groups: list[str], **kwargs) -> dict[str, torch.Tensor]:
+    """SiDT-style dimension search (Xue et al. 2022, arXiv 2204.07722): gates trained under a FLOPs
+    target, scored by their final magnitude. See :func:`vitopt.pruning.search.search_scores`."""
+    from vitopt.pruning.search import search_scores as run_search
+
+    return run_search(model, structure, groups, **kwargs)
+
+
 #: criterion name -> function. Names are the recipe's ``prune.criterion`` values.
 CRITERIA: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "l1": l1_scores,
@@ -375,10 +386,11 @@ CRITERIA: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "taylor": taylor_scores,
     "hessian": hessian_scores,
     "kl": kl_scores,
+    "search": search_scores,
 }
 
 #: criteria that need ``batches``.
-DATA_CRITERIA = frozenset({"taylor", "hessian", "kl"})
+DATA_CRITERIA = frozenset({"taylor", "hessian", "kl", "search"})
 
 
 def compute_scores(name: str, model: nn.Module, structure: Structure, groups: list[str], **kwargs) -> dict[str, torch.Tensor]:

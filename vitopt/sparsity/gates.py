@@ -30,15 +30,28 @@ class UnitGates(nn.Module):
         structure: Structure of the model the gates will attach to.
         kinds: group kinds to gate, e.g. ``("heads", "head_dim", "mlp")``.
         init: initial gate value (1.0 leaves the model's function unchanged).
+        groups: gate exactly these group names instead (``kinds`` is then ignored); used by the
+            ``search`` criterion, which gates the groups a prune stage selects.
 
     Attributes:
         groups: gated group names, in structure order.
+
+    Raises:
+        KeyError: ``groups`` names a group the structure does not have.
     """
 
-    def __init__(self, structure: Structure, kinds: tuple[str, ...] | list[str], init: float = 1.0) -> None:
+    def __init__(self, structure: Structure, kinds: tuple[str, ...] | list[str] = (), init: float = 1.0, *,
+                 groups: list[str] | None = None) -> None:
         super().__init__()
         self.structure = structure
-        self.groups = [g.name for g in structure.of_kind(*kinds)]
+        if groups is not None:
+            missing = [g for g in groups if g not in structure.groups]
+            if missing:
+                raise KeyError(f"groups not in the structure: {missing[:5]}")
+            chosen = set(groups)
+            self.groups = [g for g in structure.groups if g in chosen]
+        else:
+            self.groups = [g.name for g in structure.of_kind(*kinds)]
         self.gates = nn.ParameterDict({_key(g): nn.Parameter(torch.full((structure.groups[g].size,), float(init)))
                                        for g in self.groups})
 
@@ -57,6 +70,22 @@ class UnitGates(nn.Module):
     def l1(self) -> torch.Tensor:
         """Sum of |gate| over every gate (the VTP sparsity penalty before the lambda factor)."""
         return sum(p.abs().sum() for p in self.gates.values())
+
+    def soft_sizes(self) -> dict[str, torch.Tensor]:
+        """group -> differentiable kept count ``sum_u |gate_u|`` (a 0-dim tensor).
+
+        With gates kept in [0, 1] (:meth:`clamp_` after each step) this equals the group's size when
+        every gate is 1 and counts a unit fractionally as its gate shrinks; the ``search`` criterion
+        prices these soft dims with the closed-form FLOPs. (No clamp inside: its gradient vanishes at
+        exactly 1, where every gate starts.)
+        """
+        return {g: self.gates[_key(g)].abs().sum() for g in self.groups}
+
+    @torch.no_grad()
+    def clamp_(self, low: float = 0.0, high: float = 1.0) -> None:
+        """Project every gate into ``[low, high]`` in place (after an optimizer step)."""
+        for p in self.gates.values():
+            p.clamp_(low, high)
 
     @torch.no_grad()
     def stats(self, threshold: float) -> dict[str, float]:

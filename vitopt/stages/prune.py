@@ -9,6 +9,10 @@
    exact ``target.shape`` (UP-ViTs' recipe, e.g. DeiT-T's dims from DeiT-B);
 3. surgery (:func:`vitopt.pruning.surgery.prune_model`): the same timm class, physically smaller.
 
+Criterion ``search`` (SiDT-style, :mod:`vitopt.pruning.search`) trains gates on the selected groups
+towards the target's FLOPs (or params) fraction on ``calibration.batches`` batches, then allocates by
+the gate magnitudes. Works for every family (ViT, Swin, PVTv2); the table lists blocks over all stages.
+
 ``schedule: iterative`` repeats 1-3 in ``rounds`` equal steps of cost, with KD recovery training
 from the unpruned model between rounds (NViT, Yang et al. CVPR 2023). The model as it was before
 pruning becomes the KD teacher of a later ``finetune``. A per-block table of kept units is printed
@@ -34,12 +38,12 @@ from vitopt.stages.base import MODEL_DIR, StageDir, State
 from vitopt.train.data import make_loader
 from vitopt.train.loop import TrainHParams, evaluate, fit
 
-__all__ = ["run", "block_table"]
+__all__ = ["run", "block_table", "structure_table", "embed_widths"]
 
 
 
 def block_table(before: dict[str, int], after: dict[str, int], depth: int) -> list[dict[str, int]]:
-    """Rows ``{block, heads, heads_kept, head_dim, head_dim_kept, mlp, mlp_kept}`` for each block."""
+    """Rows ``{block, heads, heads_kept, head_dim, head_dim_kept, mlp, mlp_kept}`` for each block of a ViT."""
     rows = []
     for i in range(depth):
         row = {"block": i}
@@ -50,13 +54,38 @@ def block_table(before: dict[str, int], after: dict[str, int], depth: int) -> li
     return rows
 
 
-def _print_table(rows: list[dict], embed: tuple[int, int], title: str) -> None:
+def structure_table(structure, after: dict[str, int]) -> list[dict[str, int]]:
+    """Rows ``{block, [stage,] heads, heads_kept, head_dim, head_dim_kept, mlp, mlp_kept}`` per block of any
+    family, from the Structure taken before pruning (``Group.block`` counts blocks over the whole model).
+
+    ``after`` maps group name -> kept units; the group names of a model do not change when it is pruned.
+    """
+    rows: dict[int, dict[str, int]] = {}
+    for g in structure.groups.values():
+        if g.block is None or g.kind not in ("heads", "head_dim", "mlp"):
+            continue
+        row = rows.setdefault(g.block, {"block": g.block, **({"stage": g.stage} if g.stage is not None else {})})
+        row[g.kind], row[f"{g.kind}_kept"] = g.size, after[g.name]
+    return [rows[b] for b in sorted(rows)]
+
+
+def embed_widths(structure, dims: dict[str, int]) -> int | list[int]:
+    """The residual width (ViT) or the per-stage widths (Swin, PVTv2) in ``dims``."""
+    names = [g.name for g in structure.of_kind("embed")]
+    return dims[names[0]] if len(names) == 1 and structure.groups[names[0]].stage is None else [dims[n] for n in names]
+
+
+def _print_table(rows: list[dict], embed: tuple, title: str) -> None:
     table = Table(title=title)
     table.add_column("block", justify="right")
+    staged = any("stage" in r for r in rows)
+    if staged:
+        table.add_column("stage", justify="right")
     for kind in ("heads", "head_dim", "mlp"):
         table.add_column(kind, justify="right")
     for r in rows:
-        table.add_row(str(r["block"]), *(f"{r[k]} -> {r[k + '_kept']}" for k in ("heads", "head_dim", "mlp")))
+        table.add_row(str(r["block"]), *([str(r["stage"])] if staged else []),
+                      *(f"{r[k]} -> {r[k + '_kept']}" for k in ("heads", "head_dim", "mlp")))
     table.caption = f"embed_dim {embed[0]} -> {embed[1]}"
     Console().print(table)
 
@@ -125,19 +154,31 @@ def _recover(cfg, state: State, sd: StageDir, rnd: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------- planning
-def _scores(cfg, model, structure, groups: list[str], state: State, calib) -> tuple[dict, dict]:
+def _search_options(cfg, model, structure, budget: float | None) -> dict:
+    """kwargs of the ``search`` criterion: its cost (the target's metric, closed form and differentiable)
+    and the target as a fraction of the current model's cost."""
+    metric = cfg.target.metric if cfg.target.metric in ("flops", "params") else "flops"
+    cost = getattr(CostModel(model, structure), metric)
+    if budget is None:                          # target.shape: the shape's cost fraction
+        budget = cost({**structure.sizes(), **_shape_sizes(cfg, structure)})
+    target = min(1.0, max(budget / cost(structure.sizes()), 1e-6))
+    return {"cost": cost, "target": target, "steps": cfg.search.steps, "lr": cfg.search.lr,
+            "penalty": cfg.search.penalty}
+
+
+def _scores(cfg, model, structure, groups: list[str], state: State, calib, budget: float | None = None) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     # only kl compares against the teacher: for taylor/hessian a teacher equal to the model gives zero gradients
+    extra = _search_options(cfg, model, structure, budget) if cfg.criterion == "search" else {}
     scores = importance.compute_scores(cfg.criterion, model, structure, groups, gates=state.gates, batches=calib,
-                                       teacher=state.teacher if cfg.criterion == "kl" else None)
+                                       teacher=state.teacher if cfg.criterion == "kl" else None, **extra)
     cost = {"seconds": time.perf_counter() - t0}
-    cost.update(getattr(importance, "LAST_COST", {}) if cfg.criterion == "kl" else {})
+    cost.update(getattr(importance, "LAST_COST", {}) if cfg.criterion in ("kl", "search") else {})
     return scores, cost
 
 
-def _shape_plan(cfg, model, state: State, calib) -> tuple[KeepPlan, dict]:
-    """Keep exactly ``target.shape`` in every block, choosing units by the criterion."""
-    structure = family_of(model).structure(model)
+def _shape_sizes(cfg, structure) -> dict[str, int]:
+    """group -> kept count for ``target.shape`` (every group whose kind the shape names)."""
     shape = cfg.target.shape.model_dump()
     sizes = {}
     for grp in structure.groups.values():
@@ -147,6 +188,13 @@ def _shape_plan(cfg, model, state: State, calib) -> tuple[KeepPlan, dict]:
         if want > grp.size:
             raise VitoptError(f"target.shape.{grp.kind} is {want} but {grp.name} has only {grp.size} units.")
         sizes[grp.name] = want
+    return sizes
+
+
+def _shape_plan(cfg, model, state: State, calib) -> tuple[KeepPlan, dict]:
+    """Keep exactly ``target.shape`` in every block, choosing units by the criterion."""
+    structure = family_of(model).structure(model)
+    sizes = _shape_sizes(cfg, structure)
     scores, cost = _scores(cfg, model, structure, list(sizes), state, calib)
     return KeepPlan.from_scores(scores, sizes), cost
 
@@ -155,6 +203,10 @@ def _cost_fn(cfg, model, structure):
     metric = cfg.target.metric
     if metric == "latency_ms":
         from vitopt.pruning.latency_lut import LatencyTable, cost_fn
+
+        if structure.family != "vit":
+            raise VitoptError(f"target.latency_ms prices units with a ViT block latency table; a {structure.family} "
+                              "model is not supported there (allowed targets: flops, params, shape).")
 
         return cost_fn(LatencyTable.load(cfg.lut), model)
     return getattr(CostModel(model, structure), metric)
@@ -173,7 +225,7 @@ def _budget_rounds(cfg, state: State, sd: StageDir, calib) -> list[dict]:
         structure = fam.structure(model)
         budget = start - (start - final) * rnd / rounds
         groups = [g.name for g in structure.of_kind(*cfg.groups)]
-        scores, score_cost = _scores(cfg, model, structure, groups, state, calib)
+        scores, score_cost = _scores(cfg, model, structure, groups, state, calib, budget)
         cost = _cost_fn(cfg, model, structure)
         plan = allocate(structure, scores, cost, budget, scope=cfg.scope,
                         round_to={k: cfg.round_for(k) for k in cfg.groups},
@@ -192,6 +244,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
     model = state.model.eval()
     fam = family_of(model)
     before = fam.read_dims(model)
+    structure_before = fam.structure(model)
     teacher_dir = sd.save_model(state, "teacher")
     if state.reference_dir is None:            # the first prune's teacher is the dense reference
         state.reference_dir = teacher_dir
@@ -205,8 +258,9 @@ def run(cfg, state: State, sd: StageDir) -> State:
     else:
         rounds = _budget_rounds(cfg, state, sd, calib)
     after = fam.read_dims(model)
-    rows = block_table(before, after, len(model.blocks))
-    _print_table(rows, (before["embed"], after["embed"]), f"{sd.label}: kept units ({cfg.criterion}, {cfg.scope})")
+    rows = structure_table(structure_before, after)
+    embed = (embed_widths(structure_before, before), embed_widths(structure_before, after))
+    _print_table(rows, embed, f"{sd.label}: kept units ({cfg.criterion}, {cfg.scope})")
     state.gates = None                         # gates indexed the old dims
     sd.save_model(state)
     val = make_loader(state.data.val, 256, shuffle=False, seed=0, num_workers=state.data.num_workers)
@@ -218,7 +272,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
                "val_top1_before_finetune": evaluate(model, val)["top1"],
                **pruned_cost, "flops_ratio": pruned_cost["flops"] / state.dense["flops"],
                "params_ratio": pruned_cost["params"] / state.dense["params"],
-               "embed": {"before": before["embed"], "after": after["embed"]}, "blocks": rows,
+               "embed": {"before": embed[0], "after": embed[1]}, "blocks": rows,
                "rounds": rounds}
     state.model.train()
     outputs = {"model": f"{sd.label}/{MODEL_DIR}", "teacher": f"{sd.label}/teacher",

@@ -1,0 +1,72 @@
+"""A small helper that families use to assemble a :class:`~vitopt.arch.structure.Structure`.
+
+The hierarchical families (Swin, PVTv2) declare many coupled axes per block; :class:`StructureBuilder`
+keeps that declaration short: ``lay`` records an axis only when the parameter exists (optional biases,
+LayerScale), ``ln`` records a LayerNorm's weight/bias and lists it for renormalisation under its group,
+``choke`` adds a choke point.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitopt.arch.structure import AxisLayout, ChokePoint, Factor, Group, Structure
+
+__all__ = ["StructureBuilder", "is_layernorm"]
+
+
+def is_layernorm(module: nn.Module | None) -> bool:
+    """True for ``nn.LayerNorm`` and its subclasses (timm's ``LayerNorm`` included)."""
+    return isinstance(module, nn.LayerNorm)
+
+
+class StructureBuilder:
+    """Collects groups, layouts, choke points and LayerNorms of one model, then builds the Structure.
+
+    Args:
+        family: family key written into the Structure.
+        model: the live model (its parameter names decide which optional layouts exist).
+    """
+
+    def __init__(self, family: str, model: nn.Module) -> None:
+        self.family = family
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.groups: dict[str, Group] = {}
+        self.layouts: list[AxisLayout] = []
+        self.chokes: dict[str, list[ChokePoint]] = {}
+        self.norms: dict[str, list[str]] = {}
+        self.norm_factors: dict[str, tuple[Factor, ...]] = {}
+
+    def group(self, name: str, kind: str, size: int, *, block: int | None = None,
+              stage: int | None = None) -> Factor:
+        """Declare a group; returns its factor ``(name, size)`` for use in layouts."""
+        self.groups[name] = Group(name, kind, block, int(size), stage)
+        self.chokes.setdefault(name, [])
+        return (name, int(size))
+
+    def lay(self, param: str, axis: int, *factors: Factor) -> None:
+        """Record that axis ``axis`` of ``param`` factorises as ``factors`` (skipped if ``param`` is absent)."""
+        if param in self.params:
+            self.layouts.append(AxisLayout(param, axis, tuple(factors)))
+
+    def ln(self, module: str, *factors: Factor) -> None:
+        """Record a LayerNorm over ``factors`` (default one group): its weight/bias, and renorm under
+        the factors' only group. Skipped when ``module`` is not a LayerNorm (e.g. Identity)."""
+        mod = self.model.get_submodule(module)
+        if not is_layernorm(mod):
+            return
+        self.lay(f"{module}.weight", 0, *factors)
+        self.lay(f"{module}.bias", 0, *factors)
+        (group,) = [g for g, _ in factors if g is not None]
+        self.norms.setdefault(group, []).append(module)
+        if len(factors) > 1:
+            self.norm_factors[module] = tuple(factors)
+
+    def choke(self, group: str, module: str, side: str, *factors: Factor) -> None:
+        """Add a choke point of ``group`` at ``module``'s ``side`` (``"input"``/``"output"``) laid out as ``factors``."""
+        self.chokes[group].append(ChokePoint(module, side, tuple(factors)))
+
+    def build(self) -> Structure:
+        """The :class:`Structure` of everything declared."""
+        return Structure(self.family, self.groups, self.layouts, self.chokes, self.norms, self.norm_factors)
