@@ -1,46 +1,180 @@
-"""``sparse_train`` (method ``vtp``): learnable per-unit gates trained with an L1 penalty.
+"""``sparse_train``: training-time sparsity; ``method`` selects one of an explicit registry.
 
-VTP (Zhu, Tang, Han 2021, arXiv 2104.08500): a gate on every head, head dim and MLP neuron of every
-block, loss = task loss + lambda * sum |gate| (lambda ~ 1e-4). Each epoch logs the mean gate and the
-fraction of gates below ``threshold``. At the end the gates are folded into the adjacent Linear
-weights (the model keeps computing the gated function, exactly) and their values are kept in the
-State as importance scores for a later ``prune`` with ``criterion: gate``.
+* ``vtp`` - learnable gates on every head, head dim and MLP neuron with ``lambda * sum |gate|``
+  (Zhu, Tang, Han 2021, arXiv 2104.08500; lambda ~ 1e-4). The gates act on the choke-point weights
+  (:func:`vitopt.sparsity.vtp.attach_gates_to_weights`), are folded into the Linear weights at the
+  end (the model keeps computing the gated function) and stay in the State as importance scores for
+  a later ``prune`` with ``criterion: gate`` (``gates.safetensors``).
+* ``svite`` - SViTE unstructured dynamic sparse training (Chen et al. 2021, arXiv 2106.04533): ERK
+  masks on the blocks' Linear weights, magnitude drop, RigL / SET regrow, cosine death rate
+  (:class:`vitopt.sparsity.dst.UnstructuredDST`); masks saved as ``masks.safetensors``.
+* ``s2vite`` - S2ViTE structured DST of heads and MLP neurons; at the end the masks become a KeepPlan,
+  removed units' constant outputs (v-bias through the softmax) are folded into proj / fc2 biases and
+  surgery makes the model physically smaller (:mod:`vitopt.sparsity.structured_dst`). Like ``prune``
+  it leaves the model it started from as the KD teacher of a later ``finetune``.
+* ``svite_plus`` - SViTE+ learnable token selector (top-k Gumbel-softmax, fixed keep count at export),
+  optionally with SViTE unstructured masks (:mod:`vitopt.sparsity.token_selector`).
+* ``semi24`` - 2:4 semi-structured masks for Sparse Tensor Cores, fixed while fine-tuning
+  (:mod:`vitopt.sparsity.semi24`).
+
+Every method is a :class:`~vitopt.train.callbacks.Callback` of :func:`vitopt.train.loop.fit`, so
+the epoch checkpoints save and resume its state (gates, masks, RNG, counters). ``attention_reg``
+(Sparse-then-Prune's ``mean log(1 + A^2)``, Prasetyo et al. 2023, arXiv 2307.11988) combines with any.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import torch
+
 from vitopt.arch.families import family_of
 from vitopt.io import save_weights
+from vitopt.sparsity.attention import attention_reg_callbacks
 from vitopt.sparsity.gates import UnitGates
-from vitopt.stages.base import StageDir, State
+from vitopt.stages.base import MODEL_DIR, StageDir, State
 from vitopt.stages.train import hparams, loaders
+from vitopt.train.distributed import training_device
 from vitopt.train.loop import default_param_groups, fit
 
-__all__ = ["run"]
+__all__ = ["run", "METHODS"]
 
 
-def run(cfg, state: State, sd: StageDir) -> State:
-    """Train ``state.model`` with VTP gates on ``cfg.groups``; fold them; save model + gates.safetensors."""
+def _fit(cfg, state: State, sd: StageDir, callbacks: list, param_groups=None, extra=None) -> list[dict]:
+    """fit() with the method's callbacks plus the optional attention regularizer; epoch checkpoints on."""
+    from vitopt.train.images import make_mixup
+
+    train, val = loaders(cfg, state, sd.index)
+    with attention_reg_callbacks(cfg.attention_reg, state.model) as reg:
+        return fit(state.model, train, val, hparams(cfg), param_groups=param_groups, callbacks=[*callbacks, *reg],
+                   on_epoch_end=state.epoch_hook(sd.label, extra), desc=sd.label,
+                   checkpoint_dir=sd.checkpoint_dir, device=training_device(),
+                   mixup=make_mixup(state.data.augment, state.data.num_classes, cfg.label_smoothing))
+
+
+def _finish(cfg, state: State, sd: StageDir, history: list[dict], metrics: dict[str, Any],
+            outputs: dict[str, str | None]) -> State:
+    final = history[-1]
+    metrics = {"method": cfg.method, "val_top1": final["val_top1"], "val_loss": final["val_loss"], **metrics,
+               **state.cost(), "history": history}
+    if cfg.attention_reg is not None:
+        metrics["attn_sparsity"] = final.get("attn_sparsity")
+    sd.save_model(state)
+    state.results[sd.label] = sd.finish(cfg, metrics, {"model": f"{sd.label}/{MODEL_DIR}", **outputs})
+    return state
+
+
+def _vtp(cfg, state: State, sd: StageDir) -> State:
+    from vitopt.sparsity.vtp import VTPGates, attach_gates_to_weights
+
     model = state.model
-    structure = family_of(model).structure(model)
-    gates = UnitGates(structure, tuple(cfg.groups))
+    gates = UnitGates(family_of(model).structure(model), tuple(cfg.groups))
     groups = default_param_groups(model, cfg.weight_decay)
     groups.append({"params": list(gates.parameters()), "weight_decay": 0.0, "lr": cfg.gate_lr or cfg.lr})
-    lam = cfg.lambda_
-    train, val = loaders(cfg, state, sd.index)
-    with gates.attach(model):
-        history = fit(model, train, val, hparams(cfg), param_groups=groups,
-                      extra_loss=lambda: lam * gates.l1(),
-                      on_epoch_end=state.epoch_hook(sd.label, lambda epoch, rec: rec.update(gates.stats(cfg.threshold))),
-                      desc=sd.label)
+    cb = VTPGates(gates, cfg.lambda_, cfg.threshold)
+    with attach_gates_to_weights(model, gates):
+        history = _fit(cfg, state, sd, [cb], param_groups=groups)
+    gates.to("cpu")
     values = gates.values()
     gates.fold_into(model)
     save_weights(sd.path / "gates.safetensors", values)
-    sd.save_model(state)
     state.gates = values
     final = history[-1]
-    metrics = {"val_top1": final["val_top1"], "val_loss": final["val_loss"], "gate_mean": final["gate_mean"],
-               "gate_frac_below": final["gate_frac_below"], "lambda": lam, **state.cost(), "history": history}
-    state.results[sd.label] = sd.finish(cfg, metrics, {"model": f"{sd.label}/model",
-                                                       "gates": f"{sd.label}/gates.safetensors"})
-    return state
+    return _finish(cfg, state, sd, history, {"gate_mean": final["gate_mean"],
+                                             "gate_frac_below": final["gate_frac_below"], "lambda": cfg.lambda_},
+                   {"gates": f"{sd.label}/gates.safetensors"})
+
+
+def _save_masks(sd: StageDir, masks: dict[str, torch.Tensor]) -> str:
+    save_weights(sd.path / "masks.safetensors", {n: m.to(torch.uint8).cpu().contiguous() for n, m in masks.items()})
+    return f"{sd.label}/masks.safetensors"
+
+
+def _svite(cfg, state: State, sd: StageDir) -> State:
+    from vitopt.sparsity.dst import UnstructuredDST
+
+    o = cfg.options
+    cb = UnstructuredDST(state.model, o.density, growth=o.growth, death_rate=o.death_rate,
+                         update_interval=o.update_interval, t_end=o.t_end, distribution=o.distribution,
+                         seed=state.seed * 1000 + sd.index)
+    history = _fit(cfg, state, sd, [cb])
+    cb.masks.apply()                       # e.g. after EMA weights replaced the trained ones
+    density = cb.masks.density()
+    return _finish(cfg, state, sd, history,
+                   {"density": density.pop("overall"), "density_per_layer": density, "mask_updates": cb.updates,
+                    "updates": cb.history},
+                   {"masks": _save_masks(sd, cb.masks.masks)})
+
+
+def _s2vite(cfg, state: State, sd: StageDir) -> State:
+    from vitopt.stages.prune import block_table
+    from vitopt.sparsity.structured_dst import StructuredDST, finalize
+
+    o = cfg.options
+    model = state.model
+    fam = family_of(model)
+    before = fam.read_dims(model)
+    teacher_dir = sd.save_model(state, "teacher")
+    if state.reference_dir is None:            # like prune: the first structural cut's input is the reference
+        state.reference_dir = teacher_dir
+    state.teacher, state.teacher_dir = state.frozen_copy(), teacher_dir
+    cb = StructuredDST(model, o.head_density, o.mlp_density, death_rate=o.death_rate,
+                       update_interval=o.update_interval, t_end=o.t_end)
+    try:
+        history = _fit(cfg, state, sd, [cb])
+    finally:
+        cb.close()
+    plan = finalize(model, cb)
+    state.gates = None
+    after = fam.read_dims(model)
+    cost = state.cost()
+    return _finish(cfg, state, sd, history,
+                   {"blocks": block_table(before, after, len(model.blocks)), "mask_updates": cb.updates,
+                    "updates": cb.history, "flops_ratio": cost["flops"] / state.dense["flops"],
+                    "params_ratio": cost["params"] / state.dense["params"], "keep": plan.keep},
+                   {"teacher": f"{sd.label}/teacher",
+                    "reference": str(state.reference_dir.relative_to(sd.path.parent)), "gates": None})
+
+
+def _svite_plus(cfg, state: State, sd: StageDir) -> State:
+    from vitopt.sparsity.dst import UnstructuredDST
+    from vitopt.sparsity.token_selector import TokenSelectorSchedule, attach_token_selector
+
+    o = cfg.options
+    selector = attach_token_selector(state.model, keep=o.keep, after_block=o.after_block, tau=o.tau)
+    callbacks: list = [TokenSelectorSchedule(selector, o.tau, o.tau_end)]
+    dst = None
+    if o.density is not None:
+        dst = UnstructuredDST(state.model, o.density, seed=state.seed * 1000 + sd.index)
+        callbacks.append(dst)
+    history = _fit(cfg, state, sd, callbacks)
+    metrics: dict[str, Any] = {"tokens_kept": selector.num_prefix + selector.keep,
+                               "tokens_total": selector.num_prefix + selector.num_patches,
+                               "flops_ratio": state.cost()["flops"] / state.dense["flops"]}
+    outputs: dict[str, str | None] = {}
+    if dst is not None:
+        dst.masks.apply()
+        metrics["density"] = dst.masks.density()["overall"]
+        outputs["masks"] = _save_masks(sd, dst.masks.masks)
+    return _finish(cfg, state, sd, history, metrics, outputs)
+
+
+def _semi24(cfg, state: State, sd: StageDir) -> State:
+    from vitopt.sparsity.semi24 import Semi24
+
+    cb = Semi24(state.model, layers=tuple(cfg.options.layers))
+    history = _fit(cfg, state, sd, [cb])
+    cb.masks.apply()
+    return _finish(cfg, state, sd, history, {"density": cb.masks.density()["overall"], "pattern": "2:4",
+                                             "layers": list(cfg.options.layers)},
+                   {"masks": _save_masks(sd, cb.masks.masks)})
+
+
+#: method name -> stage implementation (explicit registry; the schema lists the same names).
+METHODS: dict[str, Callable[[Any, State, StageDir], State]] = {
+    "vtp": _vtp, "svite": _svite, "s2vite": _s2vite, "svite_plus": _svite_plus, "semi24": _semi24}
+
+
+def run(cfg, state: State, sd: StageDir) -> State:
+    """Run ``cfg.method`` on ``state.model``; save the model, the method's artifacts and metrics.json."""
+    return METHODS[cfg.method](cfg, state, sd)
