@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import vitopt
 from vitopt.pipeline import run_recipe
@@ -73,6 +74,21 @@ def test_rerun_skips_finished_stages_and_resumes_the_rest(run_dir):
         if p.parent.name != "05_validate":
             assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
     assert (run / "05_validate" / "metrics.json").is_file()
+    # a run made before an option existed (its stored configs lack the key) is still the same run
+    for f in (run / "recipe.yaml", run / "00_train" / "metrics.json"):
+        stamps[f] = f.stat().st_mtime_ns
+    rec = json.loads((run / "00_train" / "metrics.json").read_text())
+    del rec["config"]["grad_clip"]
+    (run / "00_train" / "metrics.json").write_text(json.dumps(rec))
+    stamps[run / "00_train" / "metrics.json"] = (run / "00_train" / "metrics.json").stat().st_mtime_ns
+    old_recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    del old_recipe["data"]["num_workers"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(old_recipe))
+    (run / "05_validate" / "metrics.json").unlink()
+    run_recipe(load_recipe(recipe_path))
+    for p, t in stamps.items():
+        if p.parent.name != "05_validate" and p.name == "metrics.json":
+            assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
     # a different config for a finished stage is refused rather than silently mixed
     with pytest.raises(vitopt.errors.VitoptError, match="different config"):
         run_recipe(load_recipe(recipe_path, ["stages[0].epochs=3"]))

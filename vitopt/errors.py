@@ -20,8 +20,26 @@ class VitoptError(Exception):
     EXIT_CODE = 2
 
     def __init__(self, message: str) -> None:
+        message = _from_worker(message)
         super().__init__(message)
         self.message = message
 
     def __str__(self) -> str:
         return self.message
+
+
+_WORKER_PREFIX = "Caught VitoptError in DataLoader worker"
+_LAST_LINE = "vitopt.errors.VitoptError: "
+
+
+def _from_worker(message: str) -> str:
+    """The original sentence of a VitoptError re-raised by a DataLoader worker.
+
+    torch re-raises a worker's exception as ``VitoptError("Caught VitoptError in DataLoader worker
+    process N.\nOriginal Traceback ...\nvitopt.errors.VitoptError: <sentence>")``; keep only the
+    sentence, so the CLI still prints one sentence and no traceback.
+    """
+    if not message.startswith(_WORKER_PREFIX):
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last[len(_LAST_LINE):] if last.startswith(_LAST_LINE) else last

@@ -18,16 +18,35 @@ import torch
 
 from vitopt.errors import VitoptError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json",
+__all__ = ["is_writer", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json",
            "save_weights", "load_weights"]
+
+
+def is_writer() -> bool:
+    """True unless this process is a non-zero rank of an initialized ``torch.distributed`` group.
+
+    In a torchrun job every rank runs the same pipeline; only rank 0 writes files (checkpoints,
+    metrics, models, logs), so the ranks never race on one path.
+    """
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename); parents are created.
 
+    The temp file is a hidden sibling (``.NAME.XXXX.tmp``) so the rename never crosses filesystems;
+    the parent directory is fsync'd after the rename so the new name itself survives a power loss.
+    A process killed at any moment leaves either the old file or the new one (plus, at worst, a stale
+    temp file), never a partial ``path``. On a non-zero rank of a torch.distributed job nothing is
+    written (:func:`is_writer`).
+
     Returns the path written. Raises OSError from the filesystem unchanged.
     """
     path = Path(path)
+    if not is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -37,11 +56,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename inside it is durable (best effort: not every OS allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -4,11 +4,21 @@
 and data, then runs each stage in order. A stage whose ``metrics.json`` exists already finished: it
 is skipped, and the State is restored from the outputs it recorded (model, teacher, gates, ONNX),
 so re-running a killed recipe continues from the first unfinished stage (DESIGN.md invariant 5).
-Finished stage folders are never rewritten.
+That stage (a training stage) continues from its last epoch checkpoint in ``<stage>/checkpoints/``
+(:mod:`vitopt.train.checkpoint`) with the data order and RNG the uninterrupted run would have had;
+the checkpoints of a stage are deleted once its metrics.json is written. Finished stage folders are
+never rewritten.
+
+Under ``torchrun`` (:mod:`vitopt.train.distributed`) every rank runs the training and prune stages
+(:data:`ALL_RANK_STAGES`) in lock-step; other stages run on rank 0 and the rest restore their
+recorded outputs. Only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +34,16 @@ from vitopt.report.summary import write_summary
 from vitopt.stages import STAGES
 from vitopt.stages.base import StageDir, State
 from vitopt.train.data import load_data, model_input
+from vitopt.train.distributed import all_reduce_sum, barrier, init_from_env, is_distributed, is_main, shutdown
 from vitopt.train.loop import set_seed
 
-__all__ = ["run_recipe", "stage_dirs", "RECIPE_FILE"]
+__all__ = ["run_recipe", "stage_dirs", "RECIPE_FILE", "ALL_RANK_STAGES"]
 
 RECIPE_FILE = "recipe.yaml"
+
+#: Stage types every rank of a torchrun job runs (training, and prune, which changes the model every
+#: rank trains next). Every other stage (export, validate, ...) runs on rank 0 while the others wait.
+ALL_RANK_STAGES = frozenset({"train", "sparse_train", "finetune", "prune"})
 
 
 def stage_dirs(recipe: Recipe, run_dir: Path) -> list[StageDir]:
@@ -45,6 +60,8 @@ def _check_resumable(recipe: Recipe, run_dir: Path, dirs: list[StageDir]) -> Non
     previous = run_dir / RECIPE_FILE
     if previous.is_file() and any(sd.done for sd in dirs):
         old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
+        with contextlib.suppress(Exception):  # re-dump through today's schema (new options get defaults)
+            old = yaml.safe_load(dump_resolved(Recipe.model_validate(old)))
         new = yaml.safe_load(dump_resolved(recipe))
         changed = [k for k in ("model", "data", "seed") if old.get(k) != new.get(k)]
         if changed:
@@ -52,11 +69,21 @@ def _check_resumable(recipe: Recipe, run_dir: Path, dirs: list[StageDir]) -> Non
                               f"{' and '.join(changed)}; use a new name/output_dir or delete the run directory.")
     for sd, cfg in zip(dirs, recipe.stages):
         if sd.done:
-            old = sd.read().get("config")
+            old = _normalised(type(cfg), sd.read().get("config"))
             new = cfg.model_dump(mode="json", by_alias=True)
             if old != new:
                 raise VitoptError(f"run directory {run_dir} holds a finished stage {sd.label} that ran with a "
                                   "different config; use a new name/output_dir or delete that stage folder.")
+
+
+def _normalised(schema: type, config: Any) -> Any:
+    """``config`` as the current ``schema`` dumps it, so options added to a stage type since the stage
+    ran (with their defaults) do not count as a change; a config the schema no longer accepts is
+    returned as is (and so differs)."""
+    try:
+        return schema.model_validate(config).model_dump(mode="json", by_alias=True)
+    except Exception:  # noqa: BLE001 - any validation failure means "changed"
+        return config
 
 
 def _build(recipe: Recipe) -> tuple[Any, dict, Any]:
@@ -87,8 +114,23 @@ def _restore(state: State, record: dict, run_dir: Path) -> None:
         elif kind == "gates":
             state.gates = load_weights(path) if path else None
         elif kind == "onnx":
+            _check_onnx(path, record["stage"])
             state.onnx_path = path
     state.results[record["stage"]] = record
+
+
+def _check_onnx(path: Path | None, stage: str) -> None:
+    """A finished stage's ONNX file must still pass ``onnx.checker`` before later stages use it."""
+    if path is None:
+        return
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises ValidationError, or protobuf DecodeError for garbage
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise VitoptError(f"ONNX file {path} recorded by finished stage {stage} fails the ONNX checker ({first}); "
+                          f"delete the {stage} folder to export it again.") from None
 
 
 def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, console: Console | None = None) -> Path:
@@ -103,18 +145,41 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, console: Console 
         VitoptError: bad input (model, data, a run dir that holds a different recipe) or a stage
             failure caused by its config; finished stages stay on disk.
     """
-    console = console or Console()
+    started = init_from_env()
+    try:
+        with _quiet_unless_main():
+            return _run_recipe(recipe, run_dir, console)
+    finally:
+        if started:
+            shutdown()
+
+
+@contextlib.contextmanager
+def _quiet_unless_main():
+    """On ranks other than 0 of a torchrun job, discard stdout (stage tables, epoch lines): rank 0 logs."""
+    if is_main():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def _run_recipe(recipe: Recipe, run_dir: Path | None, console: Console | None) -> Path:
+    console = console if console is not None and is_main() else Console(quiet=not is_main())
+    if run_dir is not None and not Path(run_dir).is_dir():
+        raise VitoptError(f"--resume {run_dir}: that run directory does not exist; give an existing run directory, "
+                          f"or leave --resume out to use output_dir/name.")
     run_dir = Path(run_dir or recipe.output_dir / recipe.name)
     dirs = stage_dirs(recipe, run_dir)
+    set_seed(recipe.seed)
+    model, kwargs, data = _build(recipe)                 # bad model/data fail before the run dir is touched
     _check_resumable(recipe, run_dir, dirs)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / RECIPE_FILE, dump_resolved(recipe))
-    set_seed(recipe.seed)
-    model, kwargs, data = _build(recipe)
     state = State(model=model, model_name=recipe.model.name, model_kwargs=kwargs, data=data,
                   seed=recipe.seed, dense={})
     state.dense = state.cost()
-    if recipe.log.tensorboard:
+    if recipe.log.tensorboard and is_main():
         from vitopt.train.tensorboard import TensorBoardLog
 
         state.logger = TensorBoardLog(run_dir / "tensorboard")
@@ -126,8 +191,9 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, console: Console 
     finally:
         if state.logger is not None:
             state.logger.close()
-    summary = write_summary(run_dir)
-    console.print(f"summary: {summary}")
+    if is_main():
+        summary = write_summary(run_dir)
+        console.print(f"summary: {summary}")
     return run_dir
 
 
@@ -136,11 +202,40 @@ def _run_stages(recipe: Recipe, state: State, dirs: list[StageDir], run_dir: Pat
     for cfg, sd in zip(recipe.stages, dirs):
         if sd.done:
             _restore(state, sd.read(), run_dir)
+            _drop_checkpoints(sd)
             console.print(f"[dim]{sd.label}: finished earlier, skipped[/]")
             continue
         console.rule(f"{sd.label}")
         set_seed(recipe.seed + sd.index)
         sd.path.mkdir(parents=True, exist_ok=True)
         sd.started = time.time()
-        state = STAGES[cfg.type](cfg, state, sd)
+        if cfg.type in ALL_RANK_STAGES or not is_distributed():
+            state = STAGES[cfg.type](cfg, state, sd)
+            barrier()
+        else:
+            state = _on_rank0(cfg, state, sd, run_dir)
+        _drop_checkpoints(sd)
     return state
+
+
+def _on_rank0(cfg: Any, state: State, sd: StageDir, run_dir: Path) -> State:
+    """Run a stage on rank 0 only; the other ranks then restore its recorded outputs from metrics.json."""
+    failed = 0.0
+    if is_main():
+        try:
+            state = STAGES[cfg.type](cfg, state, sd)
+        except BaseException:
+            all_reduce_sum([1.0])
+            raise
+    failed = all_reduce_sum([failed])[0]
+    if failed:
+        raise VitoptError(f"stage {sd.label} failed on rank 0 (its message is in rank 0's output).")
+    if not is_main():
+        _restore(state, sd.read(), run_dir)
+    return state
+
+
+def _drop_checkpoints(sd: StageDir) -> None:
+    """Delete a finished stage's epoch checkpoints (rank 0): its model and metrics.json are what it keeps."""
+    if sd.done and is_main() and sd.checkpoint_dir.is_dir():
+        shutil.rmtree(sd.checkpoint_dir, ignore_errors=True)

@@ -107,6 +107,15 @@ class StageDir:
         return self.path / "metrics.json"
 
     @property
+    def checkpoint_dir(self) -> Path:
+        """Where a training stage keeps its epoch checkpoint (``<stage>/checkpoints/last.pt``).
+
+        The pipeline deletes this folder once the stage's metrics.json exists (the finished model is
+        saved separately), trading the ability to re-open a finished stage's optimizer for disk space.
+        """
+        return self.path / "checkpoints"
+
+    @property
     def done(self) -> bool:
         """True when the stage finished (its metrics.json exists)."""
         return self.metrics_file.is_file()

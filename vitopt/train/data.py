@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from vitopt.errors import VitoptError
+from vitopt.train.images import ArrayImages, ImageFiles, SkipCounter, make_transforms, read_cifar
 
 __all__ = [
     "ModelInput",
@@ -32,6 +33,8 @@ __all__ = [
     "load_data",
     "val_arrays",
     "make_loader",
+    "EpochSampler",
+    "ShardSampler",
     "IMAGE_EXTENSIONS",
     "LUMA_601",
 ]
@@ -56,12 +59,14 @@ class ModelInput:
         img_size: (height, width) in pixels.
         mean: per-channel mean subtracted after scaling pixels to [0, 1]; length ``in_chans``.
         std: per-channel std divided after subtracting the mean; length ``in_chans``.
+        crop_pct: eval center-crop fraction (``pretrained_cfg["crop_pct"]``, timm's default 0.875).
     """
 
     in_chans: int
     img_size: tuple[int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop_pct: float = 0.875
 
 
 def _fit_stats(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
@@ -122,6 +127,7 @@ def model_input(model: torch.nn.Module, mean: Sequence[float] | None = None,
         img_size=img_size,
         mean=_fit_stats(mean, int(in_chans), "mean"),
         std=_fit_stats(std, int(in_chans), "std"),
+        crop_pct=float(cfg.get("crop_pct") or 0.875),
     )
 
 
@@ -180,7 +186,10 @@ class DataBundle:
         name: short dataset name for logs and reports ("digits", or the folder's name).
         num_workers: suggested DataLoader workers (0 for in-memory datasets).
         meta: provenance: for digits ``train_indices``/``val_indices`` (int arrays into
-            ``load_digits()``), for imagefolder ``root``.
+            ``load_digits()``), for imagefolder and cifar ``root``.
+        augment: the data config's ``augment`` (for :func:`~vitopt.train.images.make_mixup`), or None.
+        skipped: (train, val) :class:`~vitopt.train.images.SkipCounter` of unreadable images skipped
+            (``skip_corrupt``), or None for in-memory data.
     """
 
     train: Dataset
@@ -190,6 +199,12 @@ class DataBundle:
     name: str
     num_workers: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    augment: Any = None
+    skipped: Any = None
+
+    def skipped_images(self) -> int:
+        """Unreadable images skipped so far (0 without ``skip_corrupt``)."""
+        return sum(c.count for c in self.skipped) if self.skipped is not None else 0
 
 
 def _load_digits(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
@@ -271,20 +286,44 @@ def _load_imagefolder(cfg: Any, mi: ModelInput) -> DataBundle:
             f"the class folders of {root / 'train'} and {root / 'val'} differ "
             f"(only in train: {only_t or 'none'}; only in val: {only_v or 'none'}); both must list the same classes."
         )
-    tf = _ImageTransform(mi)
     try:
-        train = ImageFolder(str(root / "train"), transform=tf, is_valid_file=_is_image)
-        val = ImageFolder(str(root / "val"), transform=tf, is_valid_file=_is_image)
+        train_idx = ImageFolder(str(root / "train"), is_valid_file=_is_image)
+        val_idx = ImageFolder(str(root / "val"), is_valid_file=_is_image)
     except (FileNotFoundError, OSError) as e:  # pragma: no cover - guarded by the checks above
         raise VitoptError(f"cannot read the image folders under {root}: {e}.") from e
+    augment = getattr(cfg, "augment", None)
+    train_tf, val_tf = make_transforms(mi, augment)
+    skip = bool(getattr(cfg, "skip_corrupt", False))
+    train_skips, val_skips = SkipCounter(len(train_idx.samples)), SkipCounter(len(val_idx.samples))
     return DataBundle(
-        train=train,
-        val=val,
-        num_classes=len(train.classes),
-        class_names=list(train.classes),
+        train=ImageFiles(train_idx.samples, train_tf, skip, train_skips),
+        val=ImageFiles(val_idx.samples, val_tf, skip, val_skips),
+        num_classes=len(train_idx.classes),
+        class_names=list(train_idx.classes),
         name=root.name or str(root),
         num_workers=int(getattr(cfg, "num_workers", 0) or 0),
         meta={"root": str(root)},
+        augment=augment,
+        skipped=(train_skips, val_skips),
+    )
+
+
+def _load_cifar(cfg: Any, mi: ModelInput) -> DataBundle:
+    raw_root = getattr(cfg, "root", None)
+    if raw_root is None:
+        raise VitoptError(f"data.root is required for a {cfg.type} dataset (the folder holding the python batches).")
+    xtr, ytr, xte, yte, names = read_cifar(cfg.type, Path(raw_root))
+    augment = getattr(cfg, "augment", None)
+    train_tf, val_tf = make_transforms(mi, augment)
+    return DataBundle(
+        train=ArrayImages(xtr, ytr, train_tf),
+        val=ArrayImages(xte, yte, val_tf),
+        num_classes=len(names),
+        class_names=names,
+        name=cfg.type,
+        num_workers=int(getattr(cfg, "num_workers", 0) or 0),
+        meta={"root": str(raw_root)},
+        augment=augment,
     )
 
 
@@ -298,9 +337,16 @@ def load_data(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
             test_size=cfg.val_fraction)`` (default 0.2 -> 1,437 train / 360 val), preprocessed once
             into in-memory ``TensorDataset`` s.
             ``"imagefolder"``: ``cfg.root/train/<class>/*`` and ``cfg.root/val/<class>/*`` (ImageNet
-            layout) read with torchvision ``ImageFolder``; each file decoded by PIL, converted to RGB,
-            scaled to [0, 1] and passed through :func:`to_model_input`. ``cfg.num_workers`` is kept
-            in :attr:`DataBundle.num_workers` for :func:`make_loader`.
+            layout) indexed with torchvision ``ImageFolder``; each file decoded by PIL
+            (:class:`~vitopt.train.images.ImageFiles`: an unreadable file raises with its name, or is
+            skipped and counted with ``cfg.skip_corrupt``). With ``cfg.augment`` the transforms come
+            from timm's factory (train: RandomResizedCrop, flip, RandAugment, random erasing; eval:
+            resize + center crop, model mean/std); without it, each image is converted to RGB, scaled
+            to [0, 1] and passed through :func:`to_model_input`. ``cfg.num_workers`` is kept in
+            :attr:`DataBundle.num_workers` for :func:`make_loader`.
+            ``"cifar10"`` / ``"cifar100"``: the python-pickle batches under ``cfg.root``
+            (:func:`~vitopt.train.images.read_cifar`; 50,000 train / 10,000 test = val images), same
+            transforms as imagefolder.
         mi: the model's input (:func:`model_input`).
         seed: split seed (digits); the same seed gives the same split.
 
@@ -308,8 +354,8 @@ def load_data(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
         :class:`DataBundle`.
 
     Raises:
-        VitoptError: unknown type; bad val_fraction; imagefolder root missing, no train/ or val/
-            subfolder, a split without class folders, a class folder without images, or train and
+        VitoptError: unknown type; bad val_fraction; CIFAR files missing or corrupt; imagefolder
+            root missing, no train/ or val/ subfolder, a split without class folders, a class folder without images, or train and
             val class lists that differ.
     """
     kind = getattr(cfg, "type", None)
@@ -317,7 +363,10 @@ def load_data(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
         return _load_digits(cfg, mi, seed)
     if kind == "imagefolder":
         return _load_imagefolder(cfg, mi)
-    raise VitoptError(f"unknown data type {kind!r}; allowed types are 'digits' and 'imagefolder'.")
+    if kind in ("cifar10", "cifar100"):
+        return _load_cifar(cfg, mi)
+    raise VitoptError(f"unknown data type {kind!r}; allowed types are 'digits', 'imagefolder', 'cifar10' and "
+                      "'cifar100'.")
 
 
 def val_arrays(bundle: DataBundle, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -337,35 +386,84 @@ def val_arrays(bundle: DataBundle, batch_size: int = 256) -> tuple[np.ndarray, n
     return np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys).astype(np.int64, copy=False)
 
 
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` whose order also advances when nobody calls ``set_epoch``.
+
+    Epoch ``e`` of rank ``r`` of ``W`` is ``randperm(N, seed + e)`` (wrapped to a multiple of ``W``)
+    taken at positions ``r, r + W, r + 2W, ...``; so the ``k``-th per-rank batches of all ranks together
+    hold exactly the samples of the ``k``-th batch of a single process (``W = 1``) with the global batch
+    size: a torchrun job sees the same global batches as one process. :func:`~vitopt.train.loop.fit`
+    calls ``set_epoch(e)`` before every epoch (so a resumed run reproduces the order); iterating
+    without it moves to the next epoch after each pass.
+    """
+
+    def __iter__(self):
+        it = super().__iter__()
+        self.epoch += 1
+        return it
+
+
+class ShardSampler(Sampler[int]):
+    """Contiguous, unpadded shard ``r`` of ``W`` of ``range(n)`` for evaluation (no sample twice).
+
+    Rank ``r`` gets ``range(r * n // W, (r + 1) * n // W)``; summing counts over ranks gives exactly
+    the single-process result (``DistributedSampler`` would pad with repeats).
+    """
+
+    def __init__(self, n: int, num_replicas: int, rank: int) -> None:
+        self.lo, self.hi = rank * n // num_replicas, (rank + 1) * n // num_replicas
+
+    def __iter__(self):
+        return iter(range(self.lo, self.hi))
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
                 drop_last: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling (and worker seeding) comes from a seeded ``torch.Generator``.
+    """A DataLoader whose order and worker seeds are a function of ``seed`` (and the epoch) alone.
 
-    The sequence of epoch orders is a function of ``seed`` alone: two loaders built with the same
-    seed yield the same batches epoch after epoch. Pinned memory is used when CUDA is available.
+    Training (``shuffle=True``) uses an :class:`EpochSampler` (a ``DistributedSampler`` with ``seed``)
+    in every process, 1 replica without torch.distributed and ``WORLD_SIZE`` replicas under torchrun;
+    each rank then loads ``batch_size / WORLD_SIZE`` images per step, so the global batch equals a
+    single-process run's. Evaluation (``shuffle=False``) reads in order, sharded without padding by
+    :class:`ShardSampler` across ranks. Workers are not persistent: each epoch's workers are seeded
+    from the loader's generator, which :func:`~vitopt.train.loop.fit` reseeds per epoch, so a resumed
+    run gets the same augmentation randomness. Pinned memory is used when CUDA is available.
 
     Args:
         dataset: any map-style dataset.
-        batch_size: samples per batch (> 0).
+        batch_size: global samples per batch (> 0, divisible by the number of ranks).
         shuffle: reshuffle every epoch.
-        seed: generator seed.
-        num_workers: worker processes (0 = load in the main process).
+        seed: sampler and generator seed.
+        num_workers: worker processes per rank (0 = load in the main process).
         drop_last: drop the last incomplete batch.
 
     Raises:
-        VitoptError: ``batch_size`` < 1.
+        VitoptError: ``batch_size`` < 1, or not divisible by the number of ranks.
     """
+    from vitopt.train.distributed import rank, world_size
+
     if batch_size < 1:
         raise VitoptError(f"batch_size must be at least 1; got {batch_size}.")
+    ws, r = world_size(), rank()
+    if batch_size % ws:
+        raise VitoptError(f"batch_size {batch_size} is not divisible by the {ws} distributed processes; "
+                          f"use a multiple of {ws} (each process loads batch_size / {ws} images).")
+    if shuffle:
+        sampler: Sampler | None = EpochSampler(dataset, num_replicas=ws, rank=r, shuffle=True, seed=int(seed))
+    else:
+        sampler = ShardSampler(len(dataset), ws, r) if ws > 1 else None
     g = torch.Generator()
     g.manual_seed(int(seed))
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_size=batch_size // ws,
+        sampler=sampler,
         generator=g,
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        persistent_workers=False,
     )

@@ -53,7 +53,8 @@ def kd_loss(student_logits: Logits, teacher_logits: Logits, labels: Tensor, *, a
     Args:
         student_logits: [B, K] logits (or tuple of them), requires grad.
         teacher_logits: [B, K] logits (or tuple of them); detached here.
-        labels: int64 [B] class indices.
+        labels: int64 [B] class indices, or float [B, K] soft targets (Mixup / CutMix; the CE then uses
+            the probabilities as they are).
         alpha: weight of the KD term in [0, 1]; 0 gives plain (smoothed) CE.
         tau: softmax temperature (> 0).
         label_smoothing: CE label smoothing in [0, 1).
