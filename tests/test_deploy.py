@@ -7,8 +7,11 @@ folded away by the simplifier.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -421,3 +424,163 @@ def test_measure_latency_percentiles_and_sync_hook():
         measure_latency(runtime, INPUT, [1], repeats=0)
     with pytest.raises(VitoptError, match="batch_sizes"):
         measure_latency(runtime, INPUT, [0])
+
+
+# ---------------------------------------------------------------------------------- more runtimes
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def test_torch_compile_runtime_matches_eager():
+    model = _pruned_vit(seed=5)
+    x = _batch(3, 5)
+    eager = make_runtime("pytorch", model=model, threads=1)
+    ref = eager(x)
+    eager.close()
+    # the aot_eager backend traces through torch.compile's frontend without a C++ toolchain (inductor on GPUs)
+    rt = make_runtime("pytorch-compile", model=model, threads=1, compile_backend="aot_eager")
+    assert rt.name == "pytorch-compile" and isinstance(rt, Runtime)
+    out = rt(x)
+    rt.close()
+    assert compare_logits(out, ref)["max_abs_diff"] <= 1e-5
+
+
+def test_torch_runtime_dtype_is_restored():
+    model = _pruned_vit(seed=6)
+    x = _batch(4, 6)
+    ref = make_runtime("pytorch", model=model, threads=1)(x)
+    rt = make_runtime("pytorch", model=model, threads=1, dtype="bf16")
+    out = rt(x)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    rt.close()
+    assert next(model.parameters()).dtype == torch.float32
+    d = compare_logits(out, ref)
+    assert 0 < d["max_abs_diff"] < 0.1 * float(np.abs(ref).max())    # bf16 rounding: close, not equal
+    with pytest.raises(VitoptError, match="dtype 'int8'"):
+        make_runtime("pytorch", model=model, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(VitoptError, match="no CUDA device"):
+            make_runtime("pytorch", model=model, device="cuda")
+
+
+def test_gpu_runtimes_fail_with_one_sentence(tmp_path, exports):
+    import onnxruntime as ort
+
+    onnx_path = exports("pruned")[2]["path"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(VitoptError, match="onnxruntime-gpu"):
+            make_runtime("onnxruntime-cuda", onnx_path=onnx_path)
+    with pytest.raises(VitoptError, match="needs an engine file"):
+        make_runtime("tensorrt")
+    with pytest.raises(VitoptError, match="does not exist"):
+        make_runtime("tensorrt", engine_path=tmp_path / "missing.engine")
+    if not HAS_TRT:
+        fake = tmp_path / "x.engine"
+        fake.write_bytes(b"\0" * 16)
+        with pytest.raises(VitoptError, match=r"vitopt\[trt\]"):
+            make_runtime("tensorrt", engine_path=fake)
+    assert {"pytorch", "pytorch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"} <= set(known_runtimes())
+
+
+def test_latency_timer_choice():
+    with pytest.raises(VitoptError, match="timer 'gpu'"):
+        measure_latency(lambda x: x, INPUT, [1], timer="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(VitoptError, match="needs a CUDA device"):
+            measure_latency(lambda x: x, INPUT, [1], timer="cuda")
+
+
+def test_measure_runtimes_parity_on_a_pruned_model(exports):
+    from vitopt.deploy.validation import measure_runtimes
+
+    _, model, info, _ = exports("pruned")
+    x = _batch(24, 7)
+    labels = np.arange(24) % 10
+    res = measure_runtimes(["pytorch", "onnxruntime"], x, labels, batch_sizes=[1, 4], model=model.eval(),
+                           onnx_path=info["path"], threads=1, warmup=1, repeats=5)
+    ort_r, pt_r = res["runtimes"]["onnxruntime"], res["runtimes"]["pytorch"]
+    assert ort_r["vs_pytorch"]["max_abs_diff"] <= 1e-4 and ort_r["vs_pytorch"]["argmax_agreement"] == 1.0
+    assert res["parity"] == ort_r["vs_pytorch"] and "vs_pytorch" not in pt_r
+    assert ort_r["top1"] == pt_r["top1"]
+    for r in (ort_r, pt_r):
+        for s in r["latency"].values():
+            assert 0 < s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+    # without the eager runtime in the list, the reference is an extra eager pass of the model
+    only = measure_runtimes(["onnxruntime"], x, labels, batch_sizes=[2], model=model, onnx_path=info["path"],
+                            threads=1, warmup=0, repeats=2)
+    assert only["runtimes"]["onnxruntime"]["vs_pytorch"] == pytest.approx(ort_r["vs_pytorch"])
+
+
+def test_validate_artifact_onnx_with_sample(tmp_path, exports):
+    from vitopt.cli import app
+    from typer.testing import CliRunner
+    from vitopt.deploy.validation import validate_artifact
+
+    onnx_path = exports("pruned")[2]["path"]
+    x = _batch(12, 8)
+    ref = make_runtime("onnxruntime", onnx_path=onnx_path, threads=1)(x)
+    labels = ref.argmax(1)
+    np.savez(tmp_path / "s.npz", images=x, labels=labels)
+    res = validate_artifact(onnx_path, ["onnxruntime"], batch_sizes=[1, 3], data=tmp_path / "s.npz", threads=1,
+                            warmup=0, repeats=3)
+    assert res["runtimes"]["onnxruntime"]["top1"] == 100.0 and res["num_images"] == 12
+    assert res["artifact"]["kind"] == "onnx" and set(res["runtimes"]["onnxruntime"]["latency"]) == {"1", "3"}
+    with pytest.raises(VitoptError, match="has no validation data"):
+        validate_artifact(onnx_path, ["onnxruntime"], batch_sizes=[1])
+    with pytest.raises(VitoptError, match="runtime 'pytorch' needs a model folder"):
+        validate_artifact(onnx_path, ["pytorch"], batch_sizes=[1], data=tmp_path / "s.npz")
+    with pytest.raises(VitoptError, match="unknown runtime 'tensorflow'"):
+        validate_artifact(onnx_path, ["tensorflow"], batch_sizes=[1])
+    with pytest.raises(VitoptError, match="is not a run directory"):
+        validate_artifact(tmp_path / "s.npz", ["onnxruntime"], batch_sizes=[1])
+    runner = CliRunner()
+    out = runner.invoke(app, ["validate", str(onnx_path), "--data", str(tmp_path / "s.npz"), "--batch-sizes", "2",
+                              "--threads", "1", "--repeats", "2", "--warmup", "0", "--out", str(tmp_path / "v.json")],
+                        env={"COLUMNS": "300"})
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "v.json").read_text())["runtimes"]["onnxruntime"]["top1"] == 100.0
+    bad = runner.invoke(app, ["validate", str(onnx_path), "--batch-sizes", "0,x"])
+    assert isinstance(bad.exception, VitoptError) and "--batch-sizes" in str(bad.exception)
+
+
+# ---------------------------------------------------------------------------------- benchmarks/gpu_latency.py
+def _gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_latency", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "gpu_latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_latency_shapes_and_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = _gpu_bench()
+    shape = g.pruned_shape(0.5)
+    assert (shape["heads"], shape["mlp"]) == (3, 768) and abs(shape["ratio"] - 0.5) < 0.01
+    with pytest.raises(ValueError):
+        g.pruned_shape(0)
+    dense = g.dense_model()
+    pruned = g.slice_model(g._copy(dense), 3, 768)
+    x = torch.randn(1, 3, 224, 224)
+    for m, (h, mlp) in ((dense, (6, 1536)), (pruned, (3, 768))):
+        for blk in m.blocks:
+            blk.attn.fused_attn = False          # count q@k^T and attn@v as matmuls
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            y = m(x)
+        assert y.shape == (1, 1000)
+        assert fc.get_total_flops() == pytest.approx(g.deit_flops(h, mlp), rel=0.01)
+    # the pruned model is the dense one with units removed: same values in the kept slices
+    assert torch.equal(pruned.blocks[0].mlp.fc1.weight, dense.blocks[0].mlp.fc1.weight[:768])
+    assert pruned.blocks[0].attn.qkv.weight.shape == (3 * 3 * 64, 384)
+
+
+def test_gpu_latency_skips_cleanly_without_cuda(tmp_path):
+    g = _gpu_bench()
+    rec = g.main(["--no-cuda", "--out", str(tmp_path / "g.json")])
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert saved["rows"] == [] and saved["skipped"] and saved["pruned_shape"]["heads"] == 3 and rec == saved
+    rows = [{"model": "dense", "runtime": "r", "batch": 1, "p50_ms": 2.0, "p90_ms": 3.0, "throughput_img_s": 500},
+            {"model": "pruned", "runtime": "r", "batch": 1, "p50_ms": 1.0, "p90_ms": 1.5, "throughput_img_s": 1000}]
+    assert g.format_table(rows).splitlines()[-1].endswith("| 2.00x |")
+    s = g.stats([1.0, 2.0, 3.0, 4.0], batch=2)
+    assert s["p50_ms"] == 2.5 and s["throughput_img_s"] == pytest.approx(800.0)

@@ -308,3 +308,42 @@ def test_markdown_blocks_keep_tables_verbatim():
     assert [t.key for t in tables] == ["run:final-vs-dense", "run:final-vs-dense-2"]
     assert tables[0].rows == [["1", "2"]] and tables[0].align == ["left", "right"]
     assert tables[0].markdown == "| a | b |\n|---|---:|\n| 1 | 2 |"
+
+
+# ------------------------------------------------------------------------------------------ device results
+def _device_results(top1: float = 97.5, p50: float = 1.5) -> dict:
+    lat = {str(b): {"p50_ms": p50 * b, "p90_ms": p50 * b * 1.1, "p99_ms": p50 * b * 1.2, "mean_ms": p50 * b,
+                    "throughput_img_s": 1000 / p50} for b in (1, 8)}
+    return {"format": "vitopt-jetson-results/1", "target": "orin-agx", "precision": "fp16", "runtime": "tensorrt",
+            "device": "Jetson AGX Orin", "top1": top1, "num_images": 360, "latency": lat}
+
+
+def test_jetson_results_json_is_a_measurement_source(tmp_path):
+    from vitopt.report.jetson import find_results
+    from vitopt.report.plots import load_run, measurements
+
+    run = _write_run(tmp_path, "dev")
+    (run / "bundle-orin-agx").mkdir()
+    (run / "bundle-orin-agx" / "results.json").write_text(json.dumps(_device_results()))
+    (run / "bundle-orin-agx" / "bundle.json").write_text(json.dumps({"format": "vitopt-bundle/1"}))
+    (run / "other").mkdir()
+    (run / "other" / "results.json").write_text(json.dumps({"format": "something-else", "top1": 1.0}))
+    (run / "broken").mkdir()
+    (run / "broken" / "results.json").write_text("{not json")
+    assert find_results(run) == [run / "bundle-orin-agx" / "results.json"]
+    ms = measurements(load_run(run))
+    dev = [m for m in ms if m.source == "bundle-orin-agx/results.json"]
+    assert len(dev) == 1 and [m.source for m in ms][0].endswith("validate")       # host numbers first
+    d = dev[0]
+    assert d.model == "final" and d.top1 == {"tensorrt fp16": 97.5} and d.device == "orin-agx / Jetson AGX Orin"
+    assert d.latency["tensorrt fp16"][8]["p50_ms"] == pytest.approx(12.0)
+    assert d.flops == pytest.approx(2.3e9)                                        # the host's final model
+
+
+def test_report_shows_device_latency_beside_host(tmp_path):
+    run = _write_run(tmp_path, "dev2")
+    (run / "results.json").write_text(json.dumps(_device_results(p50=0.8)))
+    paths = write_report([run], tmp_path / "out")
+    html = Path(paths["html"]).read_text()
+    assert "results.json" in html and "orin-agx / Jetson AGX Orin" in html
+    assert "05_validate" in html or "04_validate" in html

@@ -7,6 +7,7 @@ an interrupted ``run`` keeps its finished stages and says how to resume.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,8 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
         set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Run directory to continue (default: "
                                               "output_dir/name, which also resumes when it exists).")) -> None:
-    """Run a recipe's stages; finished stages of an existing run directory are skipped."""
+    """Run a recipe's stages; finished stages of an existing run directory are skipped and an interrupted
+    training stage continues from its last epoch checkpoint. Under torchrun only rank 0 prints."""
     from vitopt.pipeline import run_recipe
     from vitopt.recipe import load_recipe
 
@@ -39,7 +41,8 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
     try:
         run_recipe(r, run_dir=resume, console=console)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted; finished stages are kept - run the same command to resume.[/]")
+        console.print("[yellow]interrupted; finished stages and the last epoch checkpoint are kept - run the same "
+                      "command to resume.[/]")
         raise typer.Exit(130)
 
 
@@ -74,7 +77,7 @@ def _model_dir(path: Path) -> Path:
 
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="Model folder (arch.json + model.safetensors) or run directory.")) -> None:
-    """Print per-block heads, head_dim, mlp hidden, MFLOPs and params of a saved model."""
+    """Print per-block heads, head_dim, mlp hidden, MFLOPs and params of a saved model (any family)."""
     from vitopt.arch.config import load_pruned
     from vitopt.arch.cost import CostModel
 
@@ -83,12 +86,21 @@ def inspect(path: Path = typer.Argument(..., help="Model folder (arch.json + mod
     cm = CostModel(model)
     dims = cm.structure.sizes()
     macs = cm.family.macs(model, dims)
-    table = Table(title=f"{mdir}  ({type(model).__name__}, embed_dim {dims['embed']})")
-    for col in ("block", "heads", "head_dim", "mlp hidden", "MFLOPs"):
+    rows: dict[int, dict] = {}
+    for name, g in cm.structure.groups.items():
+        if g.block is not None:
+            row = rows.setdefault(g.block, {"prefix": name.rsplit(".", 1)[0], "stage": g.stage})
+            row[g.kind] = dims[name]
+    embed = [dims[n] for n, g in cm.structure.groups.items() if g.kind == "embed"]
+    staged = any(r["stage"] is not None for r in rows.values())
+    table = Table(title=f"{mdir}  ({type(model).__name__}, embed_dim {'/'.join(map(str, embed))})")
+    for col in ("block", *(("stage",) if staged else ()), "heads", "head_dim", "mlp hidden", "MFLOPs"):
         table.add_column(col, justify="right")
-    for i in range(len(model.blocks)):
-        table.add_row(str(i), *(str(dims[f"blocks.{i}.{k}"]) for k in ("heads", "head_dim", "mlp")),
-                      f"{2 * macs[f'blocks.{i}'] / 1e6:.2f}")
+    for b in sorted(rows):
+        r = rows[b]
+        table.add_row(str(b), *((str(r["stage"]),) if staged else ()),
+                      *(str(r.get(k, "-")) for k in ("heads", "head_dim", "mlp")),
+                      f"{2 * float(macs[r['prefix']]) / 1e6:.2f}")
     table.caption = (f"total {cm.flops(dims) / 1e6:.2f} MFLOPs (2 x MACs, one image), "
                      f"{cm.params(dims) / 1e6:.4f} M params")
     console.print(table)
@@ -164,12 +176,141 @@ def measure_lut_cmd(path: Path = typer.Argument(..., help="Model folder, or run 
     console.print(f"wrote {out}")
 
 
+# ------------------------------------------------------------------ deployment: validate, targets, build, bundle
+deploy_app = typer.Typer(no_args_is_help=True, help="Deployment bundles for devices (Jetson).")
+app.add_typer(deploy_app, name="deploy")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise VitoptError(f"{what} {text!r} must be comma-separated positive integers, e.g. 1,32.")
+    return values
+
+
+@app.command()
+def validate(artifact: Path = typer.Argument(..., help="Run directory, model folder, .onnx or .engine file."),
+             runtime: list[str] = typer.Option(["onnxruntime"], "--runtime", "-r", help="pytorch, pytorch-compile, "
+                                               "onnxruntime, onnxruntime-cuda or tensorrt (repeatable)."),
+             batch_sizes: str = typer.Option("1,32", help="Latency batch sizes, comma-separated."),
+             data: Optional[Path] = typer.Option(None, help="Validation sample .npz (images, labels); default: the "
+                                                 "validation split of the artifact's run."),
+             threads: int = typer.Option(2, min=1, help="CPU threads of the CPU runtimes."),
+             device: str = typer.Option("cpu", help="cpu or cuda for the PyTorch runtimes."),
+             warmup: int = typer.Option(10, min=0, help="Untimed calls per batch size."),
+             repeats: int = typer.Option(50, min=1, help="Timed calls per batch size."),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the measurements as JSON.")) -> None:
+    """Top-1, agreement with PyTorch and latency p50/p90/p99 of an artifact on one or more runtimes."""
+    from vitopt.deploy.validation import validate_artifact
+    from vitopt.io import atomic_write_json
+
+    res = validate_artifact(artifact, runtime, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), data=data,
+                            threads=threads, device=device, warmup=warmup, repeats=repeats)
+    bss = [str(b) for b in res["batch_sizes"]]
+    table = Table(title=f"{artifact} on {res['num_images']} images ({res['data']})")
+    for col in ["runtime", "top-1 %", "max |dlogit| vs pytorch", "argmax agree"] + [f"p50/p90/p99 ms @{b}" for b in bss]:
+        table.add_column(col, justify="right")
+    for kind, r in res["runtimes"].items():
+        par = r.get("vs_pytorch", {})
+        lat = [f"{r['latency'][b]['p50_ms']:.3f}/{r['latency'][b]['p90_ms']:.3f}/{r['latency'][b]['p99_ms']:.3f}"
+               for b in bss]
+        table.add_row(kind, f"{r['top1']:.2f}", f"{par['max_abs_diff']:.2e}" if par else "-",
+                      f"{par['argmax_agreement']:.4f}" if par else "-", *lat)
+    console.print(table)
+    if out is not None:
+        atomic_write_json(out, res)
+        console.print(f"wrote {out}")
+
+
+@app.command()
+def targets() -> None:
+    """List the deployment target profiles (GPUs and Jetson modules) builds and bundles use."""
+    from vitopt.deploy.targets import load_targets
+
+    table = Table(title="deployment targets (vitopt/deploy/targets.yaml)")
+    for col in ("target", "device", "sm", "memory", "precisions", "DLA", "TensorRT", "batch (min/opt/max)",
+                "workspace"):
+        table.add_column(col)
+    for key, t in load_targets().items():
+        trt = ", ".join(f"{m}.x" for m in t.tensorrt_majors) + (f" (JetPack {t.jetpack})" if t.jetpack else "")
+        table.add_row(key, t.name, t.compute_capability, f"{t.memory_gib:g} GiB", ", ".join(t.precisions),
+                      str(t.dla_cores), trt, "/".join(str(b) for b in t.profile), f"{t.workspace_mib} MiB")
+    console.print(table)
+
+
+@app.command()
+def build(onnx: Path = typer.Argument(..., help="ONNX model (Q/DQ for int8/fp8)."),
+          target: str = typer.Option(..., "--target", "-t", help="Target profile (see `vitopt targets`)."),
+          precision: str = typer.Option("fp16", "--precision", "-p", help="fp32, fp16, bf16, int8 or fp8."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: next to the ONNX)."),
+          trt_major: Optional[int] = typer.Option(None, help="TensorRT major (10 or 11); default: installed, "
+                                                  "else the target's."),
+          profile: Optional[str] = typer.Option(None, help="Batch sizes min,opt,max (default: the target's)."),
+          workspace_mib: Optional[int] = typer.Option(None, min=1, help="Workspace pool in MiB."),
+          opt_level: int = typer.Option(3, min=0, max=5, help="Builder optimization level."),
+          sparsity: bool = typer.Option(False, help="Enable 2:4 sparse weights."),
+          dla_core: Optional[int] = typer.Option(None, min=0, help="DLA core with GPU fallback (Orin)."),
+          version_compatible: bool = typer.Option(False, help="Build a version-compatible engine."),
+          timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file reused across builds."),
+          dry_run: bool = typer.Option(False, help="Only derive the build and write the trtexec command.")) -> None:
+    """Build a TensorRT engine for a target with the Python API and write the equivalent trtexec command."""
+    import shlex
+
+    from vitopt.deploy import tensorrt_build as tb
+    from vitopt.io import atomic_write_text
+
+    info = tb.onnx_info(onnx)
+    major = trt_major
+    if major is None and not dry_run and tb.build_backend() == "tensorrt":
+        major = tb.tensorrt_major(tb.require_tensorrt())
+    cfg = tb.derive_build_config(target, precision, input_name=info.input_name, input_chw=info.input_chw,
+                                 trt_major=major, fixed_batch=info.batch,
+                                 profile=tuple(_int_list(profile, "--profile")) if profile else None,
+                                 workspace_mib=workspace_mib, opt_level=opt_level, sparsity=sparsity,
+                                 dla_core=dla_core, version_compatible=version_compatible)
+    tb.check_graph_precision(cfg, info)
+    out_dir = out or onnx.parent
+    paths = tb.build_paths(out_dir, cfg, timing_cache)
+    cmd = shlex.join(tb.trtexec_command(cfg, onnx, paths["engine"], paths["timing_cache"]))
+    atomic_write_text(paths["trtexec"], "#!/bin/sh\n" + cmd + "\n")
+    console.print(f"trtexec equivalent ({paths['trtexec']}):\n  {cmd}", highlight=False, soft_wrap=True)
+    if dry_run:
+        return
+    if tb.build_backend() != "tensorrt":
+        raise VitoptError(f"TensorRT is not installed, so no engine was built; {tb.TRT_EXTRA_HINT}, or run the "
+                          f"trtexec command above (--dry-run only writes it).")
+    rec = tb.build_engine(onnx, cfg, out_dir, timing_cache=paths["timing_cache"])
+    console.print(f"wrote {rec['engine']} (TensorRT {rec['tensorrt_version']}, {rec['device']}, "
+                  f"{rec['build_seconds']:.1f} s)")
+
+
+@deploy_app.command("bundle")
+def deploy_bundle(run_dir: Path = typer.Argument(..., help="A finished run directory with an export stage."),
+                  target: str = typer.Option(..., "--target", "-t", help="Target profile, e.g. orin-agx."),
+                  out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle folder (default: "
+                                                     "RUN_DIR/bundle-TARGET)."),
+                  precision: Optional[str] = typer.Option(None, help="Default precision of the kit's build."),
+                  samples: int = typer.Option(512, min=1, help="Validation images in sample.npz.")) -> None:
+    """Write a folder to copy to the device: ONNX (+ Q/DQ), sample, labels, trtexec commands, kit script."""
+    from vitopt.deploy.bundle import write_bundle
+
+    m = write_bundle(run_dir, target, out, precision=precision, samples=samples)
+    console.print(f"wrote {m['path']} ({m['target']}, precisions {', '.join(m['builds'])}, "
+                  f"{m['num_images']} sample images); on the device: python3 vitopt_jetson.py")
+
+
 def main() -> None:
     """Console-script entry point: run the app; VitoptError -> one sentence on stderr, exit 2."""
     try:
         app(standalone_mode=False)
     except VitoptError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":            # torchrun: every rank fails alike; rank 0 says so
+            from rich.markup import escape          # messages may hold brackets, e.g. pip install 'vitopt[trt]'
+
+            Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(VitoptError.EXIT_CODE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

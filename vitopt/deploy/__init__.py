@@ -1,7 +1,17 @@
-"""Deployment: ONNX export, runtimes behind one interface, latency measurement.
+"""Deployment: ONNX export, runtimes behind one interface, latency, target profiles, TensorRT, quantization.
 
-TensorRT, quantization and ``torch.compile`` runtimes plug into :func:`register_runtime` later and
-import their optional packages lazily.
+- :mod:`~vitopt.deploy.onnx_export` - ONNX export (opset >= 17) verified in ONNX Runtime;
+- :mod:`~vitopt.deploy.runtimes` - PyTorch (eager, ``torch.compile``), ONNX Runtime (CPU, CUDA EP)
+  and TensorRT (:mod:`~vitopt.deploy.tensorrt_runtime`) behind one :class:`Runtime` interface;
+- :mod:`~vitopt.deploy.latency` - p50/p90/p99 latency per batch size (wall clock or CUDA events);
+- :mod:`~vitopt.deploy.validation` - the same images through any runtimes: top-1, parity, latency;
+- :mod:`~vitopt.deploy.targets` - device profiles (``targets.yaml``);
+- :mod:`~vitopt.deploy.tensorrt_build` - build settings per target and TensorRT line, trtexec lines,
+  engine builds (TensorRT imported lazily, extra ``vitopt[trt]``);
+- :mod:`~vitopt.deploy.quantize` - ModelOpt INT8/FP8 Q/DQ PTQ and FP16 AutoCast (extra ``vitopt[quant]``);
+- :mod:`~vitopt.deploy.bundle` - the Jetson kit folder (``vitopt deploy bundle``).
+
+Optional packages (tensorrt, modelopt, torch_tensorrt) are imported only when used.
 """
 
 from vitopt.deploy.latency import measure_latency
@@ -16,10 +26,13 @@ from vitopt.deploy.runtimes import (
     make_runtime,
     register_runtime,
 )
+from vitopt.deploy.targets import TargetProfile, get_target, load_targets
+from vitopt.deploy.tensorrt_build import BuildConfig, derive_build_config, trtexec_command
 
 __all__ = [
     "export_onnx", "check_onnx", "eager_attention", "export_mode", "op_counts",
     "Runtime", "TorchRuntime", "OrtRuntime", "make_runtime", "register_runtime", "known_runtimes",
     "evaluate_runtime", "compare_logits",
     "measure_latency",
+    "TargetProfile", "get_target", "load_targets", "BuildConfig", "derive_build_config", "trtexec_command",
 ]

@@ -26,7 +26,7 @@ def _positive_int(value: Any) -> bool:
 
 def measure_latency(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[int], batch_sizes: Sequence[int], *,
                     warmup: int = 10, repeats: int = 50, seed: int = 0,
-                    sync: Callable[[], Any] | None = None) -> dict[int, dict[str, float]]:
+                    sync: Callable[[], Any] | None = None, timer: str = "wall") -> dict[int, dict[str, float]]:
     """Measure per-call latency of ``runtime`` at each batch size.
 
     Args:
@@ -39,6 +39,10 @@ def measure_latency(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[
         seed: seed of the fixed standard-normal input (``numpy.random.default_rng``).
         sync: called after every call, warm-up included, inside the timed region; pass the
             device's synchronize for asynchronous (GPU) runtimes. ``None`` for CPU runtimes.
+        timer: ``"wall"`` (``time.perf_counter``) or ``"cuda"``: each sample is the elapsed time
+            between two ``torch.cuda.Event(enable_timing=True)`` recorded before and after the call
+            on the current stream (CUDA best-practices guide, "Using CUDA GPU timers"), after
+            synchronizing on the end event.
 
     Returns:
         ``{batch_size: {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms",
@@ -47,7 +51,8 @@ def measure_latency(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[
         deviation) and ``throughput_img_s = batch_size / p50`` in images per second.
 
     Raises:
-        VitoptError: a bad ``input_shape``, batch size, ``warmup`` or ``repeats``.
+        VitoptError: a bad ``input_shape``, batch size, ``warmup``, ``repeats`` or ``timer``, or
+            ``timer="cuda"`` without a CUDA device.
     """
     if len(input_shape) != 3 or not all(_positive_int(d) for d in input_shape):
         raise VitoptError(f"input_shape {tuple(input_shape)!r} must be three positive integers (C, H, W).")
@@ -58,6 +63,9 @@ def measure_latency(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[
     if not isinstance(repeats, int) or repeats < 1:
         raise VitoptError(f"repeats must be an integer >= 1; got {repeats!r}.")
 
+    if timer not in ("wall", "cuda"):
+        raise VitoptError(f"timer {timer!r} is not known; allowed: 'wall' or 'cuda'.")
+    clock = _cuda_clock() if timer == "cuda" else _wall_clock
     results: dict[int, dict[str, float]] = {}
     for bs in dict.fromkeys(int(b) for b in batch_sizes):
         rng = np.random.default_rng(seed)
@@ -68,11 +76,7 @@ def measure_latency(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[
                 sync()
         samples = np.empty(repeats, dtype=np.float64)
         for i in range(repeats):
-            t0 = time.perf_counter()
-            runtime(x)
-            if sync is not None:
-                sync()
-            samples[i] = time.perf_counter() - t0
+            samples[i] = clock(lambda: (runtime(x), sync() if sync is not None else None))
         ms = samples * 1e3
         p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
         results[bs] = {
@@ -87,3 +91,28 @@ def measure_latency(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[
             "repeats": repeats,
         }
     return results
+
+
+def _wall_clock(call: Callable[[], Any]) -> float:
+    """Seconds ``call()`` takes by ``time.perf_counter``."""
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def _cuda_clock() -> Callable[[Callable[[], Any]], float]:
+    """A clock timing ``call()`` with a pair of CUDA events (seconds)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise VitoptError("timer 'cuda' needs a CUDA device and none is visible; use timer 'wall'.")
+
+    def clock(call: Callable[[], Any]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return clock

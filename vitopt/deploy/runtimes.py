@@ -3,12 +3,14 @@
 A runtime takes a float32 NCHW batch as a NumPy array and returns float32 logits ``[B, classes]``
 as a NumPy array, so accuracy (:func:`evaluate_runtime`) and latency
 (:func:`vitopt.deploy.latency.measure_latency`) are measured the same way for PyTorch, onnxruntime
-and, later, TensorRT or ``torch.compile``. New runtimes are added with :func:`register_runtime`::
+``torch.compile`` and TensorRT (:mod:`vitopt.deploy.tensorrt_runtime`, imported lazily). Registered
+kinds: ``pytorch``, ``pytorch-compile``, ``onnxruntime``, ``onnxruntime-cuda``, ``tensorrt``. New
+runtimes are added with :func:`register_runtime`::
 
-    @register_runtime("tensorrt")
-    def _make_trt(*, model=None, onnx_path=None, threads=2, **options) -> Runtime:
-        from vitopt.deploy.tensorrt import TrtRuntime   # lazy: tensorrt may be missing
-        return TrtRuntime(engine_path=options["engine_path"])
+    @register_runtime("my-runtime")
+    def _make_mine(*, model=None, onnx_path=None, threads=2, **options) -> Runtime:
+        from my_package import MyRuntime   # lazy: optional packages may be missing
+        return MyRuntime(onnx_path, **options)
 
 A GPU runtime should also expose ``sync()`` (e.g. ``torch.cuda.synchronize``) for
 :func:`~vitopt.deploy.latency.measure_latency`'s ``sync`` hook.
@@ -56,14 +58,22 @@ def _as_batch(x: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class TorchRuntime:
-    """Run an ``nn.Module`` eagerly in eval mode under ``torch.no_grad()``.
+    """Run an ``nn.Module`` in eval mode under ``torch.no_grad()``, eagerly or through ``torch.compile``.
 
     Args:
         model: the classifier; it returns logits ``[B, classes]`` in eval mode. It is moved to
             ``device`` (``nn.Module.to`` is in place) and switched to eval mode; :meth:`close`
             restores each submodule's ``training`` flag.
         device: torch device for the model and inputs (``"cpu"``, ``"cuda:0"``).
+        dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"``: the model's parameters and the input are cast to it
+            (restored by :meth:`close`); fp16 is meant for CUDA.
+        compile: wrap the model in ``torch.compile`` (PyTorch docs, "torch.compile"); the first
+            calls compile (count them as warm-up). The runtime's name becomes ``"pytorch-compile"``.
+        compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` for tests).
         threads: if given, ``torch.set_num_threads(threads)`` while the runtime is open; the previous
             value is restored by :meth:`close` (PyTorch docs, "CPU threading and TorchScript
             inference"). Set once, not per call: re-sizing the intra-op pool costs far more than a
@@ -72,24 +82,34 @@ class TorchRuntime:
     Calling: float32 ``[B, C, H, W]`` ndarray -> float32 ``[B, classes]`` ndarray.
 
     Raises:
-        VitoptError: ``threads`` < 1, a bad input array, a model output that is not one tensor,
-            or a call after :meth:`close`.
+        VitoptError: ``threads`` < 1, an unknown dtype, a CUDA device without CUDA, a bad input
+            array, a model output that is not one tensor, or a call after :meth:`close`.
     """
 
     name = "pytorch"
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", threads: int | None = None) -> None:
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", threads: int | None = None,
+                 dtype: str = "fp32", compile: bool = False, compile_backend: str = "inductor") -> None:
         if not isinstance(model, nn.Module):
             raise VitoptError(f"the pytorch runtime needs an nn.Module; got {type(model).__name__}.")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise VitoptError(f"threads must be a positive integer or None; got {threads!r}.")
+        if dtype not in _TORCH_DTYPES:
+            raise VitoptError(f"pytorch runtime dtype {dtype!r} is not supported; allowed: {', '.join(_TORCH_DTYPES)}.")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise VitoptError(f"device {device!r} was asked for but no CUDA device is visible; use device 'cpu'.")
         self.threads = threads
+        self.dtype = _TORCH_DTYPES[dtype]
         self._saved_training = [(m, m.training) for m in model.modules()]
+        self._saved_dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self._saved_threads = torch.get_num_threads()
         if threads is not None and threads != self._saved_threads:
             torch.set_num_threads(threads)
-        self.model: nn.Module | None = model.to(self.device).eval()
+        self.model: nn.Module | None = model.to(self.device, self.dtype).eval()
+        self._forward = torch.compile(self.model, backend=compile_backend) if compile else self.model
+        if compile:
+            self.name = "pytorch-compile"
 
     def sync(self) -> None:
         """Wait for queued device work (CUDA); a no-op on CPU. Pass as ``measure_latency(sync=...)``."""
@@ -101,7 +121,7 @@ class TorchRuntime:
             raise VitoptError("this pytorch runtime was closed; make a new one.")
         x = _as_batch(x, "the pytorch runtime")
         with torch.no_grad():
-            out = self.model(torch.from_numpy(x).to(self.device))
+            out = self._forward(torch.from_numpy(x).to(self.device, self.dtype))
         if not isinstance(out, torch.Tensor):
             raise VitoptError(f"{type(self.model).__name__} returned {type(out).__name__} in eval mode; the pytorch "
                               "runtime needs one logits tensor [B, classes].")
@@ -115,8 +135,11 @@ class TorchRuntime:
             torch.set_num_threads(self._saved_threads)
         for m, training in self._saved_training:
             m.training = training
+        if self.dtype != self._saved_dtype:
+            self.model.to(self._saved_dtype)
         self._saved_training = []
         self.model = None
+        self._forward = None
 
 
 class OrtRuntime:
@@ -209,11 +232,51 @@ def known_runtimes() -> list[str]:
 
 @register_runtime("pytorch")
 def _make_torch(*, model: nn.Module | None = None, onnx_path: Any = None, threads: int | None = 2,
-                device: str | torch.device = "cpu", **options: Any) -> Runtime:
+                device: str | torch.device = "cpu", dtype: str = "fp32", **options: Any) -> Runtime:
     if model is None:
         raise VitoptError("runtime 'pytorch' needs a model (make_runtime('pytorch', model=...)).")
     _no_extra("pytorch", options)
-    return TorchRuntime(model, device=device, threads=threads)
+    return TorchRuntime(model, device=device, threads=threads, dtype=dtype)
+
+
+@register_runtime("pytorch-compile")
+def _make_torch_compile(*, model: nn.Module | None = None, onnx_path: Any = None, threads: int | None = 2,
+                        device: str | torch.device = "cpu", dtype: str = "fp32", compile_backend: str = "inductor",
+                        **options: Any) -> Runtime:
+    if model is None:
+        raise VitoptError("runtime 'pytorch-compile' needs a model (make_runtime('pytorch-compile', model=...)).")
+    _no_extra("pytorch-compile", options)
+    return TorchRuntime(model, device=device, threads=threads, dtype=dtype, compile=True,
+                        compile_backend=compile_backend)
+
+
+@register_runtime("onnxruntime-cuda")
+def _make_ort_cuda(*, model: nn.Module | None = None, onnx_path: Any = None, threads: int = 2, **options: Any) -> Runtime:
+    if onnx_path is None:
+        raise VitoptError("runtime 'onnxruntime-cuda' needs an ONNX file (make_runtime('onnxruntime-cuda', "
+                          "onnx_path=...); export one first).")
+    _no_extra("onnxruntime-cuda", options)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise VitoptError("runtime 'onnxruntime-cuda' needs onnxruntime's CUDAExecutionProvider, which this "
+                          "onnxruntime lacks; replace it with `pip uninstall -y onnxruntime && pip install "
+                          "onnxruntime-gpu`.")
+    rt = OrtRuntime(onnx_path, threads=threads, providers=["CUDAExecutionProvider"])
+    rt.name = "onnxruntime-cuda"
+    return rt
+
+
+@register_runtime("tensorrt")
+def _make_trt(*, model: nn.Module | None = None, onnx_path: Any = None, threads: int = 2,
+              engine_path: Any = None, device: int = 0, **options: Any) -> Runtime:
+    if engine_path is None:
+        raise VitoptError("runtime 'tensorrt' needs an engine file (make_runtime('tensorrt', engine_path=...); "
+                          "build one with `vitopt build` or a build stage).")
+    _no_extra("tensorrt", options)
+    from vitopt.deploy.tensorrt_runtime import TrtRuntime  # lazy: tensorrt may be missing
+
+    return TrtRuntime(engine_path, device=device)
 
 
 @register_runtime("onnxruntime")
@@ -236,8 +299,10 @@ def make_runtime(kind: str, *, model: nn.Module | None = None, onnx_path: str | 
     """Build a registered runtime by kind.
 
     Args:
-        kind: ``"pytorch"`` (needs ``model``; option ``device``) or ``"onnxruntime"`` (needs
-            ``onnx_path``; option ``providers``); more kinds via :func:`register_runtime`.
+        kind: ``"pytorch"`` / ``"pytorch-compile"`` (need ``model``; options ``device``, ``dtype``,
+            and ``compile_backend`` for the latter), ``"onnxruntime"`` (needs ``onnx_path``; option
+            ``providers``), ``"onnxruntime-cuda"`` (ORT's CUDA execution provider) or ``"tensorrt"``
+            (needs option ``engine_path``; option ``device``); more kinds via :func:`register_runtime`.
         model: the ``nn.Module`` for model-based runtimes.
         onnx_path: the ``.onnx`` file for ONNX-based runtimes.
         threads: CPU threads (intra-op) the runtime may use.

@@ -25,10 +25,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic_core import PydanticCustomError
 
 __all__ = [
-    "GROUPS", "Group", "ModelConfig", "DigitsData", "ImageFolderData", "DataConfig", "LogConfig",
-    "TrainingStage", "TrainStage", "SparseTrainStage", "Target", "Shape", "Calibration", "Iterative",
+    "GROUPS", "Group", "ModelConfig", "DigitsData", "ImageFolderData", "Cifar10Data", "Cifar100Data", "Augment",
+    "DataConfig", "LogConfig",
+    "TrainingStage", "TrainStage", "SparseTrainStage", "AttentionReg", "SViTEOptions", "S2ViTEOptions",
+    "TokenSelectorOptions", "Semi24Options", "SPARSE_METHOD_OPTIONS", "Target", "Shape", "Calibration", "Iterative",
     "PruneStage", "KDConfig",
-    "FinetuneStage", "ExportStage", "ValidateStage", "StageConfig", "STAGE_TYPES", "DATA_TYPES",
+    "FinetuneStage", "ExportStage", "QuantizeStage", "BuildStage", "ValidateStage", "StageConfig",
+    "STAGE_TYPES", "DATA_TYPES",
     "Recipe",
 ]
 
@@ -97,17 +100,63 @@ class DigitsData(_DataBase):
         default=0.2, gt=0, lt=1, description="Fraction of the images held out (stratified) for validation.")
 
 
-class ImageFolderData(_DataBase):
+class Augment(_Config):
+    """Training augmentation and evaluation crop through timm's transform factory (``timm.data.create_transform``).
+
+    Train: RandomResizedCrop(``scale``) + horizontal flip + RandAugment (``auto_augment``) + normalize +
+    random erasing (``re_prob``); Mixup / CutMix on batches when ``mixup`` / ``cutmix`` > 0 (timm
+    ``Mixup``; Zhang et al. 2018, Yun et al. 2019). Eval: resize to size / ``crop_pct`` + center crop.
+    DeiT's ImageNet recipe: ``rand-m9-mstd0.5-inc1``, ``re_prob: 0.25``, ``mixup: 0.8``, ``cutmix: 1.0``.
+    """
+
+    auto_augment: str | None = Field(default="rand-m9-mstd0.5-inc1",
+                                     description="timm auto-augment policy string (RandAugment: 'rand-m9-mstd0.5-inc1'); "
+                                                 "null: none.")
+    re_prob: float = Field(default=0.25, ge=0, le=1, description="Random erasing probability (Zhong et al. 2020).")
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default=(0.08, 1.0), description="Area range of RandomResizedCrop, as fractions of the image.")
+    hflip: float = Field(default=0.5, ge=0, le=1, description="Horizontal flip probability.")
+    crop_pct: float | None = Field(default=None, gt=0, le=1,
+                                   description="Eval center-crop fraction; null: the model's pretrained_cfg (else 0.875).")
+    mixup: float = Field(default=0.0, ge=0, description="Mixup alpha; 0 turns Mixup off.")
+    cutmix: float = Field(default=0.0, ge=0, description="CutMix alpha; 0 turns CutMix off.")
+
+
+class _FileData(_DataBase):
+    """Fields of datasets read from files: augmentation and what to do with unreadable images."""
+
+    augment: Augment | None = Field(default_factory=Augment,
+                                    description="timm train augmentation / eval crop; null: plain resize, no augmentation.")
+    skip_corrupt: bool = Field(default=False, description="Skip (and count) unreadable or corrupt images instead of "
+                                                          "stopping with the file's name.")
+
+
+class ImageFolderData(_FileData):
     """A torchvision ImageFolder tree: ``root/train/<class>/*`` and ``root/val/<class>/*``."""
 
     type: Literal["imagefolder"] = Field(default="imagefolder", description="Dataset type tag.")
     root: Path = Field(description="Directory holding the train/ and val/ class folders.")
 
 
-DataConfig = Annotated[Union[DigitsData, ImageFolderData], Field(discriminator="type")]
+class Cifar10Data(_FileData):
+    """CIFAR-10 in its python-pickle layout on disk (``cifar-10-batches-py/data_batch_1..5, test_batch``)."""
+
+    type: Literal["cifar10"] = Field(default="cifar10", description="Dataset type tag.")
+    root: Path = Field(description="Folder holding cifar-10-batches-py/ (or that folder itself).")
+
+
+class Cifar100Data(_FileData):
+    """CIFAR-100 in its python-pickle layout on disk (``cifar-100-python/train, test, meta``), fine labels."""
+
+    type: Literal["cifar100"] = Field(default="cifar100", description="Dataset type tag.")
+    root: Path = Field(description="Folder holding cifar-100-python/ (or that folder itself).")
+
+
+DataConfig = Annotated[Union[DigitsData, ImageFolderData, Cifar10Data, Cifar100Data], Field(discriminator="type")]
 """A dataset, chosen by its ``type`` key."""
 
-DATA_TYPES: dict[str, type[_DataBase]] = {"digits": DigitsData, "imagefolder": ImageFolderData}
+DATA_TYPES: dict[str, type[_DataBase]] = {"digits": DigitsData, "imagefolder": ImageFolderData,
+                                          "cifar10": Cifar10Data, "cifar100": Cifar100Data}
 
 
 class LogConfig(_Config):
@@ -128,11 +177,24 @@ class _StageBase(_Config):
                     "Letters, digits, '.', '_' and '-'.")
 
 
+class AttentionReg(_Config):
+    """Sparse-then-Prune's attention-sparsity regularizer (Prasetyo, Yudistira, Widodo 2023, arXiv 2307.11988).
+
+    Adds ``weight * mean(log(1 + A^2))`` over the softmax attention maps ``A`` to the training loss.
+    """
+
+    weight: float = Field(default=1e-2, gt=0, description="Factor of the mean log(1 + A^2) penalty.")
+    blocks: Literal["all", "last"] = Field(
+        default="all", description="Maps of every block ('all') or of the last block only ('last', as the paper's "
+                                   "reference code).")
+
+
 class TrainingStage(_StageBase):
     """Hyper-parameters shared by stages that run the training loop (AdamW, warmup + cosine decay)."""
 
     epochs: int = Field(ge=1, description="Number of passes over the training set.")
-    batch_size: int = Field(default=64, ge=1, description="Images per optimizer step (per process).")
+    batch_size: int = Field(default=64, ge=1, description="Images per optimizer step (global: a torchrun job of N "
+                                                          "processes loads batch_size / N per process).")
     lr: float = Field(default=1e-3, gt=0, description="Peak AdamW learning rate, reached after warmup.")
     min_lr: float = Field(default=1e-5, ge=0, description="Learning rate at the end of the cosine decay; <= lr.")
     weight_decay: float = Field(default=0.05, ge=0,
@@ -142,6 +204,15 @@ class TrainingStage(_StageBase):
     label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy target.")
     grad_clip: float | None = Field(default=None, gt=0,
                                     description="Clip the global gradient norm to this value; null: no clipping.")
+    amp: Literal["bf16", "fp16"] | None = Field(
+        default=None, description="Mixed precision of the forward pass: 'bf16' (CUDA or CPU), 'fp16' (CUDA only, "
+                                  "with gradient scaling), null: fp32.")
+    ema: float | None = Field(default=None, gt=0, lt=1,
+                              description="Decay of an exponential moving average of the weights (e.g. 0.9998); "
+                                          "the stage ends with the EMA weights. null: no EMA.")
+    attention_reg: AttentionReg | None = Field(
+        default=None, description="Add Sparse-then-Prune's attention-sparsity penalty (arXiv 2307.11988) to the "
+                                  "loss; null: off.")
 
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainingStage:
@@ -159,27 +230,116 @@ class TrainStage(TrainingStage):
     type: Literal["train"] = Field(default="train", description="Stage type tag.")
 
 
-class SparseTrainStage(TrainingStage):
-    """Training with learnable per-unit gates and an L1 penalty on them (VTP, arXiv 2104.08500).
+class SViTEOptions(_Config):
+    """SViTE unstructured dynamic sparse training (Chen et al. 2021, arXiv 2106.04533; RigL / SET updates)."""
 
-    One gate per unit of each group in ``groups`` scales that unit's slice; the loss adds
-    ``lambda * sum(|gate|)``. A later ``prune`` stage with ``criterion: gate`` ranks units by gate
-    magnitude.
+    density: float = Field(default=0.5, gt=0, lt=1,
+                           description="Overall kept fraction of the blocks' Linear weights (SViTE: 0.3-0.5).")
+    distribution: Literal["erk", "uniform"] = Field(
+        default="erk", description="Per-layer density allocation: Erdos-Renyi-Kernel ('erk') or 'uniform'.")
+    growth: Literal["gradient", "random"] = Field(
+        default="gradient", description="Regrow by dense-gradient magnitude ('gradient', RigL) or at random ('random', SET).")
+    death_rate: float = Field(default=0.5, ge=0, lt=1,
+                              description="Initial fraction of active weights dropped and regrown per update; "
+                                          "cosine-decayed to 0 at t_end.")
+    update_interval: int = Field(default=100, ge=1, description="Optimizer steps between mask updates.")
+    t_end: float = Field(default=0.8, gt=0, le=1, description="Fraction of the stage's steps after which masks freeze.")
+
+
+class S2ViTEOptions(_Config):
+    """S2ViTE structured dynamic sparse training of heads and MLP neurons (Chen et al. 2021, arXiv 2106.04533)."""
+
+    head_density: float = Field(default=0.5, gt=0, le=1, description="Kept fraction of heads in every block.")
+    mlp_density: float = Field(default=0.5, gt=0, le=1, description="Kept fraction of MLP hidden neurons in every block.")
+    death_rate: float = Field(default=0.5, ge=0, lt=1,
+                              description="Initial fraction of active units swapped per update; cosine-decayed to 0.")
+    update_interval: int = Field(default=100, ge=1, description="Optimizer steps between unit swaps.")
+    t_end: float = Field(default=0.8, gt=0, le=1, description="Fraction of the stage's steps after which masks freeze.")
+
+
+class TokenSelectorOptions(_Config):
+    """SViTE+'s learnable token selector (Chen et al. 2021, arXiv 2106.04533): top-k Gumbel-softmax."""
+
+    keep: float = Field(default=0.7, gt=0, lt=1,
+                        description="Fraction of patch tokens kept after the selector (the class token is always kept).")
+    after_block: int = Field(default=0, ge=0, description="Blocks with index > after_block see only the kept tokens.")
+    tau: float = Field(default=1.0, gt=0, description="Gumbel-softmax temperature at the start of the stage.")
+    tau_end: float = Field(default=0.1, gt=0, description="Temperature at the end (linear decay).")
+    density: float | None = Field(default=None, gt=0, lt=1,
+                                  description="Also train unstructured SViTE masks at this density; null: dense weights.")
+
+
+class Semi24Options(_Config):
+    """2:4 semi-structured sparsity for Sparse Tensor Cores (Mishra et al. 2021, arXiv 2104.08378)."""
+
+    layers: Annotated[list[Literal["qkv", "proj", "fc1", "fc2"]], AfterValidator(_unique)] = Field(
+        default=["qkv", "proj", "fc1", "fc2"], description="Block Linears converted to 2:4 (non-empty, no repeats).")
+
+
+#: sparse_train method -> the key of its options block (None: options are the flat VTP keys).
+SPARSE_METHOD_OPTIONS: dict[str, str | None] = {"vtp": None, "svite": "svite", "s2vite": "s2vite",
+                                                "svite_plus": "svite_plus", "semi24": "semi24"}
+_VTP_KEYS = {"lambda_": "lambda", "groups": "groups", "threshold": "threshold", "gate_lr": "gate_lr"}
+
+
+class SparseTrainStage(TrainingStage):
+    """Training-time sparsity; ``method`` picks one, and only that method's options are accepted.
+
+    * ``vtp``: learnable per-unit gates with an L1 penalty (Zhu, Tang, Han 2021, arXiv 2104.08500); options
+      ``lambda``, ``groups``, ``threshold``, ``gate_lr``. A later ``prune`` with ``criterion: gate`` ranks
+      units by gate magnitude.
+    * ``svite``: unstructured DST (SViTE, arXiv 2106.04533); options under ``svite:``.
+    * ``s2vite``: structured DST of heads and MLP neurons, ending with surgery (S2ViTE); ``s2vite:``.
+    * ``svite_plus``: learnable token selector (SViTE+); ``svite_plus:``.
+    * ``semi24``: fixed 2:4 masks for Sparse Tensor Cores; ``semi24:``.
+
+    ``attention_reg`` (Sparse-then-Prune) combines with any method.
     """
 
     type: Literal["sparse_train"] = Field(default="sparse_train", description="Stage type tag.")
-    method: Literal["vtp"] = Field(
-        default="vtp", description="Sparsity method: 'vtp' (Zhu, Tang, Han 2021, arXiv 2104.08500).")
+    method: Literal["vtp", "svite", "s2vite", "svite_plus", "semi24"] = Field(
+        default="vtp", description="Sparsity method: 'vtp' (arXiv 2104.08500), 'svite' / 's2vite' / 'svite_plus' "
+                                   "(arXiv 2106.04533) or 'semi24' (2:4 for Sparse Tensor Cores).")
     lambda_: float = Field(
         default=1e-4, ge=0, alias="lambda",
-        description="Weight of the L1 penalty on the gates; VTP (Zhu, Tang, Han 2021, arXiv 2104.08500) uses ~1e-4.")
+        description="vtp: weight of the L1 penalty on the gates; VTP (Zhu, Tang, Han 2021, arXiv 2104.08500) uses ~1e-4.")
     groups: BlockGroupList = Field(
-        default=["heads", "head_dim", "mlp"], description="Group kinds that get gates (per block: heads, "
+        default=["heads", "head_dim", "mlp"], description="vtp: group kinds that get gates (per block: heads, "
                                                           "head_dim, mlp); non-empty, no repeats.")
     threshold: float = Field(
-        default=0.05, gt=0, description="Gate magnitude below which a unit counts as 'off' in the logs.")
+        default=0.05, gt=0, description="vtp: gate magnitude below which a unit counts as 'off' in the logs.")
     gate_lr: float | None = Field(
-        default=None, gt=0, description="Learning rate of the gates; null: the stage's lr.")
+        default=None, gt=0, description="vtp: learning rate of the gates; null: the stage's lr.")
+    svite: SViTEOptions | None = Field(default=None, description="Options of method 'svite' (defaults when omitted).")
+    s2vite: S2ViTEOptions | None = Field(default=None, description="Options of method 's2vite' (defaults when omitted).")
+    svite_plus: TokenSelectorOptions | None = Field(
+        default=None, description="Options of method 'svite_plus' (defaults when omitted).")
+    semi24: Semi24Options | None = Field(default=None, description="Options of method 'semi24' (defaults when omitted).")
+
+    @model_validator(mode="after")
+    def _method_options(self) -> SparseTrainStage:
+        """Reject options that belong to another method; fill in the chosen method's default options."""
+        own = SPARSE_METHOD_OPTIONS[self.method]
+        if self.method != "vtp":
+            given = [yaml for field, yaml in _VTP_KEYS.items() if field in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]!r} is an option of method 'vtp', not {self.method!r} "
+                                 f"(allowed: the {own!r} block)")
+        for key in ("svite", "s2vite", "svite_plus", "semi24"):
+            if key != own and getattr(self, key) is not None:
+                raise ValueError(f"{key!r} holds options of method {key!r}, but method is {self.method!r} "
+                                 f"(allowed: {'the flat vtp keys lambda, groups, threshold, gate_lr' if own is None else repr(own)})")
+        if own is not None and getattr(self, own) is None:
+            default = {"svite": SViTEOptions, "s2vite": S2ViTEOptions, "svite_plus": TokenSelectorOptions,
+                       "semi24": Semi24Options}[own]()
+            object.__setattr__(self, own, default)
+        return self
+
+    @property
+    def options(self) -> Any:
+        """The chosen method's options block (None for ``vtp``, whose options are the flat keys)."""
+        own = SPARSE_METHOD_OPTIONS[self.method]
+        return None if own is None else getattr(self, own)
 
 
 class Shape(_Config):
@@ -237,15 +397,29 @@ class Iterative(_Config):
     batch_size: int = Field(default=64, ge=1, description="Batch size of the recovery steps.")
 
 
+class SearchOptions(_Config):
+    """SiDT-style dimension search (Xue et al. 2022, arXiv 2204.07722): gates on every unit trained under a
+    FLOPs target with the weights frozen; the final gate magnitudes are the importance."""
+
+    steps: int = Field(default=100, ge=1, description="Gate optimisation steps (calibration batches, cycled).")
+    lr: float = Field(default=0.02, gt=0, description="Adam learning rate of the gates.")
+    penalty: float = Field(default=5.0, gt=0, description="Weight of |expected FLOPs / dense FLOPs - target| "
+                                                          "in the search loss.")
+
+
 class PruneStage(_StageBase):
     """Structured pruning: score units, allocate a budget, then physically remove the dropped units."""
 
     type: Literal["prune"] = Field(default="prune", description="Stage type tag.")
-    criterion: Literal["gate", "l1", "taylor", "hessian", "kl"] = Field(
+    criterion: Literal["gate", "l1", "taylor", "hessian", "kl", "search"] = Field(
         default="l1", description="Importance of a unit: 'gate' (|gate| from an earlier sparse_train stage, VTP), "
                                   "'l1' (L1 norm of the unit's weights), 'taylor' (|sum w*dL/dw|, Molchanov 2019), "
                                   "'hessian' (NViT's (sum w*dL/dw)^2), 'kl' (UP-ViTs: KL to the unpruned model "
-                                  "when the unit alone is removed).")
+                                  "when the unit alone is removed), 'search' (SiDT-style: gates trained under the "
+                                  "FLOPs target; their final magnitudes).")
+    search: SearchOptions = Field(default_factory=SearchOptions,
+                                  description="Settings of criterion 'search' (its data: calibration.batches "
+                                              "batches of calibration.batch_size).")
     target: Target = Field(description="Budget of the pruned model (a fraction of the dense model, a latency "
                                        "in ms, or an exact shape).")
     scope: Literal["global", "uniform"] = Field(
@@ -278,6 +452,9 @@ class PruneStage(_StageBase):
                              "(allowed criteria: l1, taylor, hessian, kl)")
         if self.target.shape is not None and self.schedule == "iterative":
             raise ValueError("target.shape is applied in one shot (allowed schedule: one_shot)")
+        if self.criterion == "search" and self.target.flops is None and self.target.params is None:
+            raise ValueError("criterion 'search' trains its gates towards a cost fraction (allowed targets: "
+                             "flops, params)")
         return self
 
     def round_for(self, group: str) -> int:
@@ -325,9 +502,14 @@ class ValidateStage(_StageBase):
     """Accuracy and latency of the current model on the validation set, per runtime and batch size."""
 
     type: Literal["validate"] = Field(default="validate", description="Stage type tag.")
-    runtimes: Annotated[list[Literal["pytorch", "onnxruntime"]], AfterValidator(_unique)] = Field(
+    runtimes: Annotated[list[Literal["pytorch", "pytorch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"]],
+                        AfterValidator(_unique)] = Field(
         default=["pytorch", "onnxruntime"],
-            description="Runtimes to measure; 'onnxruntime' needs an earlier export stage.")
+            description="Runtimes to measure: 'pytorch' (eager), 'pytorch-compile' (torch.compile), 'onnxruntime' "
+                        "(CPU), 'onnxruntime-cuda' (CUDA execution provider) and 'tensorrt'; the ONNX runtimes need "
+                        "an earlier export stage, 'tensorrt' an earlier build stage.")
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu", description="Device of the PyTorch runtimes; 'cuda' times them with CUDA events.")
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         default=[1, 32], min_length=1, description="Batch sizes at which latency is measured.")
     warmup: int = Field(default=10, ge=0, description="Untimed iterations before measuring.")
@@ -335,8 +517,53 @@ class ValidateStage(_StageBase):
     threads: int = Field(default=2, ge=1, description="CPU threads for the CPU runtimes.")
 
 
+class QuantizeStage(_StageBase):
+    """Post-training quantization of the exported ONNX with NVIDIA ModelOpt (extra ``vitopt[quant]``).
+
+    ``int8``/``fp8`` insert Q/DQ nodes calibrated on training images (TensorRT explicit quantization);
+    ``fp16``/``bf16`` convert with ModelOpt AutoCast for strongly typed TensorRT 11 builds. The
+    quantized model's ONNX Runtime CPU top-1 is compared with the fp32 model's (int8, fp16).
+    """
+
+    type: Literal["quantize"] = Field(default="quantize", description="Stage type tag.")
+    precision: Literal["int8", "fp8", "fp16", "bf16"] = Field(
+        default="int8", description="'int8' or 'fp8' (Q/DQ PTQ; fp8 needs an sm >= 8.9 target), or 'fp16'/'bf16' "
+                                    "(AutoCast conversion for strongly typed TensorRT 11).")
+    calibration_images: int = Field(default=512, ge=1,
+                                    description="Training images drawn (seeded) to calibrate int8/fp8 scales.")
+    calibration_method: Literal["entropy", "max"] = Field(
+        default="entropy", description="int8 scale calibration: 'entropy' (KL) or 'max' (fp8 always uses max).")
+    threads: int = Field(default=2, ge=1, description="CPU threads of the ONNX Runtime accuracy check.")
+
+
+class BuildStage(_StageBase):
+    """A TensorRT engine for a target profile (``vitopt targets``), built with the TensorRT Python API."""
+
+    type: Literal["build"] = Field(default="build", description="Stage type tag.")
+    target: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$",
+                        description="Target profile key, e.g. h100, a100, l4, orin-agx, orin-nx, orin-nano.")
+    precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = Field(
+        default="fp16", description="Engine precision; int8/fp8 build the Q/DQ model of an earlier quantize stage.")
+    trt_major: Literal[10, 11] | None = Field(
+        default=None, description="TensorRT major version to build for; null: the installed one (else the "
+                                  "target's default).")
+    profile: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)] | None = Field(
+        default=None, description="Optimization profile batch sizes [min, opt, max]; null: the target's defaults.")
+    workspace_mib: int | None = Field(default=None, ge=1,
+                                      description="Builder workspace pool in MiB; null: the target's default.")
+    opt_level: int = Field(default=3, ge=0, le=5, description="TensorRT builder optimization level (0-5).")
+    sparsity: bool = Field(default=False, description="Enable 2:4 sparse weights (SPARSE_WEIGHTS flag).")
+    dla_core: int | None = Field(default=None, ge=0,
+                                 description="Run on this DLA core with GPU fallback (Orin AGX/NX, TensorRT 10).")
+    version_compatible: bool = Field(default=False, description="Build a version-compatible engine.")
+    timing_cache: Path | None = Field(
+        default=None, description="Timing cache file reused across builds; null: timing_<target>.cache in the "
+                                  "run directory.")
+
+
 StageConfig = Annotated[
-    Union[TrainStage, SparseTrainStage, PruneStage, FinetuneStage, ExportStage, ValidateStage],
+    Union[TrainStage, SparseTrainStage, PruneStage, FinetuneStage, ExportStage, QuantizeStage, BuildStage,
+          ValidateStage],
     Field(discriminator="type"),
 ]
 """One stage, chosen by its ``type`` key."""
@@ -347,6 +574,8 @@ STAGE_TYPES: dict[str, type[_StageBase]] = {
     "prune": PruneStage,
     "finetune": FinetuneStage,
     "export": ExportStage,
+    "quantize": QuantizeStage,
+    "build": BuildStage,
     "validate": ValidateStage,
 }
 
@@ -389,9 +618,12 @@ class Recipe(_Config):
 
         Rules: ``prune`` with ``criterion: gate`` needs an earlier ``sparse_train``; ``validate`` with
         ``onnxruntime`` needs an earlier ``export``; ``finetune`` with ``kd.enabled`` needs an earlier
-        ``prune`` (the teacher is the model before pruning); explicit stage names are unique.
+        ``prune`` (the teacher is the model before pruning); ``quantize`` and ``build`` need an earlier
+        ``export``; an int8/fp8 ``build`` needs an earlier ``quantize`` of that precision; ``validate``
+        with ``tensorrt`` needs an earlier ``build``; explicit stage names are unique.
         """
         seen: set[str] = set()
+        quant_precisions: set[str] = set()
         names: dict[str, int] = {}
         for i, stage in enumerate(self.stages):
             if stage.name is not None:
@@ -402,7 +634,21 @@ class Recipe(_Config):
             if isinstance(stage, PruneStage) and stage.criterion == "gate" and "sparse_train" not in seen:
                 raise _order_error(i, "a prune stage with criterion 'gate' needs an earlier sparse_train stage to "
                                       "learn the gates (allowed: criterion 'l1', or a sparse_train stage before it)")
-            if isinstance(stage, ValidateStage) and "onnxruntime" in stage.runtimes and "export" not in seen:
+            if isinstance(stage, (QuantizeStage, BuildStage)) and "export" not in seen:
+                raise _order_error(i, f"a {stage.type} stage needs an earlier export stage for its ONNX model "
+                                      "(allowed: an export stage before it)")
+            if (isinstance(stage, BuildStage) and stage.precision in ("int8", "fp8")
+                    and stage.precision not in quant_precisions):
+                raise _order_error(i, f"a build with precision {stage.precision} needs an earlier quantize stage "
+                                      f"with precision {stage.precision} for its Q/DQ model (allowed: add one, "
+                                      "or precision fp16)")
+            if isinstance(stage, QuantizeStage):
+                quant_precisions.add(stage.precision)
+            if isinstance(stage, ValidateStage) and "tensorrt" in stage.runtimes and "build" not in seen:
+                raise _order_error(i, "a validate stage with runtime 'tensorrt' needs an earlier build stage "
+                                      "(allowed: a build stage before it, or other runtimes)")
+            if (isinstance(stage, ValidateStage) and {"onnxruntime", "onnxruntime-cuda"} & set(stage.runtimes)
+                    and "export" not in seen):
                 raise _order_error(i, "a validate stage with runtime 'onnxruntime' needs an earlier export stage "
                                       "(allowed: an export stage before it, or runtimes: [pytorch])")
             if isinstance(stage, FinetuneStage) and stage.kd.enabled and "prune" not in seen:
@@ -410,4 +656,6 @@ class Recipe(_Config):
                                       "teacher is the model before pruning (allowed: a prune stage before it, or "
                                       "kd.enabled: false)")
             seen.add(stage.type)
+            if isinstance(stage, SparseTrainStage) and stage.method == "s2vite":
+                seen.add("prune")              # S2ViTE ends with surgery and leaves a KD teacher
         return self

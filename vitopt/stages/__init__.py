@@ -5,7 +5,7 @@ Each stage is ``run(config, State, StageDir) -> State`` in its own small module.
 
 from __future__ import annotations
 
-from vitopt.stages import export, finetune, prune, sparse_train, train, validate
+from vitopt.stages import build, export, finetune, prune, quantize, sparse_train, train, validate
 
 #: recipe stage type -> run function.
 STAGES = {
@@ -14,6 +14,8 @@ STAGES = {
     "prune": prune.run,
     "finetune": finetune.run,
     "export": export.run,
+    "quantize": quantize.run,
+    "build": build.run,
     "validate": validate.run,
 }
 
