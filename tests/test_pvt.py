@@ -20,6 +20,8 @@ from vitopt.pruning.masks import apply_masks
 from vitopt.pruning.plan import KeepPlan
 from vitopt.pruning.surgery import prune_model
 
+from hier_helpers import random_plan, set_fused  # noqa: E402
+
 NAME = "pvt_v2_b0"
 #: sr conv + attn.norm in stage 0 (sr 2), plain attention in stage 1 (sr 1); a linear-SRA variant
 #: (7x7 average pool + 1x1 sr conv + norm + GELU, ReLU inside the MLP).
@@ -45,22 +47,6 @@ def _make(variant: str) -> torch.nn.Module:
 def make(variant: str = "sra") -> torch.nn.Module:
     """A small PVTv2 with every parameter perturbed."""
     return copy.deepcopy(_make(variant))
-
-
-def random_plan(model, kinds, seed: int) -> KeepPlan:
-    st = family_of(model).structure(model)
-    g = torch.Generator().manual_seed(seed)
-    keep = {}
-    for grp in st.of_kind(*kinds):
-        k = int(torch.randint(1, grp.size, (1,), generator=g)) if grp.size > 1 else 1
-        keep[grp.name] = sorted(torch.randperm(grp.size, generator=g)[:k].tolist())
-    return KeepPlan(keep)
-
-
-def set_fused(model, fused: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
 
 
 def test_structure_and_recorded_input_size():

@@ -19,6 +19,8 @@ from vitopt.pruning.masks import apply_masks
 from vitopt.pruning.plan import KeepPlan
 from vitopt.pruning.surgery import prune_model
 
+from hier_helpers import random_plan, set_fused  # noqa: E402
+
 NAME = "swin_tiny_patch4_window7_224"
 #: two tiny Swins: 16x16 then 8x8 tokens with 4x4 windows (shifted in every second block), and one whose
 #: 6x6 grid is padded to 8x8 for its 4x4 windows (timm pads before partitioning).
@@ -44,22 +46,6 @@ def _make(variant: str) -> torch.nn.Module:
 def make(variant: str = "shifted") -> torch.nn.Module:
     """A small Swin with every parameter perturbed (so norms, biases and the bias table matter)."""
     return copy.deepcopy(_make(variant))
-
-
-def random_plan(model, kinds, seed: int) -> KeepPlan:
-    st = family_of(model).structure(model)
-    g = torch.Generator().manual_seed(seed)
-    keep = {}
-    for grp in st.of_kind(*kinds):
-        k = int(torch.randint(1, grp.size, (1,), generator=g)) if grp.size > 1 else 1
-        keep[grp.name] = sorted(torch.randperm(grp.size, generator=g)[:k].tolist())
-    return KeepPlan(keep)
-
-
-def set_fused(model, fused: bool) -> None:
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
 
 
 def _img(variant: str, batch: int) -> torch.Tensor:

@@ -50,6 +50,22 @@ class StructureBuilder:
         if param in self.params:
             self.layouts.append(AxisLayout(param, axis, tuple(factors)))
 
+    def mlp(self, prefix: str, embed: Factor, hidden: Factor, hidden_convs: tuple[str, ...] = ()) -> None:
+        """Lay out a two-layer timm MLP at ``prefix`` (``fc1``: embed -> hidden, ``fc2``: hidden -> embed).
+
+        ``hidden_convs`` names per-channel modules between them (PVTv2's depth-wise ``dwconv``) whose
+        weight and bias follow the hidden width on axis 0. Choke points are left to the caller.
+        """
+        self.lay(f"{prefix}.fc1.weight", 0, hidden)
+        self.lay(f"{prefix}.fc1.bias", 0, hidden)
+        self.lay(f"{prefix}.fc1.weight", 1, embed)
+        for conv in hidden_convs:
+            self.lay(f"{prefix}.{conv}.weight", 0, hidden)
+            self.lay(f"{prefix}.{conv}.bias", 0, hidden)
+        self.lay(f"{prefix}.fc2.weight", 1, hidden)
+        self.lay(f"{prefix}.fc2.weight", 0, embed)
+        self.lay(f"{prefix}.fc2.bias", 0, embed)
+
     def ln(self, module: str, *factors: Factor) -> None:
         """Record a LayerNorm over ``factors`` (default one group): its weight/bias, and renorm under
         the factors' only group. Skipped when ``module`` is not a LayerNorm (e.g. Identity)."""
