@@ -134,7 +134,7 @@ def loaders(args, data, seed: int):
 
 def calibration(args, data, seed: int) -> dict[str, list]:
     """The prune stage's calibration sets: shuffled batches (taylor/hessian) and a per-class proxy set (kl)."""
-    from vitopt.stages.prune import _labels
+    from vitopt.pruning.calibration import dataset_labels as _labels
     from vitopt.train.data import make_loader
 
     batches = []
@@ -162,7 +162,7 @@ def hparams(args, *, dense: bool, epochs: int | None = None):
 def vtp_gates(args, model, data, seed: int) -> dict[str, torch.Tensor]:
     """VTP sparse training on ``model`` in place (as the sparse_train stage); returns the gate values."""
     from vitopt.arch.families import family_of
-    from vitopt.sparsity.gates import UnitGates
+    from vitopt.arch.gates import UnitGates
     from vitopt.train.loop import TrainHParams, default_param_groups, fit
 
     structure = family_of(model).structure(model)

@@ -126,30 +126,17 @@ def _latencies(rows: list[dict], input_shape, args) -> None:
 
 
 def _prune(model, data, args, target: float) -> tuple[torch.nn.Module, dict]:
-    from vitopt.arch.cost import CostModel
-    from vitopt.arch.families import family_of
-    from vitopt.pruning import importance
-    from vitopt.pruning.allocation import allocate
-    from vitopt.pruning.surgery import prune_model
-    from vitopt.train.data import make_loader
+    """``vitopt.prune_with_report`` with the ``search`` criterion on 8 calibration batches."""
+    import vitopt
+    from vitopt.pruning.calibration import calibration_batches
 
-    pruned = copy.deepcopy(model).eval()
-    st = family_of(pruned).structure(pruned)
-    cm = CostModel(pruned, st)
-    calib = []
-    for b in make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed + 7):
-        calib.append(b)
-        if len(calib) == 8:
-            break
-    groups = [g.name for g in st.of_kind("embed", "heads", "head_dim", "mlp")]
+    calib = calibration_batches(data.train, "search", batches=8, batch_size=args.batch_size, seed=args.seed + 7)
     t0 = time.perf_counter()
-    scores = importance.compute_scores("search", pruned, st, groups, batches=calib, cost=cm.flops, target=target,
-                                       steps=args.search_steps)
-    search_cost = dict(importance.LAST_COST)
-    plan = allocate(st, scores, cm.flops, target * cm.flops(st.sizes()), scope="global",
-                    round_to={"heads": 1, "head_dim": 8, "mlp": 16, "embed": 8}, rank=args.rank)
-    prune_model(pruned, plan)
-    return pruned, {"search": search_cost, "prune_seconds": time.perf_counter() - t0}
+    res = vitopt.prune_with_report(model.eval(), target={"flops": target}, criterion="search",
+                                   groups=["embed", "heads", "head_dim", "mlp"], data=calib,
+                                   round_to={"heads": 1, "head_dim": 8, "mlp": 16, "embed": 8}, rank=args.rank,
+                                   criterion_options={"steps": args.search_steps})
+    return res.model, {"search": res.rounds[0]["criterion_cost"], "prune_seconds": time.perf_counter() - t0}
 
 
 def run_model(name: str, args, tmp: Path) -> dict[str, Any]:

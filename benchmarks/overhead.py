@@ -2,7 +2,7 @@
 
 1. Training step (forward, cross-entropy, backward, AdamW step; median ms over ``--steps`` timed
    steps after ``--warmup`` untimed ones) of the same model on the same random batch, dense vs with
-   ``vitopt.sparsity.gates.UnitGates`` attached to heads/head_dim/mlp (VTP, Zhu et al. 2021: the
+   ``vitopt.arch.gates.UnitGates`` attached to heads/head_dim/mlp (VTP, Zhu et al. 2021: the
    gates are forward hooks at each group's choke point, plus the ``lambda * sum|gate|`` penalty and
    the gate parameters in the optimizer). On CUDA when available (``--device``), else CPU.
 2. Surgery: wall time to prune DeiT-B/16-224 (random init) to 50% of its FLOPs with vitopt - l1
@@ -65,7 +65,7 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
 
 def train_step_times(args) -> dict[str, Any]:
     from vitopt.arch.families import family_of
-    from vitopt.sparsity.gates import UnitGates
+    from vitopt.arch.gates import UnitGates
     from vitopt.train.loop import default_param_groups
 
     dev = torch.device(args.device)

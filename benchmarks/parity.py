@@ -81,7 +81,8 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def compare(model: torch.nn.Module, onnx_path: Path, samples: int, batch: int, seed: int, threads: int) -> dict:
-    from vitopt.deploy.runtimes import OrtRuntime, TorchRuntime, compare_logits
+    from vitopt.deploy.accuracy import compare_logits
+    from vitopt.deploy.runtimes import OrtRuntime, TorchRuntime
 
     shape = V.input_shape(model)
     x = np.random.default_rng(seed).standard_normal((samples, *shape), dtype=np.float32)

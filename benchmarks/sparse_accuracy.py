@@ -121,13 +121,11 @@ def effective_flops(model) -> int:
 def run_method(args, method: str, dense, teacher, data, budget: float | None, seed: int) -> tuple[Any, dict]:
     """Train/prune a copy of ``dense`` with ``method``; returns (model, info). ``budget``: FLOPs fraction."""
     from vitopt.sparsity.attention import AttentionSparsityReg
-    from vitopt.sparsity.dst import UnstructuredDST
-    from vitopt.sparsity.gates import UnitGates
+    from vitopt.sparsity.dst import SViTE
     from vitopt.sparsity.semi24 import Semi24
-    from vitopt.sparsity.structured_dst import StructuredDST, finalize
-    from vitopt.sparsity.token_selector import TokenSelectorSchedule, attach_token_selector
-    from vitopt.sparsity.vtp import VTPGates, attach_gates_to_weights
-    from vitopt.arch.families import family_of
+    from vitopt.sparsity.structured_dst import S2ViTE
+    from vitopt.sparsity.token_selector import SViTEPlus
+    from vitopt.sparsity.vtp import VTP
     from vitopt.train.loop import default_param_groups, fit, set_seed
 
     model = copy.deepcopy(dense).train()
@@ -147,39 +145,34 @@ def run_method(args, method: str, dense, teacher, data, budget: float | None, se
         for cb in cbs:
             cb.close()
     elif method == "vtp":
-        gates = UnitGates(family_of(model).structure(model), ("heads", "mlp"))
-        groups = default_param_groups(model, 0.05) + [{"params": list(gates.parameters()), "weight_decay": 0.0,
-                                                       "lr": 1e-2}]
+        vtp = VTP(model, 1e-4, ("heads", "mlp"))
+        groups = default_param_groups(model, 0.05) + [{"params": vtp.parameters(), "weight_decay": 0.0, "lr": 1e-2}]
         set_seed(seed)
-        with attach_gates_to_weights(model, gates):
-            fit(model, train, None, hp(args, args.sparse_epochs), param_groups=groups,
-                callbacks=[VTPGates(gates, 1e-4)], desc="vtp")
-        values = gates.values()
-        gates.fold_into(model)
+        fit(model, train, None, hp(args, args.sparse_epochs), param_groups=groups, callbacks=[vtp], desc="vtp")
+        values = vtp.finish()
         info["prune"] = V.vitopt_prune(model.eval(), budget * V.cost(dense)["flops"] / V.cost(model)["flops"],
                                        ("heads", "mlp"), criterion="gate", gates=values)
         kd(model, args.finetune_epochs)
     elif method == "s2vite":
-        cb = StructuredDST(model, args.head_density, args.mlp_density, update_interval=args.interval, t_end=0.8)
+        cb = S2ViTE(model, args.head_density, args.mlp_density, update_interval=args.interval, t_end=0.8)
         set_seed(seed)
         fit(model, train, None, hp(args, args.sparse_epochs), callbacks=[cb], desc="s2vite")
-        info["plan_sizes"] = {g: len(k) for g, k in finalize(model, cb).keep.items()}
+        info["plan_sizes"] = {g: len(k) for g, k in cb.finish().keep.items()}
         info["updates"] = cb.updates
         kd(model, args.finetune_epochs)
     elif method == "svite":
         density = args.linear_density
-        cb = UnstructuredDST(model, density, update_interval=args.interval, t_end=0.8, seed=seed)
+        cb = SViTE(model, density, update_interval=args.interval, t_end=0.8, seed=seed)
         kd(model, total, [cb])
-        cb.masks.apply()
+        cb.finish()
         info.update(density=cb.masks.density()["overall"], updates=cb.updates)
     elif method == "semi24":
         cb = Semi24(model)
         kd(model, total, [cb])
-        cb.masks.apply()
+        cb.finish()
     elif method == "svite_plus":
         keep = args.selector_keep
-        sel = attach_token_selector(model, keep=keep, after_block=0)
-        kd(model, total, [TokenSelectorSchedule(sel, 1.0, 0.1)])
+        kd(model, total, [SViTEPlus(model, keep=keep, after_block=0, tau=1.0, tau_end=0.1)])
         info["keep"] = keep
     return model.eval(), info
 
@@ -241,11 +234,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense_pred = predictions(dense, val)
     teacher = copy.deepcopy(dense).requires_grad_(False)
     # the budget: what S2ViTE's densities give after surgery (computed on a pruned copy)
-    from vitopt.pruning.surgery import prune_model
-    from vitopt.sparsity.structured_dst import StructuredDST
+    from vitopt.arch.surgery import apply_plan
+    from vitopt.sparsity.structured_dst import S2ViTE
 
-    probe = copy.deepcopy(dense)
-    prune_model(probe, StructuredDST(probe, args.head_density, args.mlp_density).plan())
+    probe = apply_plan(dense, S2ViTE(copy.deepcopy(dense), args.head_density, args.mlp_density).plan())
     budget = V.cost(probe)["flops"] / dense_cost["flops"]
     args.linear_density = linear_density_for(dense, budget)
     args.selector_keep = selector_keep_for(dense, budget)

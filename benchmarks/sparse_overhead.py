@@ -6,7 +6,7 @@ callbacks' ``loss()`` terms, backward, ``after_backward``, AdamW step, ``after_s
 * ``dense`` - no callback;
 * ``vtp (hooks)`` - VTP gates (Zhu et al. 2021) applied to the activations by forward hooks
   (:meth:`UnitGates.attach`, the generic mechanism used before); ``vtp (weights)`` - the same gates
-  applied to the choke-point weights (:func:`vitopt.sparsity.vtp.attach_gates_to_weights`, what the
+  applied to the choke-point weights (:class:`vitopt.sparsity.vtp.VTP`, what the
   ``sparse_train`` stage uses now);
 * ``svite (rigl)`` / ``svite (set)`` - SViTE unstructured DST (Chen et al. 2021) with gradient / random
   regrow; ``s2vite`` - structured DST of heads and MLP neurons; each with a mask update every
@@ -73,14 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_variant(name: str, base: torch.nn.Module, interval: int, total_steps: int, seed: int):
     """``(model, optimizer, callbacks, cleanup)`` for one variant, on a fresh copy of ``base``."""
-    from vitopt.arch.families import family_of
     from vitopt.sparsity.attention import AttentionSparsityReg
-    from vitopt.sparsity.dst import UnstructuredDST
-    from vitopt.sparsity.gates import UnitGates
+    from vitopt.sparsity.dst import SViTE
     from vitopt.sparsity.semi24 import Semi24
-    from vitopt.sparsity.structured_dst import StructuredDST
-    from vitopt.sparsity.token_selector import TokenSelectorSchedule, attach_token_selector
-    from vitopt.sparsity.vtp import VTPGates, attach_gates_to_weights
+    from vitopt.sparsity.structured_dst import S2ViTE
+    from vitopt.sparsity.token_selector import SViTEPlus
+    from vitopt.sparsity.vtp import VTP
     from vitopt.train.loop import default_param_groups
 
     model = copy.deepcopy(base).train()
@@ -88,24 +86,26 @@ def make_variant(name: str, base: torch.nn.Module, interval: int, total_steps: i
     callbacks: list = []
     cleanup: Callable[[], None] = lambda: None
     if name.startswith("vtp"):
-        gates = UnitGates(family_of(model).structure(model), ("heads", "head_dim", "mlp"))
-        groups.append({"params": list(gates.parameters()), "weight_decay": 0.0})
-        handle = gates.attach(model) if name == "vtp (hooks)" else attach_gates_to_weights(model, gates)
-        callbacks.append(VTPGates(gates, 1e-4))
-        cleanup = handle.remove
+        vtp = VTP(model, 1e-4)
+        if name == "vtp (hooks)":               # the generic activation hooks instead of weight parametrizations
+            vtp._handle.remove()
+            vtp._handle = vtp.gates.attach(model)
+        groups.append({"params": vtp.parameters(), "weight_decay": 0.0})
+        callbacks.append(vtp)
+        cleanup = vtp.finish
     elif name.startswith("svite"):
-        callbacks.append(UnstructuredDST(model, 0.5, growth="gradient" if "rigl" in name else "random",
+        callbacks.append(SViTE(model, 0.5, growth="gradient" if "rigl" in name else "random",
                                          update_interval=interval, t_end=1.0, seed=seed))
     elif name == "s2vite":
-        cb = StructuredDST(model, 0.5, 0.5, update_interval=interval, t_end=1.0)
+        cb = S2ViTE(model, 0.5, 0.5, update_interval=interval, t_end=1.0)
         callbacks.append(cb)
         cleanup = cb.close
     elif name == "semi24":
         callbacks.append(Semi24(model))
     elif name == "token selector":
-        sel = attach_token_selector(model, keep=0.5, after_block=0)
+        plus = SViTEPlus(model, keep=0.5, after_block=0)
         groups = default_param_groups(model, 0.05)
-        callbacks.append(TokenSelectorSchedule(sel))
+        callbacks.append(plus)
     elif name == "attention reg":
         cb = AttentionSparsityReg(model, 1e-2)
         callbacks.append(cb)

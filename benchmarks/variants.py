@@ -2,9 +2,8 @@
 
 * :func:`build_model` - a randomly initialised timm ViT from a preset (``deit_s``, ``deit_b``,
   ``tiny``...) or any timm ``VisionTransformer`` name.
-* :func:`vitopt_prune` - vitopt's path: importance (:mod:`vitopt.pruning.importance`) -> global
-  allocation under a FLOPs budget with hardware rounding (:func:`vitopt.pruning.allocation.allocate`)
-  -> surgery (:func:`vitopt.pruning.surgery.prune_model`).
+* :func:`vitopt_prune` - vitopt's path: :func:`vitopt.prune_with_report` (importance -> allocation
+  under a FLOPs budget with hardware rounding -> surgery), the call the ``prune`` stage makes.
 * :func:`tp_prune` / :func:`tp_prune_to_flops` - Torch-Pruning's documented timm-ViT recipe
   (``examples/transformers/prune_timm_vit.py`` in VainF/Torch-Pruning): ``BasePruner`` (called
   ``MetaPruner`` before v1.5) with ``GroupMagnitudeImportance`` / ``GroupTaylorImportance``, a
@@ -45,11 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vitopt
 from vitopt.arch.cost import CostModel
-from vitopt.arch.families import family_of
-from vitopt.pruning import importance as vimp
-from vitopt.pruning.allocation import allocate
-from vitopt.pruning.surgery import prune_model
 
 __all__ = ["PRESETS", "build_model", "input_shape", "cost", "dims_summary", "vitopt_prune", "tp_prune",
            "tp_prune_to_flops", "VITOPT_VARIANTS", "TP_VARIANTS", "PAIRS", "ROUND_TO", "counter_flops",
@@ -154,27 +150,17 @@ def vitopt_prune(model: nn.Module, target: float, groups: tuple[str, ...], *, cr
                  scope: str = "global", round_to: dict[str, int] | None = None,
                  batches: list | None = None, teacher: nn.Module | None = None,
                  gates: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Prune ``model`` in place to ``target`` x its current FLOPs with vitopt; returns timing and dims.
-
-    Same steps as the ``prune`` stage's one-shot budget path: ``compute_scores`` on the groups of
-    the given kinds, ``allocate`` (scope, round_to, min_keep 1) against ``CostModel.flops``, then
-    ``prune_model``. ``round_to`` defaults to :data:`ROUND_TO`.
-    """
+    """Prune ``model`` in place to ``target`` x its current FLOPs with :func:`vitopt.prune_with_report`
+    (the same call the ``prune`` stage makes); returns timing and settings. ``round_to`` defaults to
+    :data:`ROUND_TO`; min_keep is 1 for every kind."""
     rto = {k: v for k, v in {**ROUND_TO, **(round_to or {})}.items() if k in groups}
-    fam = family_of(model)
     t0 = time.perf_counter()
-    structure = fam.structure(model)
-    cm = CostModel(model, structure)
-    budget = target * cm.flops({})
-    names = [g.name for g in structure.of_kind(*groups)]
-    scores = vimp.compute_scores(criterion, model, structure, names, gates=gates, batches=batches, teacher=teacher)
-    t1 = time.perf_counter()
-    plan = allocate(structure, scores, cm.flops, budget, scope=scope, round_to=rto, min_keep={k: 1 for k in groups})
-    t2 = time.perf_counter()
-    prune_model(model, plan)
-    t3 = time.perf_counter()
+    res = vitopt.prune_with_report(model, target={"flops": target}, criterion=criterion, groups=list(groups),
+                                   data=batches, teacher=teacher, gates=gates, scope=scope, round_to=rto,
+                                   min_keep={k: 1 for k in groups}, inplace=True)
+    total = time.perf_counter() - t0
     return {"tool": "vitopt", "criterion": criterion, "scope": scope, "groups": list(groups), "round_to": rto,
-            "seconds": {"importance": t1 - t0, "allocation": t2 - t1, "surgery": t3 - t2, "total": t3 - t0}}
+            "seconds": {"importance": res.rounds[0]["criterion_cost"]["seconds"], "total": total}}
 
 
 # ------------------------------------------------------------------------------------ Torch-Pruning

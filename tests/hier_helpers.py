@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vitopt.arch.families import family_of
-from vitopt.pruning.plan import KeepPlan
+from vitopt.arch.plan import KeepPlan
 
 
 def random_plan(model, kinds, seed: int) -> KeepPlan:

@@ -14,9 +14,9 @@ from vitopt.arch.config import load_pruned, save_pruned
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
 from vitopt.errors import VitoptError
-from vitopt.pruning.masks import apply_masks
-from vitopt.pruning.plan import KeepPlan
-from vitopt.pruning.surgery import prune_model
+from vitopt.arch.masks import apply_masks
+from vitopt.arch.plan import KeepPlan
+from vitopt.arch.surgery import apply_plan
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=7, depth=3, embed_dim=64, num_heads=4)
 
@@ -75,7 +75,7 @@ def test_masked_equals_surgered(variant, kinds, fused):
             dense = model(x)
             with apply_masks(model, plan):
                 masked = model(x)
-            pruned = prune_model(copy.deepcopy(model), plan)
+            pruned = apply_plan(model, plan)
             out = pruned(x)
         assert out.shape == dense.shape
         assert (masked - out).abs().max().item() <= 1e-5
@@ -91,7 +91,7 @@ def test_masked_equals_surgered(variant, kinds, fused):
 def test_head_dim_prune_keeps_attention_scale(fused):
     model = make("vit_cls")
     plan = KeepPlan({f"blocks.{i}.head_dim": list(range(0, 16, 2)) for i in range(3)})
-    pruned = prune_model(copy.deepcopy(model), plan)
+    pruned = apply_plan(model, plan)
     for blk in pruned.blocks:
         assert blk.attn.head_dim == 8 and blk.attn.attn_dim == 32
         assert blk.attn.scale == pytest.approx(8 ** -0.5)
@@ -112,9 +112,9 @@ def test_repeated_prunes_compose():
     model = make("deit3_layerscale")
     kinds = ("embed", "heads", "head_dim", "mlp")
     first = random_plan(model, kinds, 3)
-    once = prune_model(copy.deepcopy(model), first)
+    once = apply_plan(model, first)
     second = random_plan(once, kinds, 4)
-    twice = prune_model(copy.deepcopy(once), second)
+    twice = apply_plan(once, second)
     composed = KeepPlan({g: [first.keep[g][i] for i in idx] for g, idx in second.keep.items()})
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32)
@@ -134,7 +134,7 @@ def _counted_flops(model, x) -> int:
 def test_analytic_flops_match_counter(variant):
     model = make(variant)
     set_fused(model, False)
-    pruned = prune_model(copy.deepcopy(model), random_plan(model, ("embed", "heads", "head_dim", "mlp"), 5))
+    pruned = apply_plan(model, random_plan(model, ("embed", "heads", "head_dim", "mlp"), 5))
     set_fused(pruned, False)
     x = torch.randn(1, 3, 32, 32)
     for m in (model, pruned):
@@ -156,7 +156,7 @@ def test_deit_small_flops_match_published():
 def test_save_load_roundtrip(tmp_path):
     model = make("deit_distilled")
     kw = {**SMALL}
-    pruned = prune_model(copy.deepcopy(model), random_plan(model, ("embed", "heads", "head_dim", "mlp"), 7))
+    pruned = apply_plan(model, random_plan(model, ("embed", "heads", "head_dim", "mlp"), 7))
     arch = save_pruned(pruned, tmp_path / "m", "deit_tiny_distilled_patch16_224", kw)
     assert (tmp_path / "m" / "arch.json").is_file() and (tmp_path / "m" / "model.safetensors").is_file()
     loaded = load_pruned(tmp_path / "m")
@@ -182,7 +182,7 @@ def test_load_rejects_bad_files(tmp_path):
         load_pruned(bad)
     # weights from a different architecture
     other = tmp_path / "other"
-    save_pruned(prune_model(copy.deepcopy(model), random_plan(model, ("mlp",), 1)), other, "vit_tiny_patch16_224", SMALL)
+    save_pruned(apply_plan(model, random_plan(model, ("mlp",), 1)), other, "vit_tiny_patch16_224", SMALL)
     (other / "arch.json").write_bytes((tmp_path / "ok" / "arch.json").read_bytes())
     with pytest.raises(VitoptError, match="does not match"):
         load_pruned(other)
@@ -208,7 +208,7 @@ def test_deit_base_cut_to_deit_tiny_shape_equals_timm_deit_tiny():
         sizes.update({f"blocks.{i}.heads": 3, f"blocks.{i}.head_dim": 64, f"blocks.{i}.mlp": 768})
     g = torch.Generator().manual_seed(0)
     plan = KeepPlan({k: sorted(torch.randperm(st.groups[k].size, generator=g)[:v].tolist()) for k, v in sizes.items()})
-    pruned = prune_model(base, plan)
+    pruned = apply_plan(base, plan)
     tiny = timm.create_model("deit_tiny_patch16_224").eval()
     assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in tiny.parameters())
     assert {k: tuple(v.shape) for k, v in pruned.state_dict().items()} == \

@@ -13,8 +13,8 @@ from vitopt.arch.config import create_model
 from vitopt.arch.families import family_of
 from vitopt.deploy.backbone import export_backbone_onnx, feature_specs, make_backbone
 from vitopt.errors import VitoptError
-from vitopt.pruning.plan import KeepPlan
-from vitopt.pruning.surgery import prune_model
+from vitopt.arch.plan import KeepPlan
+from vitopt.arch.surgery import apply_plan
 
 SWIN = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2),
                                              num_heads=(2, 4), num_classes=5))
@@ -32,7 +32,7 @@ def _pruned(spec, seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     keep = {grp.name: sorted(torch.randperm(grp.size, generator=g)[: max(1, grp.size * 2 // 3)].tolist())
             for grp in st.of_kind("embed", "heads", "head_dim", "mlp")}
-    return model, prune_model(copy.deepcopy(model), KeepPlan(keep))
+    return model, apply_plan(model, KeepPlan(keep))
 
 
 @pytest.mark.parametrize("spec", [SWIN, PVT], ids=["swin", "pvt_v2"])

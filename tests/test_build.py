@@ -288,7 +288,8 @@ def _cuda() -> bool:
 @pytest.mark.skipif(not (HAS_TRT and _cuda()), reason=NO_TRT if not HAS_TRT else "no CUDA device for TensorRT")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_real_engine_matches_onnxruntime(tmp_path, tiny_onnx, precision):
-    from vitopt.deploy.runtimes import compare_logits, make_runtime
+    from vitopt.deploy.accuracy import compare_logits
+    from vitopt.deploy.runtimes import make_runtime
 
     trt = tb.require_tensorrt()
     cfg = tb.derive_build_config("h100", precision, trt_major=tb.tensorrt_major(trt), input_chw=(1, 16, 16),

@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from vitopt.cli import app
-from vitopt.deploy.bundle import KIT_DIR, write_bundle
+from vitopt.deploy.bundle import KIT_DIR
+from vitopt.rundir import bundle as write_bundle
 from vitopt.errors import VitoptError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,8 @@ def test_bundle_includes_the_qdq_variant(run, tmp_path):
 
 
 def test_kit_script_measures_with_onnxruntime_and_writes_results(run, tmp_path):
-    from vitopt.deploy.runtimes import evaluate_runtime, make_runtime
+    from vitopt.deploy.accuracy import evaluate_runtime
+    from vitopt.deploy.runtimes import make_runtime
 
     out = tmp_path / "b"
     write_bundle(run, "orin-nx", out, samples=64)

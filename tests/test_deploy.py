@@ -23,6 +23,7 @@ from torch import nn
 from vitopt.deploy import (
     OrtRuntime,
     Runtime,
+    RuntimeSpec,
     TorchRuntime,
     check_onnx,
     compare_logits,
@@ -311,10 +312,10 @@ def test_make_runtime_registry(tmp_path, monkeypatch):
     assert isinstance(rt, Runtime) and rt.name == "pytorch"
 
     # new runtimes are registry entries
-    monkeypatch.setattr(runtimes_mod, "_REGISTRY", dict(runtimes_mod._REGISTRY))
+    monkeypatch.setattr(runtimes_mod, "RUNTIMES", runtimes_mod.RUNTIMES)
+    monkeypatch.setitem(runtimes_mod.RUNTIMES, "constant", None)
 
-    @register_runtime("constant")
-    def _make(*, model=None, onnx_path=None, threads=2, classes=3):
+    def _make(*, model=None, onnx_path=None, engine_path=None, threads=2, classes=3):
         class _Const:
             name = "constant"
 
@@ -326,6 +327,7 @@ def test_make_runtime_registry(tmp_path, monkeypatch):
 
         return _Const()
 
+    register_runtime(RuntimeSpec("constant", "onnx", False, _make))
     assert "constant" in known_runtimes()
     assert make_runtime("constant", classes=5)(np.zeros((2, *INPUT), np.float32)).shape == (2, 5)
 
@@ -513,7 +515,7 @@ def test_measure_runtimes_parity_on_a_pruned_model(exports):
 def test_validate_artifact_onnx_with_sample(tmp_path, exports):
     from vitopt.cli import app
     from typer.testing import CliRunner
-    from vitopt.deploy.validation import validate_artifact
+    from vitopt.rundir import validate as validate_artifact
 
     onnx_path = exports("pruned")[2]["path"]
     x = _batch(12, 8)
@@ -528,7 +530,7 @@ def test_validate_artifact_onnx_with_sample(tmp_path, exports):
         validate_artifact(onnx_path, ["onnxruntime"], batch_sizes=[1])
     with pytest.raises(VitoptError, match="runtime 'pytorch' needs a model folder"):
         validate_artifact(onnx_path, ["pytorch"], batch_sizes=[1], data=tmp_path / "s.npz")
-    with pytest.raises(VitoptError, match="unknown runtime 'tensorflow'"):
+    with pytest.raises(VitoptError, match="unknown runtime kind 'tensorflow'"):
         validate_artifact(onnx_path, ["tensorflow"], batch_sizes=[1])
     with pytest.raises(VitoptError, match="is not a run directory"):
         validate_artifact(tmp_path / "s.npz", ["onnxruntime"], batch_sizes=[1])

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitopt.errors import VitoptError
-from vitopt.sparsity.dst import UnstructuredDST, cosine_death_rate, is_update_step
+from vitopt.sparsity.dst import SViTE, cosine_death_rate, is_update_step
 from vitopt.sparsity.erk import erk_densities
 from vitopt.train.loop import TrainHParams, fit
 
@@ -33,7 +33,7 @@ def loader(n: int = 64, batch: int = 16, seed: int = 0) -> DataLoader:
 def test_erk_overall_density_and_rule():
     model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=4,
                               embed_dim=96, num_heads=6)
-    dst = UnstructuredDST(model, 0.3)
+    dst = SViTE(model, 0.3)
     d = dst.masks.density()
     assert abs(d["overall"] - 0.3) <= 0.005
     shapes = {n: tuple(p.shape) for n, p in dst.masks.params.items()}
@@ -65,7 +65,7 @@ def test_cosine_death_rate():
 @pytest.mark.parametrize("growth", ["gradient", "random"])
 def test_pruned_weights_stay_zero_and_density_is_kept(growth):
     model = tiny()
-    dst = UnstructuredDST(model, 0.4, growth=growth, death_rate=0.5, update_interval=2, t_end=0.9)
+    dst = SViTE(model, 0.4, growth=growth, death_rate=0.5, update_interval=2, t_end=0.9)
     before = {n: m.clone() for n, m in dst.masks.masks.items()}
     hist = fit(model, loader(), None, TrainHParams(epochs=2, lr=1e-2, weight_decay=0.05, warmup_epochs=0),
                callbacks=[dst])
@@ -85,7 +85,7 @@ def test_pruned_weights_stay_zero_and_density_is_kept(growth):
 
 def test_rigl_regrows_largest_gradients_at_zero():
     model = tiny()
-    dst = UnstructuredDST(model, 0.5, growth="gradient", death_rate=0.3, update_interval=1, t_end=1.0)
+    dst = SViTE(model, 0.5, growth="gradient", death_rate=0.3, update_interval=1, t_end=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dst.on_fit_start(model, opt, total_steps=10)
     x, y = next(iter(loader()))
@@ -109,13 +109,13 @@ def test_rigl_regrows_largest_gradients_at_zero():
 
 def test_state_dict_resume_reproduces_set_updates():
     model = tiny()
-    a = UnstructuredDST(model, 0.4, growth="random", update_interval=1, t_end=1.0, seed=7)
+    a = SViTE(model, 0.4, growth="random", update_interval=1, t_end=1.0, seed=7)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     a.on_fit_start(model, opt, 10)
     a.after_step(0)
     saved = copy.deepcopy(a.state_dict())
     model_b = copy.deepcopy(model)
-    b = UnstructuredDST(model_b, 0.4, growth="random", update_interval=1, t_end=1.0, seed=123)
+    b = SViTE(model_b, 0.4, growth="random", update_interval=1, t_end=1.0, seed=123)
     b.on_fit_start(model_b, torch.optim.AdamW(model_b.parameters(), lr=1e-3), 10)
     b.load_state_dict(saved)
     a.after_step(1)
@@ -127,9 +127,9 @@ def test_state_dict_resume_reproduces_set_updates():
 
 def test_bad_options_raise():
     with pytest.raises(VitoptError):
-        UnstructuredDST(tiny(), 1.2)
+        SViTE(tiny(), 1.2)
     with pytest.raises(VitoptError):
-        UnstructuredDST(tiny(), 0.5, growth="momentum")
+        SViTE(tiny(), 0.5, growth="momentum")
 
 
 # ------------------------------------------------------------------------------------ recipe + stage
@@ -214,8 +214,8 @@ def test_recipe_rejects_options_of_another_method(tmp_path, bad, needle):
 # ------------------------------------------------------------------------------------ VTP as a callback
 def test_vtp_gates_on_weights_match_activation_hooks():
     from vitopt.arch.families import family_of
-    from vitopt.sparsity.gates import UnitGates
-    from vitopt.sparsity.vtp import VTPGates, attach_gates_to_weights
+    from vitopt.arch.gates import UnitGates
+    from vitopt.sparsity.vtp import VTP, attach_gates_to_weights
 
     model = tiny().eval()
     keys = set(model.state_dict())
@@ -235,14 +235,22 @@ def test_vtp_gates_on_weights_match_activation_hooks():
     for a, b in zip(g, g_ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     assert set(model.state_dict()) == keys                             # plain weights again after remove
-    cb = VTPGates(gates, 1e-3)
-    assert cb.loss().item() == pytest.approx(1e-3 * gates.l1().item(), rel=1e-6)
-    saved = cb.state_dict()
+    vtp = VTP(model, 1e-3)                                             # the method: gates on the weights
     with torch.no_grad():
-        for p in gates.parameters():
+        for p in vtp.parameters():
+            p.uniform_(0.0, 1.5)
+    assert vtp.loss().item() == pytest.approx(1e-3 * vtp.gates.l1().item(), rel=1e-6)
+    saved = vtp.state_dict()
+    with torch.no_grad():
+        for p in vtp.parameters():
             p.fill_(1.0)
-    cb.load_state_dict(saved)
-    assert all(torch.equal(gates.values()[k[5:]], v) for k, v in saved.items())
+    vtp.load_state_dict(saved)
+    assert all(torch.equal(vtp.gates.values()[k[5:]], v) for k, v in saved.items())
+    with torch.no_grad():
+        gated = model(x)
+        values = vtp.finish()                                          # fold: plain weights compute the same
+        assert set(model.state_dict()) == keys and (model(x) - gated).abs().max().item() <= 1e-5
+    assert all(torch.equal(values[k[5:]], v) for k, v in saved.items())
 
 
 def test_svite_and_semi24_cover_swin_blocks():
@@ -251,7 +259,7 @@ def test_svite_and_semi24_cover_swin_blocks():
     torch.manual_seed(0)
     swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4, embed_dim=32,
                              depths=(2, 2), num_heads=(2, 4), num_classes=7)
-    dst = UnstructuredDST(swin, 0.3)
+    dst = SViTE(swin, 0.3)
     names = list(dst.masks.params)
     assert len(names) == 16 and all(".blocks." in n for n in names)      # 4 Linears x 4 blocks, no head/merging
     assert abs(dst.masks.density()["overall"] - 0.3) <= 0.005

@@ -17,14 +17,19 @@ import torch.nn.functional as F
 from vitopt.arch.families import family_of
 from vitopt.arch.hooks import attach_replica_masks
 from vitopt.errors import VitoptError
-from vitopt.pruning import importance
-from vitopt.pruning.importance import compute_scores, coupled_counts
-from vitopt.pruning.plan import KeepPlan
-from vitopt.pruning.surgery import prune_model
+from vitopt.arch.plan import KeepPlan
+from vitopt.arch.surgery import apply_plan
+from vitopt.pruning.criteria import get_criterion
+from vitopt.pruning.criteria.base import coupled_counts
 
 KW = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=4)
 KINDS = ["heads", "head_dim", "mlp", "embed"]
 DEAD = 2
+
+
+def compute_scores(name, model, structure, groups, **kw):
+    """The registered criterion ``name`` called directly (what vitopt.importance calls)."""
+    return get_criterion(name).fn(model, structure, groups, **kw)
 
 
 def _sharpen(m: torch.nn.Module) -> None:
@@ -109,7 +114,7 @@ def test_kl_replica_masks_equal_surgery(base, batches, fused):
     st = family_of(m).structure(m)
     groups = list(st.groups)
     scores = compute_scores("kl", m, st, groups, batches=batches, max_rows=24)
-    cost = dict(importance.LAST_COST)
+    cost = scores.cost
     n_units = sum(g.size for g in st.groups.values())
     assert cost["criterion"] == "kl" and cost["units"] == n_units and cost["images"] == 10
     assert cost["max_replicas"] == 6 and cost["seconds"] > 0
@@ -120,8 +125,7 @@ def test_kl_replica_masks_equal_surgery(base, batches, fused):
         lp_all = F.log_softmax(m(x).double(), -1)
     for g in groups:
         for u in (0, st.groups[g].size - 1):
-            c = copy.deepcopy(m)
-            prune_model(c, KeepPlan({g: [i for i in range(st.groups[g].size) if i != u]}))
+            c = apply_plan(m, KeepPlan({g: [i for i in range(st.groups[g].size) if i != u]}))
             ref = _kl_ref(lp_all, c, x)
             assert scores[g][u].item() == pytest.approx(ref, abs=1e-5, rel=1e-4), (g, u)
     assert min(s.min().item() for s in scores.values()) > -1e-9
@@ -142,7 +146,7 @@ def test_replica_masks_with_random_keep_sets_equal_surgery(base):
         with torch.no_grad(), attach_replica_masks(m, st, g, masks):
             out = m(x.repeat(3, 1, 1, 1)).reshape(3, 3, -1)
         for r, k in enumerate(keeps):
-            c = prune_model(copy.deepcopy(m), KeepPlan({g: k}))
+            c = apply_plan(m, KeepPlan({g: k}))
             with torch.no_grad():
                 assert (out[r] - c(x)).abs().max().item() <= 1e-5, (g, r)
     # hooks are gone
@@ -193,7 +197,7 @@ def test_taylor_and_hessian_match_hand_computation(base, batches):
     mlp = torch.tensor([[mlp_sum(wg, j) for j in range(M)] for wg in wgs], dtype=torch.float64)
     hg, mg = f"blocks.{b}.heads", "blocks.0.mlp"
     taylor = compute_scores("taylor", m, st, [hg, mg], batches=batches)
-    assert importance.LAST_COST["forward_passes"] == 2 and importance.LAST_COST["backward_passes"] == 2
+    assert taylor.cost["forward_passes"] == 2 and taylor.cost["backward_passes"] == 2
     hess = compute_scores("hessian", m, st, [hg, mg], batches=batches)
     counts = coupled_counts(m, st, [hg, mg])
     assert counts == {hg: 3 * d * D + 3 * d + D * d, mg: 2 * D + 1}
@@ -211,7 +215,7 @@ def test_taylor_with_teacher_uses_kl(base, batches):
     assert same["blocks.0.mlp"].abs().max().item() < 1e-6
     other = compute_scores("taylor", m, st, ["blocks.0.mlp"], batches=batches, teacher=_make(1))
     assert other["blocks.0.mlp"].max().item() > 1e-4
-    assert importance.LAST_COST["teacher_forward_passes"] == 2
+    assert other.cost["teacher_forward_passes"] == 2
 
 
 # ---------------------------------------------------------------------------- model left unchanged
@@ -252,4 +256,4 @@ def test_data_free_criteria_ignore_data_kwargs(base, batches):
     a = compute_scores("l1", base, st, ["blocks.0.mlp"])
     b = compute_scores("l1", base, st, ["blocks.0.mlp"], batches=batches, teacher=base)
     assert torch.equal(a["blocks.0.mlp"], b["blocks.0.mlp"])
-    assert importance.LAST_COST == {}
+    assert set(b.cost) == {"criterion", "seconds"} and b.criterion == "l1"

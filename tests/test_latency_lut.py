@@ -15,15 +15,9 @@ from vitopt.arch.config import resize_to, save_pruned
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
 from vitopt.errors import VitoptError
-from vitopt.pruning.allocation import allocate
-from vitopt.pruning.latency_lut import (
-    LatencyTable,
-    cost_fn,
-    grid_values,
-    make_monotone,
-    measure_lut,
-    measure_model_latency,
-)
+from vitopt.arch.latency_table import LatencyTable, cost_fn, grid_values, make_monotone
+from vitopt.deploy.lut import measure_lut, measure_model_latency
+from vitopt.pruning.allocation import allocate_budget
 
 TINY = dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2, mlp_ratio=4.0, num_classes=10)
 SMALL = dict(img_size=32, patch_size=8, num_classes=5, depth=4, embed_dim=96, num_heads=6, mlp_ratio=4.0)
@@ -291,7 +285,7 @@ def test_allocation_meets_latency_budget(scope, seed):
     groups = st.of_kind("heads", "head_dim", "mlp")
     scores = {grp.name: torch.rand(grp.size, generator=g) for grp in groups}
     dense = cost(st.sizes())
-    plan = allocate(st, scores, cost, 0.7 * dense, scope=scope, min_keep={"head_dim": 8})
+    plan = allocate_budget(st, scores, cost, 0.7 * dense, scope=scope, min_keep={"head_dim": 8})
     dims = plan.dims(st)
     assert cost(dims) <= 0.7 * dense
     assert dims != st.sizes()

@@ -14,11 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitopt.arch.config import create_model, load_pruned, save_pruned
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
-from vitopt.arch.pvt import PrunedSRAttention
+from vitopt.arch.families.pvt import PrunedSRAttention
 from vitopt.errors import VitoptError
-from vitopt.pruning.masks import apply_masks
-from vitopt.pruning.plan import KeepPlan
-from vitopt.pruning.surgery import prune_model
+from vitopt.arch.masks import apply_masks
+from vitopt.arch.plan import KeepPlan
+from vitopt.arch.surgery import apply_plan
 
 from hier_helpers import random_plan, set_fused  # noqa: E402
 
@@ -75,7 +75,7 @@ def test_masked_equals_surgered(variant, kinds, fused):
             dense = model(x)
             with apply_masks(model, plan):
                 masked = model(x)
-            pruned = prune_model(copy.deepcopy(model), plan)
+            pruned = apply_plan(model, plan)
             out = pruned(x)
         assert out.shape == dense.shape
         assert (masked - out).abs().max().item() <= 1e-5
@@ -89,14 +89,14 @@ def test_masked_equals_surgered(variant, kinds, fused):
 def test_depthwise_groups_follow_mlp_and_attention_switches():
     model = make()
     plan = KeepPlan({"stages.1.blocks.0.mlp": list(range(0, 128, 4)), "stages.1.blocks.1.heads": [0, 3]})
-    pruned = prune_model(copy.deepcopy(model), plan)
+    pruned = apply_plan(model, plan)
     dw = pruned.stages[1].blocks[0].mlp.dwconv
     assert dw.groups == dw.in_channels == dw.out_channels == 32 and dw.weight.shape == (32, 1, 3, 3)
     a0, a1 = pruned.stages[1].blocks[0].attn, pruned.stages[1].blocks[1].attn
     assert type(a0) is type(model.stages[1].blocks[0].attn)          # heads x head_dim == embed: timm's class
     assert isinstance(a1, PrunedSRAttention) and a1.num_heads == 2 and a1.q.out_features == 16
     # restoring the width switches back (a second prune of the embed to 16 = 2 heads x 8)
-    again = prune_model(copy.deepcopy(pruned), KeepPlan({"stages.1.embed": list(range(16))}))
+    again = apply_plan(pruned, KeepPlan({"stages.1.embed": list(range(16))}))
     assert isinstance(again.stages[1].blocks[1].attn, PrunedSRAttention) is False
 
 
@@ -110,7 +110,7 @@ def _counted_flops(model, x) -> int:
 def test_analytic_flops_match_counter(variant):
     model = make(variant)
     set_fused(model, False)
-    pruned = prune_model(copy.deepcopy(model), random_plan(model, ("embed", "heads", "head_dim", "mlp"), 4))
+    pruned = apply_plan(model, random_plan(model, ("embed", "heads", "head_dim", "mlp"), 4))
     x = torch.randn(1, 3, 32, 32)
     for m in (model, pruned):
         fam = family_of(m)
@@ -132,7 +132,7 @@ def test_pvt_v2_b0_cost_matches_published():
 def test_save_load_roundtrip_and_features(tmp_path):
     model = make()
     plan = random_plan(model, ("embed", "heads", "head_dim", "mlp"), 7)
-    pruned = prune_model(copy.deepcopy(model), plan)
+    pruned = apply_plan(model, plan)
     arch = save_pruned(pruned, tmp_path / "m", NAME, VARIANTS["sra"])
     loaded = load_pruned(tmp_path / "m")
     assert type(loaded) is type(model)

@@ -20,7 +20,8 @@ import torch
 
 from vitopt.deploy.onnx_export import export_onnx
 from vitopt.deploy.quantize import calibration_batches, qdq_counts, quantize_onnx, require_modelopt
-from vitopt.deploy.runtimes import compare_logits, make_runtime
+from vitopt.deploy.accuracy import compare_logits
+from vitopt.deploy.runtimes import make_runtime
 from vitopt.errors import VitoptError
 
 HAS_MODELOPT = importlib.util.find_spec("modelopt") is not None
@@ -137,7 +138,7 @@ def test_fp16_autocast_keeps_fp32_io(tmp_path, fp32_onnx):
 
 @pytest.mark.skipif(not HAS_MODELOPT, reason=NO_MODELOPT)
 def test_quantize_stage_reports_top1_drop(tmp_path):
-    from vitopt.deploy.runtimes import evaluate_runtime
+    from vitopt.deploy.accuracy import evaluate_runtime
     from vitopt.io import read_json
     from vitopt.pipeline import run_recipe
     from vitopt.recipe import load_recipe

@@ -9,8 +9,8 @@ import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from vitopt.pruning.plan import KeepPlan
-from vitopt.sparsity.structured_dst import StructuredDST, finalize, fold_removed_units
+from vitopt.arch.plan import KeepPlan
+from vitopt.sparsity.structured_dst import S2ViTE, finalize, fold_removed_units
 from vitopt.train.loop import TrainHParams, fit
 
 KW = dict(img_size=16, patch_size=4, in_chans=1, num_classes=4, depth=2, embed_dim=48, num_heads=4, mlp_ratio=2.0)
@@ -35,7 +35,7 @@ def trained():
         for blk in model.blocks:
             blk.attn.qkv.bias.normal_(0, 0.5)
             blk.mlp.fc1.bias.normal_(0, 0.5)
-    dst = StructuredDST(model, head_density=0.5, mlp_density=0.5, death_rate=0.5, update_interval=2, t_end=1.0)
+    dst = S2ViTE(model, head_density=0.5, mlp_density=0.5, death_rate=0.5, update_interval=2, t_end=1.0)
     initial = ([m.clone() for m in dst.head_masks], [m.clone() for m in dst.mlp_masks])
     fit(model, loader(), None, TrainHParams(epochs=2, lr=1e-2, warmup_epochs=0), callbacks=[dst])
     return model, dst, initial
@@ -80,11 +80,11 @@ def test_masked_equals_surgered_with_folded_bias(trained, fused):
 
 def test_without_fold_the_v_bias_leak_is_visible(trained):
     """Surgery alone (no fold) changes the logits: the removed heads' v-bias reached proj through softmax."""
-    from vitopt.pruning.surgery import prune_model
+    from vitopt.arch.surgery import apply_plan
 
     model, dst, _ = trained
     masked = copy.deepcopy(model).eval()
-    cut = prune_model(copy.deepcopy(model), dst.plan()).eval()
+    cut = apply_plan(model, dst.plan()).eval()
     x = torch.randn(5, 1, 16, 16)
     with torch.no_grad():
         assert (masked(x) - cut(x)).abs().max().item() > 1e-3
@@ -109,7 +109,7 @@ def test_fold_removed_head_is_proj_w_times_v_bias():
 
 def test_state_dict_round_trip(trained):
     model, dst, _ = trained
-    other = StructuredDST(copy.deepcopy(model), head_density=0.5, mlp_density=0.5)
+    other = S2ViTE(copy.deepcopy(model), head_density=0.5, mlp_density=0.5)
     other.load_state_dict(dst.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(other.head_masks, dst.head_masks))
     assert all(torch.equal(a, b) for a, b in zip(other.mlp_masks, dst.mlp_masks))
@@ -122,7 +122,7 @@ def test_taylor_probe_is_head_output_times_its_gradient():
     from vitopt.arch.hooks import attach_scalers
 
     model = tiny()
-    dst = StructuredDST(model, 0.5, 0.5, update_interval=1)
+    dst = S2ViTE(model, 0.5, 0.5, update_interval=1)
     dst.on_fit_start(model, torch.optim.AdamW(model.parameters(), lr=1e-3), total_steps=4)
     x, y = next(iter(loader()))
     st = family_of(model).structure(model)

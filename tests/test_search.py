@@ -12,8 +12,8 @@ from vitopt.arch.config import create_model
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
 from vitopt.errors import VitoptError
-from vitopt.pruning import importance
-from vitopt.pruning.allocation import allocate
+from vitopt.pruning.criteria.search import search_scores
+from vitopt.pruning.allocation import allocate_budget
 
 SWIN = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2),
                                              num_heads=(2, 4), num_classes=5))
@@ -50,9 +50,9 @@ def test_search_ranks_planted_dead_neurons_last():
             fc2.weight.mul_(3.0)
             dead[g] = set(idx.tolist())
         model.head.fc.weight.mul_(30.0)     # confident predictions, as a trained model makes them
-    scores = importance.compute_scores("search", model, st, groups, batches=_batches(), target=0.75, steps=40,
+    scores = search_scores(model, st, groups, batches=_batches(), target=0.75, steps=40,
                                        lr=0.02)
-    assert abs(importance.LAST_COST["expected_cost_ratio"] - 0.75) <= 0.03
+    assert abs(scores.cost["expected_cost_ratio"] - 0.75) <= 0.03
     for g in groups:
         s = scores[g]
         live = [u for u in range(s.numel()) if u not in dead[g]]
@@ -72,9 +72,9 @@ def test_search_meets_target_and_leaves_model_untouched(spec):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     groups = [g.name for g in st.of_kind("embed", "heads", "head_dim", "mlp")]
     cm = CostModel(model, st)
-    scores = importance.compute_scores("search", model, st, groups, batches=_batches(), cost=cm.flops, target=0.5,
+    scores = search_scores(model, st, groups, batches=_batches(), cost=cm.flops, target=0.5,
                                        steps=60)
-    cost = importance.LAST_COST
+    cost = scores.cost
     assert cost["criterion"] == "search" and cost["steps"] == 60 and cost["backward_passes"] == 60
     assert abs(cost["expected_cost_ratio"] - 0.5) <= 0.05      # the gates' soft dims reach the FLOPs target
     assert {g: s.shape for g, s in scores.items()} == {g: (st.groups[g].size,) for g in groups}
@@ -84,7 +84,7 @@ def test_search_meets_target_and_leaves_model_untouched(spec):
     assert all(m.training for m in model.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     budget = 0.5 * cm.flops(st.sizes())
-    plan = allocate(st, scores, cm.flops, budget, round_to={"heads": 1, "head_dim": 4, "mlp": 8, "embed": 4})
+    plan = allocate_budget(st, scores, cm.flops, budget, round_to={"heads": 1, "head_dim": 4, "mlp": 8, "embed": 4})
     assert cm.flops(plan.dims(st)) <= budget
 
 
@@ -93,11 +93,11 @@ def test_search_rejects_bad_input():
     st = family_of(model).structure(model)
     groups = [g.name for g in st.of_kind("mlp")]
     with pytest.raises(VitoptError, match="needs data batches"):
-        importance.compute_scores("search", model, st, groups, batches=None, target=0.5)
+        search_scores(model, st, groups, batches=None, target=0.5)
     with pytest.raises(VitoptError, match="target in"):
-        importance.compute_scores("search", model, st, groups, batches=_batches(1), target=1.5)
+        search_scores(model, st, groups, batches=_batches(1), target=1.5)
     with pytest.raises(VitoptError, match="steps must be"):
-        importance.compute_scores("search", model, st, groups, batches=_batches(1), target=0.5, steps=0)
+        search_scores(model, st, groups, batches=_batches(1), target=0.5, steps=0)
 
 
 def test_schema_search_needs_a_cost_fraction():
@@ -169,20 +169,20 @@ def test_score_rank_is_a_global_threshold():
     low = "layers.0.blocks.1.mlp"
     scores[low] = torch.linspace(0.1, 0.2, st.groups[low].size, dtype=torch.float64)
     full = cm.flops(st.sizes())
-    plan = allocate(st, scores, cm.flops, full * 0.97, rank="score", round_to={"heads": 1, "mlp": 8})
+    plan = allocate_budget(st, scores, cm.flops, full * 0.97, rank="score", round_to={"heads": 1, "mlp": 8})
     dims = plan.dims(st)
     assert dims[low] < st.groups[low].size
     assert all(dims[g] == st.groups[g].size for g in scores if g != low)
     assert plan.keep[low] == list(range(st.groups[low].size - len(plan.keep[low]), st.groups[low].size))
     with pytest.raises(VitoptError, match="rank"):
-        allocate(st, scores, cm.flops, full * 0.9, rank="bogus")
+        allocate_budget(st, scores, cm.flops, full * 0.9, rank="bogus")
 
 
 @pytest.mark.parametrize("spec", [SWIN, PVT], ids=["swin", "pvt_v2"])
 def test_vtp_gates_fold_exactly_on_hierarchical_models(spec):
     """UnitGates on heads / head_dim / mlp of every block fold into the Linears at their choke points (PVTv2's
     head_dim gate sits on both q and kv): the ungated folded model computes the gated function."""
-    from vitopt.sparsity.gates import UnitGates
+    from vitopt.arch.gates import UnitGates
 
     model = _model(spec)
     st = family_of(model).structure(model)

@@ -15,9 +15,9 @@ from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
 from vitopt.arch.hooks import attach_replica_masks
 from vitopt.errors import VitoptError
-from vitopt.pruning.masks import apply_masks
-from vitopt.pruning.plan import KeepPlan
-from vitopt.pruning.surgery import prune_model
+from vitopt.arch.masks import apply_masks
+from vitopt.arch.plan import KeepPlan
+from vitopt.arch.surgery import apply_plan
 
 from hier_helpers import random_plan, set_fused  # noqa: E402
 
@@ -81,7 +81,7 @@ def test_masked_equals_surgered(variant, kinds, fused):
             dense = model(x)
             with apply_masks(model, plan):
                 masked = model(x)
-            pruned = prune_model(copy.deepcopy(model), plan)
+            pruned = apply_plan(model, plan)
             out = pruned(x)
         assert out.shape == dense.shape
         assert (masked - out).abs().max().item() <= 1e-5
@@ -96,7 +96,7 @@ def test_relative_position_bias_is_sliced_with_the_heads():
     model = make()
     keep = [1]
     plan = KeepPlan({"layers.1.blocks.1.heads": keep})
-    pruned = prune_model(copy.deepcopy(model), plan)
+    pruned = apply_plan(model, plan)
     old = model.layers[1].blocks[1].attn
     new = pruned.layers[1].blocks[1].attn
     ws = old.window_size
@@ -111,7 +111,7 @@ def test_relative_position_bias_is_sliced_with_the_heads():
 def test_head_dim_prune_keeps_attention_scale(fused):
     model = make()
     plan = KeepPlan({f"layers.{s}.blocks.{j}.head_dim": list(range(0, 16, 2)) for s in range(2) for j in range(2)})
-    pruned = prune_model(copy.deepcopy(model), plan)
+    pruned = apply_plan(model, plan)
     for stage in pruned.layers:
         for blk in stage.blocks:
             assert blk.attn.scale == pytest.approx(8 ** -0.5)
@@ -139,7 +139,7 @@ def test_replica_masks_with_patch_merging_norm_equal_single_masks():
         with attach_replica_masks(model, st, "layers.0.embed", masks):
             rep = model(x.repeat(3, 1, 1, 1)).reshape(3, 2, -1)
         for r, plan in enumerate(plans):
-            ref = prune_model(copy.deepcopy(model), KeepPlan({"layers.0.embed": plan.keep["layers.0.embed"]}))(x)
+            ref = apply_plan(model, KeepPlan({"layers.0.embed": plan.keep["layers.0.embed"]}))(x)
             assert (rep[r] - ref).abs().max().item() <= 1e-5
         assert (rep[2] - model(x)).abs().max().item() <= 1e-5
 
@@ -154,7 +154,7 @@ def _counted_flops(model, x) -> int:
 def test_analytic_flops_match_counter(variant):
     model = make(variant)
     set_fused(model, False)
-    pruned = prune_model(copy.deepcopy(model), random_plan(model, ("embed", "heads", "head_dim", "mlp"), 9))
+    pruned = apply_plan(model, random_plan(model, ("embed", "heads", "head_dim", "mlp"), 9))
     x = _img(variant, 1)
     for m in (model, pruned):
         fam = family_of(m)
@@ -176,7 +176,7 @@ def test_swin_tiny_flops_match_published():
 def test_save_load_roundtrip_and_features(tmp_path):
     model = make()
     plan = random_plan(model, ("embed", "heads", "head_dim", "mlp"), 7)
-    pruned = prune_model(copy.deepcopy(model), plan)
+    pruned = apply_plan(model, plan)
     arch = save_pruned(pruned, tmp_path / "m", NAME, VARIANTS["shifted"])
     assert "layers.1.embed" in arch.dims and "layers.1.blocks.1.heads" in arch.dims
     loaded = load_pruned(tmp_path / "m")
@@ -213,7 +213,7 @@ def test_cli_inspect_lists_every_block_with_its_stage(tmp_path):
 
     from vitopt.cli import app
 
-    pruned = prune_model(make(), random_plan(make(), ("embed", "heads", "head_dim", "mlp"), 3))
+    pruned = apply_plan(make(), random_plan(make(), ("embed", "heads", "head_dim", "mlp"), 3))
     arch = save_pruned(pruned, tmp_path / "m", NAME, VARIANTS["shifted"])
     res = CliRunner().invoke(app, ["inspect", str(tmp_path / "m")], terminal_width=200)
     assert res.exit_code == 0, res.output

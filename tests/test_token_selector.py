@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitopt.errors import VitoptError
-from vitopt.sparsity.token_selector import TokenSelectorSchedule, attach_token_selector
+from vitopt.sparsity.token_selector import SViTEPlus, attach_token_selector
 from vitopt.train.loop import TrainHParams, fit
 
 KW = dict(img_size=16, patch_size=4, in_chans=1, num_classes=4, depth=3, embed_dim=32, num_heads=4)
@@ -56,8 +56,9 @@ def test_training_is_stochastic_and_scorer_gets_gradients():
 
 def test_schedule_and_fit():
     model = tiny()
-    sel = attach_token_selector(model, keep=0.5, after_block=0)
-    sched = TokenSelectorSchedule(sel, tau=1.0, tau_end=0.1)
+    sched = SViTEPlus(model, keep=0.5, after_block=0, tau=1.0, tau_end=0.1)
+    sel = sched.selector
+    assert model.token_selector is sel
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 4, (32,), generator=g)),
                       batch_size=8)

@@ -16,7 +16,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vitopt import rundir
+from vitopt.arch.config import ArchConfig, load_pruned
+from vitopt.arch.cost import CostModel
+from vitopt.deploy import tensorrt_build as tb
+from vitopt.deploy.lut import measure_lut, measure_model_latency
+from vitopt.deploy.onnx_export import export_onnx
+from vitopt.deploy.runtimes import RUNTIMES
+from vitopt.deploy.targets import load_targets
 from vitopt.errors import VitoptError
+from vitopt.io import atomic_write_json, atomic_write_text, read_json
+from vitopt.pipeline import run_recipe
+from vitopt.recipe import load_recipe, recipe_json_schema
+from vitopt.report import write_report
+from vitopt.report.summary import write_summary
+from vitopt.stages import recipe_choices
+from vitopt.train.inputs import input_shape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make Vision Transformers small and fast: prune, fine-tune, export, validate.")
@@ -34,10 +49,8 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
                                               "output_dir/name, which also resumes when it exists).")) -> None:
     """Run a recipe's stages; finished stages of an existing run directory are skipped and an interrupted
     training stage continues from its last epoch checkpoint. Under torchrun only rank 0 prints."""
-    from vitopt.pipeline import run_recipe
-    from vitopt.recipe import load_recipe
 
-    r = load_recipe(recipe, set_)
+    r = load_recipe(recipe, set_, choices=recipe_choices())
     try:
         run_recipe(r, run_dir=resume, console=console)
     except KeyboardInterrupt:
@@ -50,9 +63,8 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
 def recipe_check(recipe: Path = typer.Argument(..., help="YAML recipe."),
                  set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP)) -> None:
     """Validate a recipe and print its stages."""
-    from vitopt.recipe import load_recipe
 
-    r = load_recipe(recipe, set_)
+    r = load_recipe(recipe, set_, choices=recipe_choices())
     console.print(f"{recipe}: ok - {r.model.name} on {r.data.type}, stages: "
                   + " -> ".join(s.type for s in r.stages))
 
@@ -60,28 +72,15 @@ def recipe_check(recipe: Path = typer.Argument(..., help="YAML recipe."),
 @recipe_app.command("schema")
 def recipe_schema() -> None:
     """Print the recipe JSON Schema."""
-    from vitopt.recipe import recipe_json_schema
 
-    sys.stdout.write(json.dumps(recipe_json_schema(), indent=2) + "\n")
-
-
-def _model_dir(path: Path) -> Path:
-    """A model folder, or a run folder (-> its last stage's model)."""
-    if (path / "arch.json").is_file():
-        return path
-    candidates = sorted(path.glob("[0-9][0-9]_*/model/arch.json"))
-    if not candidates:
-        raise VitoptError(f"{path} holds no arch.json (give a model folder or a run directory).")
-    return candidates[-1].parent
+    sys.stdout.write(json.dumps(recipe_json_schema(recipe_choices()), indent=2) + "\n")
 
 
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="Model folder (arch.json + model.safetensors) or run directory.")) -> None:
     """Print per-block heads, head_dim, mlp hidden, MFLOPs and params of a saved model (any family)."""
-    from vitopt.arch.config import load_pruned
-    from vitopt.arch.cost import CostModel
 
-    mdir = _model_dir(path)
+    mdir = rundir.model_dir(path)
     model = load_pruned(mdir)
     cm = CostModel(model)
     dims = cm.structure.sizes()
@@ -112,11 +111,8 @@ def export(path: Path = typer.Argument(..., help="Model folder or run directory.
            opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
            static_batch: bool = typer.Option(False, help="Fix batch to 1 instead of a dynamic axis.")) -> None:
     """Export a saved model to ONNX (simplified, checked, verified against PyTorch)."""
-    from vitopt.arch.config import load_pruned
-    from vitopt.deploy.onnx_export import export_onnx
-    from vitopt.stages.export import input_shape
 
-    model = load_pruned(_model_dir(path))
+    model = load_pruned(rundir.model_dir(path))
     info = export_onnx(model, out, input_shape(model), opset=opset, dynamic_batch=not static_batch)
     console.print(f"wrote {info['path']} (opset {info['opset']}, {info['exporter']} exporter)")
 
@@ -126,8 +122,6 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more run dire
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report .html file or folder "
                                               "(default: inside the first run directory).")) -> None:
     """Write summary.md of each run and one self-contained HTML report (plots embedded) across them."""
-    from vitopt.report import write_report
-    from vitopt.report.summary import write_summary
 
     for run_dir in run_dirs:
         if not run_dir.is_dir():
@@ -135,14 +129,6 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more run dire
         write_summary(run_dir)
     paths = write_report(list(run_dirs), out)
     console.print(f"wrote {paths['html']} and {paths['markdown']}")
-
-
-def _dense_model_dir(path: Path) -> Path:
-    """A model folder, or a run folder's FIRST stage model (the dense widths a latency table must cover)."""
-    if (path / "arch.json").is_file():
-        return path
-    _model_dir(path)                                        # same error for a folder with no model
-    return sorted(path.glob("[0-9][0-9]_*/model/arch.json"))[0].parent
 
 
 @app.command("measure-lut")
@@ -155,11 +141,8 @@ def measure_lut_cmd(path: Path = typer.Argument(..., help="Model folder, or run 
                     device: str = typer.Option("cpu", help="cpu, or cuda for the PyTorch runtime on a GPU."),
                     statistic: str = typer.Option("min", help="Timing statistic per probe: min or median.")) -> None:
     """Measure a latency lookup table for target.latency_ms budgets (NViT / HALP style)."""
-    from vitopt.arch.config import ArchConfig, load_pruned
-    from vitopt.io import read_json
-    from vitopt.pruning.latency_lut import measure_lut, measure_model_latency
 
-    mdir = _dense_model_dir(path)
+    mdir = rundir.first_model_dir(path)
     arch = ArchConfig.from_json(read_json(mdir / "arch.json", "architecture file"))
     model = load_pruned(mdir)
     opts = dict(runtime=runtime, batch_size=batch_size, threads=threads, device=device, statistic=statistic)
@@ -193,8 +176,8 @@ def _int_list(text: str, what: str) -> list[int]:
 
 @app.command()
 def validate(artifact: Path = typer.Argument(..., help="Run directory, model folder, .onnx or .engine file."),
-             runtime: list[str] = typer.Option(["onnxruntime"], "--runtime", "-r", help="pytorch, pytorch-compile, "
-                                               "onnxruntime, onnxruntime-cuda or tensorrt (repeatable)."),
+             runtime: list[str] = typer.Option(["onnxruntime"], "--runtime", "-r", help="A runtime kind (repeatable): "
+                                               + ", ".join(RUNTIMES) + "."),
              batch_sizes: str = typer.Option("1,32", help="Latency batch sizes, comma-separated."),
              data: Optional[Path] = typer.Option(None, help="Validation sample .npz (images, labels); default: the "
                                                  "validation split of the artifact's run."),
@@ -204,11 +187,9 @@ def validate(artifact: Path = typer.Argument(..., help="Run directory, model fol
              repeats: int = typer.Option(50, min=1, help="Timed calls per batch size."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the measurements as JSON.")) -> None:
     """Top-1, agreement with PyTorch and latency p50/p90/p99 of an artifact on one or more runtimes."""
-    from vitopt.deploy.validation import validate_artifact
-    from vitopt.io import atomic_write_json
 
-    res = validate_artifact(artifact, runtime, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), data=data,
-                            threads=threads, device=device, warmup=warmup, repeats=repeats)
+    res = rundir.validate(artifact, runtime, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), data=data,
+                          threads=threads, device=device, warmup=warmup, repeats=repeats)
     bss = [str(b) for b in res["batch_sizes"]]
     table = Table(title=f"{artifact} on {res['num_images']} images ({res['data']})")
     for col in ["runtime", "top-1 %", "max |dlogit| vs pytorch", "argmax agree"] + [f"p50/p90/p99 ms @{b}" for b in bss]:
@@ -228,7 +209,6 @@ def validate(artifact: Path = typer.Argument(..., help="Run directory, model fol
 @app.command()
 def targets() -> None:
     """List the deployment target profiles (GPUs and Jetson modules) builds and bundles use."""
-    from vitopt.deploy.targets import load_targets
 
     table = Table(title="deployment targets (vitopt/deploy/targets.yaml)")
     for col in ("target", "device", "sm", "memory", "precisions", "DLA", "TensorRT", "batch (min/opt/max)",
@@ -259,8 +239,6 @@ def build(onnx: Path = typer.Argument(..., help="ONNX model (Q/DQ for int8/fp8).
     """Build a TensorRT engine for a target with the Python API and write the equivalent trtexec command."""
     import shlex
 
-    from vitopt.deploy import tensorrt_build as tb
-    from vitopt.io import atomic_write_text
 
     info = tb.onnx_info(onnx)
     major = trt_major
@@ -295,9 +273,8 @@ def deploy_bundle(run_dir: Path = typer.Argument(..., help="A finished run direc
                   precision: Optional[str] = typer.Option(None, help="Default precision of the kit's build."),
                   samples: int = typer.Option(512, min=1, help="Validation images in sample.npz.")) -> None:
     """Write a folder to copy to the device: ONNX (+ Q/DQ), sample, labels, trtexec commands, kit script."""
-    from vitopt.deploy.bundle import write_bundle
 
-    m = write_bundle(run_dir, target, out, precision=precision, samples=samples)
+    m = rundir.bundle(run_dir, target, out, precision=precision, samples=samples)
     console.print(f"wrote {m['path']} ({m['target']}, precisions {', '.join(m['builds'])}, "
                   f"{m['num_images']} sample images); on the device: python3 vitopt_jetson.py")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 
 from vitopt.arch.config import create_model, load_pruned
@@ -31,15 +32,15 @@ from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_text, load_weights
 from vitopt.recipe import Recipe, dump_resolved
 from vitopt.report.summary import write_summary
-from vitopt.stages import STAGES
-from vitopt.stages.base import StageDir, State
-from vitopt.train.data import load_data, model_input
+from vitopt.stages import STAGES, recipe_choices
+from vitopt.stages.base import RECIPE_FILE, StageDir, State
+from vitopt.train.data import load_data
 from vitopt.train.distributed import all_reduce_sum, barrier, init_from_env, is_distributed, is_main, shutdown
+from vitopt.train.inputs import model_input
 from vitopt.train.loop import set_seed
+from vitopt.train.tensorboard import TensorBoardLog
 
-__all__ = ["run_recipe", "stage_dirs", "RECIPE_FILE", "ALL_RANK_STAGES"]
-
-RECIPE_FILE = "recipe.yaml"
+__all__ = ["run_recipe", "stage_dirs", "ALL_RANK_STAGES"]
 
 #: Stage types every rank of a torchrun job runs (training, and prune, which changes the model every
 #: rank trains next). Every other stage (export, validate, ...) runs on rank 0 while the others wait.
@@ -74,6 +75,18 @@ def _check_resumable(recipe: Recipe, run_dir: Path, dirs: list[StageDir]) -> Non
             if old != new:
                 raise VitoptError(f"run directory {run_dir} holds a finished stage {sd.label} that ran with a "
                                   "different config; use a new name/output_dir or delete that stage folder.")
+
+
+def _check_names(recipe: Recipe) -> None:
+    """Check the recipe's registry names (criteria, runtimes, group kinds) before any work: a Recipe built
+    in Python was not validated against the registries (the CLI's loader already was)."""
+    try:
+        Recipe.model_validate(recipe.model_dump(mode="json", by_alias=True, exclude_unset=True),
+                              context={"choices": recipe_choices()})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"] if not str(p).endswith("]"))
+        raise VitoptError(f"recipe {recipe.name}: {where}: {err['msg']}.") from None
 
 
 def _normalised(schema: type, config: Any) -> Any:
@@ -170,6 +183,7 @@ def _run_recipe(recipe: Recipe, run_dir: Path | None, console: Console | None) -
         raise VitoptError(f"--resume {run_dir}: that run directory does not exist; give an existing run directory, "
                           f"or leave --resume out to use output_dir/name.")
     run_dir = Path(run_dir or recipe.output_dir / recipe.name)
+    _check_names(recipe)
     dirs = stage_dirs(recipe, run_dir)
     set_seed(recipe.seed)
     model, kwargs, data = _build(recipe)                 # bad model/data fail before the run dir is touched
@@ -180,8 +194,6 @@ def _run_recipe(recipe: Recipe, run_dir: Path | None, console: Console | None) -
                   seed=recipe.seed, dense={})
     state.dense = state.cost()
     if recipe.log.tensorboard and is_main():
-        from vitopt.train.tensorboard import TensorBoardLog
-
         state.logger = TensorBoardLog(run_dir / "tensorboard")
     console.print(f"[bold]vitopt[/] {recipe.name}: {recipe.model.name} on {data.name} "
                   f"({len(data.train)} train / {len(data.val)} val, {data.num_classes} classes), "

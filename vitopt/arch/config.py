@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from vitopt.arch.families import family_of, get_family
+from vitopt.arch.token_selector import attach_token_selector
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_json, load_weights, read_json, save_weights
 
-__all__ = ["ArchConfig", "create_model", "arch_of", "resize_to", "save_pruned", "load_pruned",
+__all__ = ["ArchConfig", "create_model", "arch_of", "resize_to", "save", "save_pruned", "load_pruned", "set_param",
            "ARCH_FILE", "WEIGHTS_FILE"]
 
 ARCH_FILE = "arch.json"
@@ -140,7 +141,7 @@ def resize_to(model: nn.Module, dims: dict[str, int]) -> nn.Module:
     """Resize every coupled parameter of ``model`` to ``dims`` (new, uninitialised storage) in place.
 
     Used to rebuild a pruned model before loading its weights; values are NOT preserved (use
-    :func:`vitopt.pruning.surgery.prune_model` to keep values).
+    :func:`vitopt.arch.surgery.apply_plan` to keep values).
 
     Raises:
         VitoptError: ``dims`` names groups the model does not have.
@@ -156,12 +157,12 @@ def resize_to(model: nn.Module, dims: dict[str, int]) -> nn.Module:
         shape[lay.axis] = lay.new_length(dims)
     for name, shape in shapes.items():
         old = model.get_parameter(name)
-        _set_param(model, name, torch.empty(shape, dtype=old.dtype, device=old.device), old.requires_grad)
+        set_param(model, name, torch.empty(shape, dtype=old.dtype, device=old.device), old.requires_grad)
     fam.set_dims(model, {**fam.read_dims(model), **dims})
     return model
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor, requires_grad: bool = True) -> None:
+def set_param(model: nn.Module, name: str, value: torch.Tensor, requires_grad: bool = True) -> None:
     owner, _, leaf = name.rpartition(".")
     module = model.get_submodule(owner) if owner else model
     setattr(module, leaf, nn.Parameter(value, requires_grad=requires_grad))
@@ -178,6 +179,46 @@ def save_pruned(model: nn.Module, directory: str | Path, model_name: str,
     save_weights(directory / WEIGHTS_FILE, model.state_dict(), metadata={"format": "pt", "vitopt": "1"})
     atomic_write_json(directory / ARCH_FILE, arch.to_json())
     return arch
+
+
+def save(model: nn.Module, directory: str | Path, *, model_name: str | None = None,
+         model_kwargs: dict[str, Any] | None = None) -> ArchConfig:
+    """Save a (pruned) model as ``arch.json`` + ``model.safetensors`` so :func:`load_pruned` (``vitopt.load``)
+    rebuilds it without the code or recipe that made it (``vitopt.save``).
+
+    Args:
+        model: a timm model of a registered family, pruned or not.
+        directory: destination folder (created; files written atomically).
+        model_name: the timm model name; default ``model.pretrained_cfg["architecture"]``.
+        model_kwargs: the ``timm.create_model`` kwargs the model was made with; default: read back from
+            the model by its family (:meth:`~vitopt.arch.families.base.Family.constructor_kwargs`),
+            then checked by rebuilding the model and comparing every parameter's name and shape.
+
+    Returns:
+        the :class:`ArchConfig` written.
+
+    Raises:
+        VitoptError: no model name can be found, or the kwargs read back do not rebuild this model
+            (the message says to pass ``model_kwargs``).
+    """
+    fam = family_of(model)
+    name = model_name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not name:
+        raise VitoptError("vitopt.save needs model_name= (the timm model name): the model has no "
+                          "pretrained_cfg['architecture'].")
+    if model_kwargs is None:
+        kwargs = fam.constructor_kwargs(model)
+        try:
+            rebuilt = resize_to(create_model(name, kwargs), fam.read_dims(model))
+            ok = ({k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+                  == {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        except (VitoptError, TypeError, ValueError, AssertionError, RuntimeError):
+            ok = False
+        if not ok:
+            raise VitoptError(f"the {type(model).__name__} cannot be rebuilt from {name!r} with the kwargs vitopt "
+                              "reads back from it; pass model_kwargs= (the timm.create_model kwargs it was made with).")
+        model_kwargs = kwargs
+    return save_pruned(model, directory, name, model_kwargs)
 
 
 def load_pruned(path: str | Path) -> nn.Module:
@@ -202,8 +243,6 @@ def load_pruned(path: str | Path) -> nn.Module:
     model = create_model(arch.model_name, arch.model_kwargs)
     resize_to(model, arch.dims)
     if arch.token_selector is not None:        # SViTE+ selector: re-attach before loading its weights
-        from vitopt.sparsity.token_selector import attach_token_selector
-
         attach_token_selector(model, **arch.token_selector)
     state = load_weights(directory / WEIGHTS_FILE)
     try:

@@ -19,7 +19,7 @@ from torch import nn
 from vitopt.arch.families import family_of
 from vitopt.arch.structure import Structure
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "structure_of"]
 
 
 class CostModel:
@@ -74,3 +74,19 @@ class CostModel:
     def __call__(self, metric: str, dims: dict[str, int]) -> float:
         """Cost of ``dims`` in ``metric`` (``"flops"``, ``"macs"`` or ``"params"``)."""
         return float(getattr(self, metric)(dims))
+
+
+def structure_of(model: nn.Module) -> Structure:
+    """The :class:`Structure` of ``model`` with its cost model attached (``vitopt.structure``).
+
+    Groups with kind, block, stage and size; ``structure.cost(metric, dims)``,
+    ``structure.unit_costs()`` (FLOPs and params one unit saves) and a readable ``repr`` / ``table()``.
+    Allocation (:func:`vitopt.pruning.allocation.allocate`) prices candidate shapes with it.
+
+    Raises:
+        VitoptError: the model's class is not a registered family, or uses a feature its family
+            cannot prune (the message names the module and feature).
+    """
+    cm = CostModel(model)
+    cm.structure.cost_model = cm
+    return cm.structure

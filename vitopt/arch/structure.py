@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from vitopt.errors import VitoptError
 
 __all__ = ["Group", "AxisLayout", "ChokePoint", "Structure", "Factor", "GROUP_KINDS"]
 
@@ -159,6 +161,9 @@ class Structure:
     chokes: dict[str, list[ChokePoint]] = field(default_factory=dict)
     norms: dict[str, list[str]] = field(default_factory=dict)
     norm_factors: dict[str, tuple[Factor, ...]] = field(default_factory=dict)
+    #: the :class:`vitopt.arch.cost.CostModel` of the model this Structure describes, set by
+    #: :func:`vitopt.arch.cost.structure_of` (``vitopt.structure``); None for a bare family Structure.
+    cost_model: Any = field(default=None, repr=False, compare=False)
 
     def of_kind(self, *kinds: str) -> list[Group]:
         """Groups whose kind is in ``kinds``, in structure order."""
@@ -175,3 +180,60 @@ class Structure:
     def layouts_of(self, group: str) -> list[AxisLayout]:
         """Every parameter axis that ``group`` appears in."""
         return [lay for lay in self.layouts if group in lay.groups()]
+
+    # ------------------------------------------------------------------------------------ costs
+    def _costs(self) -> Any:
+        if self.cost_model is None:
+            raise VitoptError("this Structure carries no cost model; build it with vitopt.structure(model) "
+                              "(vitopt.arch.cost.structure_of).")
+        return self.cost_model
+
+    def cost(self, metric: str = "flops", dims: dict[str, int] | None = None) -> float:
+        """Cost of one image at ``dims`` (default: the current dims) in ``metric``: ``"flops"`` (2 x MACs),
+        ``"macs"`` or ``"params"``.
+
+        Raises:
+            VitoptError: the Structure has no cost model (see :attr:`cost_model`).
+        """
+        return float(self._costs()(metric, dict(dims or {})))
+
+    def unit_costs(self) -> dict[str, dict[str, float]]:
+        """group -> ``{"flops", "params"}`` saved by removing ONE unit of it at the current dims.
+
+        Raises:
+            VitoptError: the Structure has no cost model.
+        """
+        cm = self._costs()
+        base = self.sizes()
+        full = {m: cm(m, base) for m in ("flops", "params")}
+        out = {}
+        for name, g in self.groups.items():
+            smaller = {**base, name: g.size - 1}
+            out[name] = {m: full[m] - cm(m, smaller) for m in ("flops", "params")}
+        return out
+
+    def table(self) -> str:
+        """A plain-text table: one row per group (name, kind, stage, block, size, MFLOPs and params per
+        unit), then the model's total MFLOPs and params. FLOPs = 2 x MACs of one image."""
+        costs = self.unit_costs() if self.cost_model is not None else {}
+        rows = [("group", "kind", "stage", "block", "units", "MFLOPs/unit", "params/unit")]
+        for name, g in self.groups.items():
+            c = costs.get(name)
+            rows.append((name, g.kind, "-" if g.stage is None else str(g.stage), "-" if g.block is None else str(g.block),
+                         str(g.size), f"{c['flops'] / 1e6:.3f}" if c else "-", f"{c['params']:.0f}" if c else "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.cost_model is not None:
+            lines.append(f"total: {self.cost('flops') / 1e6:.2f} MFLOPs (2 x MACs, one image), "
+                         f"{self.cost('params') / 1e6:.4f} M params")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        kinds: dict[str, int] = {}
+        for g in self.groups.values():
+            kinds[g.kind] = kinds.get(g.kind, 0) + 1
+        head = (f"Structure(family={self.family!r}, {len(self.groups)} groups: "
+                + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
+        return head + "\n" + self.table()

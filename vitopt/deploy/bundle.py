@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vitopt.deploy.artifacts import resolve_artifact
+from vitopt.deploy.sample import save_sample
 from vitopt.deploy.targets import get_target
 from vitopt.deploy.tensorrt_build import (
     BuildConfig,
@@ -27,7 +27,7 @@ from vitopt.deploy.tensorrt_build import (
     trtexec_command,
 )
 from vitopt.errors import VitoptError
-from vitopt.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from vitopt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["write_bundle", "KIT_DIR", "BUNDLE_FORMAT"]
 
@@ -36,29 +36,6 @@ KIT_DIR = Path(__file__).resolve().parents[2] / "deploy" / "jetson"
 KIT_FILES = ("vitopt_jetson.py", "README.md")
 BUNDLE_FORMAT = "vitopt-bundle/1"
 _ORDER = ("fp16", "int8", "fp8", "bf16", "fp32")
-
-
-def _val_sample(run_dir: Path, model_dir: Path, samples: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from vitopt.arch.config import load_pruned
-    from vitopt.recipe import load_recipe
-    from vitopt.train.data import load_data, model_input, val_arrays
-
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    model = load_pruned(model_dir)
-    data = load_data(recipe.data, model_input(model, recipe.data.mean, recipe.data.std), recipe.seed)
-    images, labels = val_arrays(data)
-    return images[:samples], labels[:samples], list(data.class_names)
-
-
-def _host_numbers(run_dir: Path) -> dict[str, Any] | None:
-    recs = sorted(run_dir.glob("[0-9][0-9]_*/metrics.json"))
-    for path in reversed(recs):
-        rec = read_json(path, "stage metrics file")
-        if rec.get("type") == "validate":
-            m = rec["metrics"]
-            return {"stage": rec["stage"], "threads": m.get("threads"),
-                    "final": {k: m["final"].get(k) for k in ("flops", "params", "runtimes")}}
-    return None
 
 
 def _builds(target, onnx: Path, quantized: dict[str, Path], trt_major: int | None,
@@ -83,18 +60,23 @@ def _builds(target, onnx: Path, quantized: dict[str, Path], trt_major: int | Non
     return builds
 
 
-def write_bundle(run_dir: str | os.PathLike, target: str, out_dir: str | os.PathLike | None = None, *,
-                 precision: str | None = None, samples: int = 512, trt_major: int | None = None,
-                 profile: tuple[int, int, int] | None = None) -> dict[str, Any]:
-    """Write a deployment bundle for ``target`` from a finished run (needs an export stage).
+def write_bundle(target: str, out_dir: str | os.PathLike, *, onnx: Path, images: np.ndarray, labels: np.ndarray,
+                 class_names: list[str], quantized: dict[str, Path] | None = None, model_name: str = "model",
+                 host: dict[str, Any] | None = None, precision: str | None = None,
+                 trt_major: int | None = None, profile: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """Write a deployment bundle for ``target`` into ``out_dir``.
 
     Args:
-        run_dir: a run directory written by ``vitopt run``.
         target: target profile key (``orin-agx``...).
-        out_dir: destination folder; default ``RUN_DIR/bundle-<target>``.
+        out_dir: destination folder (created).
+        onnx: the fp32 ONNX model.
+        images, labels: validation sample, float32 ``[N, C, H, W]`` model-ready and int ``[N]``.
+        class_names: class names, index = label (``labels.txt``).
+        quantized: precision -> quantized ONNX (``int8``, ``fp16``...) from quantize stages.
+        model_name: recorded in ``bundle.json`` (the run's name).
+        host: the host's validate numbers (recorded for comparison on the device), or None.
         precision: the precision the script builds by default; default fp16 (fp32 where fp16 is
-            not buildable from the run's graphs).
-        samples: validation images in ``sample.npz`` (the first N of the validation split).
+            not buildable from the graphs).
         trt_major: TensorRT line; default the target's (Jetson: 10).
         profile: ``(min, opt, max)`` batch; default the target's.
 
@@ -102,35 +84,27 @@ def write_bundle(run_dir: str | os.PathLike, target: str, out_dir: str | os.Path
         the ``bundle.json`` manifest plus ``"path"`` (the folder).
 
     Raises:
-        VitoptError: not a run directory, no exported ONNX, an unknown target, a precision the target
-            or the run's graphs cannot build, ``samples`` < 1, or the kit files missing.
+        VitoptError: an unknown target, a precision the target or the graphs cannot build, an empty
+            sample, or the kit files missing.
     """
-    art = resolve_artifact(run_dir)
-    if art.kind != "run":
-        raise VitoptError(f"{run_dir} is not a run directory (no recipe.yaml); deploy bundle needs a finished run.")
-    if art.onnx is None or art.model_dir is None:
-        raise VitoptError(f"run {run_dir} has no exported ONNX model; add an export stage and run it again.")
-    if not isinstance(samples, int) or samples < 1:
-        raise VitoptError(f"samples must be a positive integer; got {samples!r}.")
+    if len(labels) < 1 or len(images) != len(labels):
+        raise VitoptError(f"the bundle sample needs N >= 1 images and as many labels; got {len(images)} and "
+                          f"{len(labels)}.")
     t = get_target(target)
-    builds = _builds(t, art.onnx, art.quantized, trt_major, profile)
+    builds = _builds(t, Path(onnx), dict(quantized or {}), trt_major, profile)
     default = precision or next((p for p in ("fp16", "fp32") if p in builds), None)
     if default not in builds:
         can = ", ".join(builds) or "none"
-        raise VitoptError(f"run {run_dir} cannot be built at {default or 'fp16'} for {t.key} (buildable: {can}); "
+        raise VitoptError(f"{model_name} cannot be built at {default or 'fp16'} for {t.key} (buildable: {can}); "
                           "an int8/fp8 build needs a quantize stage of that precision, a TensorRT 11 fp16 build "
                           "a quantize stage with precision fp16.")
     missing = [f for f in KIT_FILES if not (KIT_DIR / f).is_file()]
     if missing:
         raise VitoptError(f"the Jetson kit files {missing} are missing from {KIT_DIR}; reinstall vitopt from source.")
-    out = Path(out_dir) if out_dir else art.run_dir / f"bundle-{t.key}"
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels, names = _val_sample(art.run_dir, art.model_dir, samples)
-    buf = out / "sample.npz"
-    with open(buf.with_suffix(".tmp"), "wb") as f:
-        np.savez_compressed(f, images=images.astype(np.float32), labels=labels.astype(np.int64))
-    os.replace(buf.with_suffix(".tmp"), buf)
-    atomic_write_text(out / "labels.txt", "\n".join(names) + "\n")
+    save_sample(out / "sample.npz", images, labels)
+    atomic_write_text(out / "labels.txt", "\n".join(class_names) + "\n")
     manifest_builds: dict[str, dict[str, Any]] = {}
     for p, (cfg, src) in builds.items():
         atomic_write_bytes(out / src.name, src.read_bytes())
@@ -140,8 +114,8 @@ def write_bundle(run_dir: str | os.PathLike, target: str, out_dir: str | os.Path
     for f in KIT_FILES:
         shutil.copyfile(KIT_DIR / f, out / f)
     manifest = {"format": BUNDLE_FORMAT, "target": t.key, "target_profile": t.model_dump(mode="json"),
-                "model": art.run_dir.name, "default_precision": default, "builds": manifest_builds,
+                "model": model_name, "default_precision": default, "builds": manifest_builds,
                 "batch_sizes": list(t.batch_sizes), "sample": "sample.npz", "num_images": int(len(labels)),
-                "labels": "labels.txt", "host": _host_numbers(art.run_dir)}
+                "labels": "labels.txt", "host": host}
     atomic_write_json(out / "bundle.json", manifest)
     return {**manifest, "path": str(out)}

@@ -20,15 +20,20 @@ criterion's gates; not the default anywhere).
 from __future__ import annotations
 
 import math
-from typing import Callable
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from vitopt.arch.latency_table import LatencyTable, cost_fn
 from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
-from vitopt.pruning.plan import KeepPlan
+from vitopt.arch.plan import KeepPlan
 
-__all__ = ["allocate", "allowed_sizes", "DEFAULT_ROUND_TO"]
+__all__ = ["allocate", "allocate_budget", "parse_target", "Target", "allowed_sizes", "DEFAULT_ROUND_TO",
+           "TARGET_METRICS"]
 
 #: Default rounding of kept counts per group kind (DESIGN.md: 8 for dims, heads by one).
 DEFAULT_ROUND_TO = {"heads": 1, "head_dim": 8, "mlp": 8, "embed": 8}
@@ -68,9 +73,9 @@ def _normalise(scores: dict[str, torch.Tensor], kinds: dict[str, str], base: dic
     return out
 
 
-def allocate(structure: Structure, scores: dict[str, torch.Tensor], cost: Callable[[dict[str, int]], float],
-             budget: float, *, scope: str = "global", round_to: dict[str, int] | None = None,
-             min_keep: dict[str, int] | None = None, rank: str = "per_cost") -> KeepPlan:
+def allocate_budget(structure: Structure, scores: dict[str, torch.Tensor], cost: Callable[[dict[str, int]], float],
+                    budget: float, *, scope: str = "global", round_to: dict[str, int] | None = None,
+                    min_keep: dict[str, int] | None = None, rank: str = "per_cost") -> KeepPlan:
     """Choose kept units for the groups in ``scores`` so that ``cost(dims) <= budget``.
 
     Args:
@@ -172,3 +177,141 @@ def _uniform(ladders: dict[str, list[int]], base: dict[str, int], cost: Callable
         else:
             hi = mid
     return sizes_at(lo)
+
+
+# ------------------------------------------------------------------------------------ targets
+#: the metrics a target may name.
+TARGET_METRICS = ("flops", "params", "latency_ms", "shape")
+
+
+@dataclass
+class Target:
+    """A parsed pruning target (see :func:`parse_target`).
+
+    Attributes:
+        metric: ``"flops"``, ``"params"``, ``"latency_ms"`` or ``"shape"``.
+        value: the fraction of the current cost to keep (flops, params; in (0, 1]), or milliseconds
+            (latency_ms); None for a shape.
+        lut: the latency table pricing ``latency_ms`` (None otherwise).
+        shape: group kind -> units to keep in every group of that kind (``shape`` only).
+    """
+
+    metric: str
+    value: float | None = None
+    lut: LatencyTable | None = None
+    shape: dict[str, int] = field(default_factory=dict)
+
+
+def parse_target(target: Mapping[str, Any] | Target) -> Target:
+    """Read a target mapping: ``{"flops": f}``, ``{"params": f}`` (fractions of the current model, in (0, 1]),
+    ``{"latency_ms": ms, "lut": PATH or LatencyTable}`` or ``{"shape": {"embed": 192, "heads": 3, ...}}``.
+
+    Raises:
+        VitoptError: not exactly one metric, a value out of range, a latency target without a table,
+            or a malformed shape.
+    """
+    if isinstance(target, Target):
+        return target
+    if not isinstance(target, Mapping):
+        raise VitoptError(f"target must be a mapping such as {{'flops': 0.5}}; got {target!r}.")
+    metrics = [k for k in target if k in TARGET_METRICS]
+    unknown = [k for k in target if k not in (*TARGET_METRICS, "lut")]
+    if unknown or len(metrics) != 1:
+        raise VitoptError(f"target {dict(target)!r} must name exactly one of {', '.join(TARGET_METRICS)} "
+                          "(plus 'lut' for latency_ms).")
+    metric = metrics[0]
+    value = target[metric]
+    if metric == "shape":
+        if not isinstance(value, Mapping) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values()):
+            raise VitoptError(f"target shape {value!r} must map group kinds to positive integers, e.g. "
+                              "{'embed': 192, 'heads': 3, 'head_dim': 64, 'mlp': 768}.")
+        return Target("shape", shape={str(k): int(v) for k, v in value.items()})
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise VitoptError(f"target {metric} must be a positive number; got {value!r}.")
+    if metric in ("flops", "params") and value > 1:
+        raise VitoptError(f"target {metric} is a fraction of the model's current {metric}, in (0, 1]; got {value}.")
+    if metric == "latency_ms":
+        lut = target.get("lut")
+        if lut is None:
+            raise VitoptError("target latency_ms needs 'lut': a latency table (vitopt measure-lut) or its path.")
+        table = lut if isinstance(lut, LatencyTable) else LatencyTable.load(os.fspath(lut))
+        return Target("latency_ms", float(value), lut=table)
+    return Target(metric, float(value))
+
+
+def target_cost(structure: Structure, target: Target) -> tuple[Callable[[dict[str, int]], float], float]:
+    """``(cost(dims), budget)`` of a budget target, in FLOPs, params or LUT milliseconds.
+
+    Raises:
+        VitoptError: a shape target (it has no budget), a Structure without a cost model, or a latency
+            table measured for another token count or depth.
+    """
+    if target.metric == "shape":
+        raise VitoptError("a shape target has no cost budget.")
+    if structure.cost_model is None:
+        raise VitoptError("allocation needs a Structure with costs: build it with vitopt.structure(model).")
+    cm = structure.cost_model
+    if target.metric == "latency_ms":
+        if structure.family != "vit":
+            raise VitoptError(f"target latency_ms prices units with a ViT block latency table; a {structure.family} "
+                              "model is not supported there (allowed targets: flops, params, shape).")
+        return cost_fn(target.lut, cm.model), float(target.value)
+    fn = getattr(cm, target.metric)
+    return fn, float(target.value) * float(fn(structure.sizes()))
+
+
+def shape_sizes(structure: Structure, shape: Mapping[str, int], groups: list[str] | None = None) -> dict[str, int]:
+    """group -> kept count for a shape target: every group whose kind the shape names (among ``groups``).
+
+    Raises:
+        VitoptError: a shape wider than a group, or a kind the model does not have.
+    """
+    kinds = {g.kind for g in structure.groups.values()}
+    missing = [k for k in shape if k not in kinds]
+    if missing:
+        raise VitoptError(f"target shape names {missing}, which this {structure.family} model does not have "
+                          f"(its kinds: {', '.join(sorted(kinds))}).")
+    sizes = {}
+    for grp in structure.groups.values():
+        want = shape.get(grp.kind)
+        if want is None or (groups is not None and grp.name not in groups):
+            continue
+        if want > grp.size:
+            raise VitoptError(f"target shape {grp.kind} is {want} but {grp.name} has only {grp.size} units.")
+        sizes[grp.name] = want
+    return sizes
+
+
+def allocate(structure: Structure, scores: Mapping[str, torch.Tensor], *, target: Mapping[str, Any] | Target,
+             scope: str = "global", round_to: Mapping[str, int] | None = None,
+             min_keep: Mapping[str, int] | None = None, rank: str = "per_cost") -> KeepPlan:
+    """Choose the kept units of the scored groups so that the model meets ``target`` (``vitopt.allocate``).
+
+    Args:
+        structure: from :func:`vitopt.structure` (it carries the model's cost model).
+        scores: group -> importance per unit (higher = keep), e.g. from :func:`vitopt.importance`; only
+            these groups are pruned.
+        target: ``{"flops": f}`` / ``{"params": f}`` (keep that fraction of the current cost),
+            ``{"latency_ms": ms, "lut": PATH}`` (a latency table from ``vitopt measure-lut``) or
+            ``{"shape": {kind: units}}`` (an exact shape; the scores pick which units).
+        scope: ``"global"`` (one ranking across blocks and kinds) or ``"uniform"`` (the same kept
+            fraction in every group).
+        round_to: group kind -> multiple for kept counts (default :data:`DEFAULT_ROUND_TO`).
+        min_keep: group kind -> minimum kept units per group (default 1 head, ``round_to`` otherwise).
+        rank: ``"per_cost"`` or ``"score"`` (see :func:`allocate_budget`).
+
+    Returns:
+        A :class:`~vitopt.arch.plan.KeepPlan` over the scored groups; apply it with :func:`vitopt.apply_plan`.
+
+    Raises:
+        VitoptError: a malformed target, a budget that cannot be met at the minimum sizes, a Structure
+            without costs, or an unknown scope / rank.
+    """
+    t = parse_target(target)
+    scores = dict(scores)
+    if t.metric == "shape":
+        return KeepPlan.from_scores(scores, shape_sizes(structure, t.shape, list(scores)))
+    cost, budget = target_cost(structure, t)
+    return allocate_budget(structure, scores, cost, budget, scope=scope, round_to=dict(round_to or {}),
+                           min_keep=dict(min_keep or {}), rank=rank)

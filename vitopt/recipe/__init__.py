@@ -8,6 +8,7 @@ validated :class:`Recipe`; every problem is a :class:`~vitopt.errors.VitoptError
 from vitopt.recipe.loader import apply_overrides, dump_resolved, format_path, load_recipe, recipe_json_schema
 from vitopt.recipe.schema import (
     DATA_TYPES,
+    Choices,
     GROUPS,
     STAGE_TYPES,
     DataConfig,
@@ -30,7 +31,7 @@ from vitopt.recipe.schema import (
 )
 
 __all__ = [
-    "Recipe", "load_recipe", "recipe_json_schema", "dump_resolved", "apply_overrides", "format_path",
+    "Recipe", "Choices", "load_recipe", "recipe_json_schema", "dump_resolved", "apply_overrides", "format_path",
     "STAGE_TYPES", "DATA_TYPES", "GROUPS", "Group", "StageConfig", "DataConfig",
     "TrainingStage", "TrainStage", "SparseTrainStage", "PruneStage", "Target", "FinetuneStage",
     "KDConfig", "ExportStage", "ValidateStage", "ModelConfig", "DigitsData", "ImageFolderData",

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vitopt.errors import VitoptError
-from vitopt.recipe.schema import Recipe
+from vitopt.recipe.schema import Choices, Recipe
 
 __all__ = ["load_recipe", "apply_overrides", "recipe_json_schema", "dump_resolved", "format_path"]
 
@@ -37,13 +37,15 @@ _SEGMENT = re.compile(r"(?:^|\.)([^.\[\]=]+)|\[(-?\d+)\]")
 # ----------------------------------------------------------------------------- public API
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] | None = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Iterable[str] | None = (), *, choices: Choices | None = None) -> Recipe:
     """Read, override and validate the recipe at ``path``.
 
     Args:
         path: YAML recipe file.
         overrides: ``key.path=value`` strings (the CLI's ``--set``), applied in order before
             validation; ``value`` is parsed as YAML, so ``0.4`` is a float and ``[1, 2]`` a list.
+        choices: the registries' names (criteria, runtimes, group kinds) to check against
+            (``vitopt.stages.recipe_choices()``); None leaves names to the registries at run time.
 
     Returns:
         The validated :class:`Recipe`.
@@ -60,7 +62,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] | None = ()) -> Recip
                           f"not {_kind(data)}.")
     data, set_paths = apply_overrides(data, overrides)
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"choices": choices} if choices else None)
     except ValidationError as e:
         raise VitoptError(_explain(e, data, path, tree, set_paths)) from None
     except RecursionError:
@@ -87,9 +89,28 @@ def apply_overrides(data: dict, overrides: Iterable[str] | None) -> tuple[dict, 
     return data, set_paths
 
 
-def recipe_json_schema() -> dict:
-    """JSON Schema of a recipe (YAML keys, i.e. aliases such as ``lambda``), for editors and docs."""
-    return Recipe.model_json_schema(by_alias=True)
+def recipe_json_schema(choices: Choices | None = None) -> dict:
+    """JSON Schema of a recipe (YAML keys, i.e. aliases such as ``lambda``), for editors and docs.
+
+    With ``choices`` the registry-backed fields list their allowed values as ``enum``: ``prune.criterion``,
+    ``prune.groups`` items, ``validate.runtimes`` items and the VTP ``groups`` items.
+    """
+    schema = Recipe.model_json_schema(by_alias=True)
+    if choices is not None:
+        defs = schema.get("$defs", {})
+        _enum(defs, "PruneStage", "criterion", list(choices.criteria))
+        _enum(defs, "PruneStage", "groups", list(choices.group_kinds), items=True)
+        _enum(defs, "SparseTrainStage", "groups", [k for k in choices.group_kinds if k != "embed"], items=True)
+        _enum(defs, "ValidateStage", "runtimes", list(choices.runtimes), items=True)
+    return schema
+
+
+def _enum(defs: dict, model: str, prop: str, values: list[str], items: bool = False) -> None:
+    """Add ``enum`` to property ``prop`` of ``$defs[model]`` (to its items for a list)."""
+    node = defs.get(model, {}).get("properties", {}).get(prop)
+    if node is None:
+        return
+    (node.setdefault("items", {}) if items else node)["enum"] = values
 
 
 def dump_resolved(recipe: Recipe) -> str:

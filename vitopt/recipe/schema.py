@@ -18,10 +18,11 @@ Methods cited by the fields:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = [
@@ -32,14 +33,81 @@ __all__ = [
     "PruneStage", "KDConfig",
     "FinetuneStage", "ExportStage", "QuantizeStage", "BuildStage", "ValidateStage", "StageConfig",
     "STAGE_TYPES", "DATA_TYPES",
-    "Recipe",
+    "Recipe", "Choices",
 ]
 
 GROUPS: tuple[str, ...] = ("embed", "heads", "head_dim", "mlp")
 """Prunable group kinds of a timm VisionTransformer, in the order stages report them: the residual
-width (``embed``, UP-ViTs) and, per block, heads, head_dim and MLP hidden neurons."""
+width (``embed``, UP-ViTs) and, per block, heads, head_dim and MLP hidden neurons (the defaults shown
+in the schema; the allowed kinds come from :class:`Choices`)."""
 
-Group = Literal["embed", "heads", "head_dim", "mlp"]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The names the registries allow, handed to validation by the caller.
+
+    The recipe package stands aside (it imports no registry), so the caller that knows the registries
+    (``vitopt.stages.recipe_choices()``, used by the CLI and the pipeline) passes them as the pydantic
+    validation context ``{"choices": Choices(...)}`` (:func:`vitopt.recipe.load_recipe` takes
+    ``choices=``). Without choices, names are not checked here and the registries reject unknown
+    names when the stage runs.
+
+    Attributes:
+        criteria: importance criteria (``prune.criterion``).
+        runtimes: runtime kind -> the artifact it runs (``"model"``, ``"onnx"``, ``"engine"``).
+        group_kinds: prunable group kinds (``prune.groups``, ``round_to`` / ``min_keep`` keys, VTP groups).
+    """
+
+    criteria: tuple[str, ...] = ()
+    runtimes: dict[str, str] = field(default_factory=dict)
+    group_kinds: tuple[str, ...] = ()
+
+
+#: what the built-in runtimes run, for stage-order checks made without :class:`Choices`.
+_DEFAULT_RUNTIME_NEEDS = {"pytorch": "model", "pytorch-compile": "model", "onnxruntime": "onnx",
+                          "onnxruntime-cuda": "onnx", "tensorrt": "engine"}
+
+
+def _choices(info: ValidationInfo) -> Choices | None:
+    ctx = info.context if isinstance(info.context, dict) else None
+    return ctx.get("choices") if ctx else None
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...] | list[str]) -> Any:
+    """Raise a ``literal_error`` (the loader's "is not allowed (allowed: ...)" sentence) unless ``value`` is allowed."""
+    if value not in allowed:
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": ", ".join(f"'{a}'" for a in allowed)})
+    return value
+
+
+def _group_kind(value: str, info: ValidationInfo) -> str:
+    choices = _choices(info)
+    return _check_choice(value, choices.group_kinds) if choices else value
+
+
+def _block_kind(value: str, info: ValidationInfo) -> str:
+    choices = _choices(info)
+    return _check_choice(value, [k for k in choices.group_kinds if k != "embed"]) if choices else value
+
+
+def _criterion(value: str, info: ValidationInfo) -> str:
+    choices = _choices(info)
+    return _check_choice(value, choices.criteria) if choices else value
+
+
+def _runtime(value: str, info: ValidationInfo) -> str:
+    choices = _choices(info)
+    return _check_choice(value, list(choices.runtimes)) if choices else value
+
+
+#: a group kind (``embed``, ``heads``, ...; checked against :attr:`Choices.group_kinds`).
+Group = Annotated[str, AfterValidator(_group_kind)]
+#: an importance criterion name (checked against :attr:`Choices.criteria`).
+CriterionName = Annotated[str, AfterValidator(_criterion)]
+#: a runtime kind (checked against :attr:`Choices.runtimes`).
+RuntimeKind = Annotated[str, AfterValidator(_runtime)]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # safe as one directory name; no '/', no '..'
 
@@ -55,7 +123,7 @@ def _unique(values: list) -> list:
 
 
 GroupList = Annotated[list[Group], AfterValidator(_unique)]
-BlockGroup = Literal["heads", "head_dim", "mlp"]
+BlockGroup = Annotated[str, AfterValidator(_block_kind)]
 BlockGroupList = Annotated[list[BlockGroup], AfterValidator(_unique)]
 
 
@@ -411,7 +479,7 @@ class PruneStage(_StageBase):
     """Structured pruning: score units, allocate a budget, then physically remove the dropped units."""
 
     type: Literal["prune"] = Field(default="prune", description="Stage type tag.")
-    criterion: Literal["gate", "l1", "taylor", "hessian", "kl", "search"] = Field(
+    criterion: CriterionName = Field(
         default="l1", description="Importance of a unit: 'gate' (|gate| from an earlier sparse_train stage, VTP), "
                                   "'l1' (L1 norm of the unit's weights), 'taylor' (|sum w*dL/dw|, Molchanov 2019), "
                                   "'hessian' (NViT's (sum w*dL/dw)^2), 'kl' (UP-ViTs: KL to the unpruned model "
@@ -502,8 +570,7 @@ class ValidateStage(_StageBase):
     """Accuracy and latency of the current model on the validation set, per runtime and batch size."""
 
     type: Literal["validate"] = Field(default="validate", description="Stage type tag.")
-    runtimes: Annotated[list[Literal["pytorch", "pytorch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt"]],
-                        AfterValidator(_unique)] = Field(
+    runtimes: Annotated[list[RuntimeKind], AfterValidator(_unique)] = Field(
         default=["pytorch", "onnxruntime"],
             description="Runtimes to measure: 'pytorch' (eager), 'pytorch-compile' (torch.compile), 'onnxruntime' "
                         "(CPU), 'onnxruntime-cuda' (CUDA execution provider) and 'tensorrt'; the ONNX runtimes need "
@@ -613,7 +680,7 @@ class Recipe(_Config):
         return self.output_dir / self.name
 
     @model_validator(mode="after")
-    def _check_stage_order(self) -> Recipe:
+    def _check_stage_order(self, info: ValidationInfo) -> Recipe:
         """Raise a ``stage_order`` error naming ``stages[i]`` when a stage lacks what it needs earlier.
 
         Rules: ``prune`` with ``criterion: gate`` needs an earlier ``sparse_train``; ``validate`` with
@@ -622,6 +689,8 @@ class Recipe(_Config):
         ``export``; an int8/fp8 ``build`` needs an earlier ``quantize`` of that precision; ``validate``
         with ``tensorrt`` needs an earlier ``build``; explicit stage names are unique.
         """
+        choices = _choices(info)
+        needs = dict(choices.runtimes) if choices else _DEFAULT_RUNTIME_NEEDS
         seen: set[str] = set()
         quant_precisions: set[str] = set()
         names: dict[str, int] = {}
@@ -644,13 +713,14 @@ class Recipe(_Config):
                                       "or precision fp16)")
             if isinstance(stage, QuantizeStage):
                 quant_precisions.add(stage.precision)
-            if isinstance(stage, ValidateStage) and "tensorrt" in stage.runtimes and "build" not in seen:
-                raise _order_error(i, "a validate stage with runtime 'tensorrt' needs an earlier build stage "
-                                      "(allowed: a build stage before it, or other runtimes)")
-            if (isinstance(stage, ValidateStage) and {"onnxruntime", "onnxruntime-cuda"} & set(stage.runtimes)
-                    and "export" not in seen):
-                raise _order_error(i, "a validate stage with runtime 'onnxruntime' needs an earlier export stage "
-                                      "(allowed: an export stage before it, or runtimes: [pytorch])")
+            if isinstance(stage, ValidateStage):
+                for rt in stage.runtimes:
+                    if needs.get(rt) == "engine" and "build" not in seen:
+                        raise _order_error(i, f"a validate stage with runtime {rt!r} needs an earlier build stage "
+                                              "(allowed: a build stage before it, or other runtimes)")
+                    if needs.get(rt) == "onnx" and "export" not in seen:
+                        raise _order_error(i, f"a validate stage with runtime {rt!r} needs an earlier export stage "
+                                              "(allowed: an export stage before it, or runtimes: [pytorch])")
             if isinstance(stage, FinetuneStage) and stage.kd.enabled and "prune" not in seen:
                 raise _order_error(i, "a finetune stage with kd.enabled needs an earlier prune stage, because the "
                                       "teacher is the model before pruning (allowed: a prune stage before it, or "

@@ -97,6 +97,10 @@ class AttentionSparsityReg(Callback):
         if self.last_penalty is not None:
             record["attn_sparsity"] = self.last_penalty
 
+    def finish(self) -> None:
+        """Remove the hooks and restore each block's ``fused_attn`` (same as :meth:`close`)."""
+        self.close()
+
     def close(self) -> None:
         """Remove the hooks and restore each block's ``fused_attn``."""
         for h in self._handles:

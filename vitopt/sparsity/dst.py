@@ -13,7 +13,7 @@ an update every 15000 iterations over 600 epochs; the densities and intervals he
 
 Masks act on the weights, their gradients and the AdamW moments (:class:`~vitopt.sparsity.masked.WeightMasks`),
 so a pruned weight stays exactly zero; a regrown weight starts at 0 with zeroed optimizer state.
-All state (masks, the SET generator, update count) is in :meth:`UnstructuredDST.state_dict`, and mask
+All state (masks, the SET generator, update count) is in :meth:`SViTE.state_dict`, and mask
 updates depend only on weights, gradients and that state, so DDP ranks (identical all-reduced
 gradients) keep identical masks.
 """
@@ -31,7 +31,7 @@ from vitopt.sparsity.erk import erk_densities, kept_counts
 from vitopt.sparsity.masked import WeightMasks, block_linears
 from vitopt.train.callbacks import Callback
 
-__all__ = ["cosine_death_rate", "is_update_step", "UnstructuredDST"]
+__all__ = ["cosine_death_rate", "is_update_step", "SViTE"]
 
 
 def cosine_death_rate(step: int, t_end_steps: int, initial: float) -> float:
@@ -59,7 +59,7 @@ def _topk_mask(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return out.view_as(scores)
 
 
-class UnstructuredDST(Callback):
+class SViTE(Callback):
     """SViTE unstructured prune-and-grow as a :class:`~vitopt.train.callbacks.Callback` for ``fit``.
 
     Args:
@@ -165,6 +165,16 @@ class UnstructuredDST(Callback):
         for name, d in self.masks.density().items():
             record["density" if name == "overall" else f"density/{name.removesuffix('.weight')}"] = d
         record["mask_updates"] = self.updates
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Zero the pruned weights once more (e.g. after EMA replaced the trained ones); returns the masks.
+
+        Returns:
+            parameter name -> bool mask (True = kept), shaped like the weight.
+        """
+        self.masks.apply()
+        return dict(self.masks.masks)
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

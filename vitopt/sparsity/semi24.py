@@ -106,6 +106,12 @@ class Semi24(Callback):
         """Add ``density`` (0.5 for a complete 2:4 model) to the epoch record."""
         record["density"] = self.masks.density()["overall"]
 
+    @torch.no_grad()
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Zero the pruned weights once more; returns the 2:4 masks (parameter name -> bool, True = kept)."""
+        self.masks.apply()
+        return dict(self.masks.masks)
+
     def state_dict(self) -> dict[str, Any]:
         """``mask/<param>`` bool tensors."""
         return {f"mask/{n}": m for n, m in self.masks.state_dict().items()}

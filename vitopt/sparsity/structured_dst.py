@@ -19,8 +19,8 @@ then constant over tokens: a head with zero q/k/v weights has uniform attention 
 rows sum to 1, outputs exactly its v-bias ``b_v``, which reaches the residual as
 ``proj.W[:, head cols] @ b_v``; a neuron outputs ``act(fc1.b_j)``, reaching it as
 ``fc2.W[:, j] * act(fc1.b_j)``. :func:`fold_removed_units` adds these into ``proj.bias`` /
-``fc2.bias`` so that :func:`finalize` (masks -> :class:`~vitopt.pruning.plan.KeepPlan` ->
-:func:`~vitopt.pruning.surgery.prune_model`) yields a physically smaller model equal to the masked one.
+``fc2.bias`` so that :func:`finalize` (masks -> :class:`~vitopt.arch.plan.KeepPlan` ->
+:func:`~vitopt.arch.surgery.apply_plan`) yields a physically smaller model equal to the masked one.
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitopt.arch.families import family_of
+from vitopt.arch.plan import KeepPlan
+from vitopt.arch.surgery import apply_plan
 from vitopt.errors import VitoptError
-from vitopt.pruning.plan import KeepPlan
-from vitopt.pruning.surgery import prune_model
 from vitopt.sparsity.dst import cosine_death_rate, is_update_step
 from vitopt.sparsity.masked import WeightMasks
 from vitopt.train.callbacks import Callback
+from vitopt.train.distributed import all_reduce_sum
 
-__all__ = ["StructuredDST", "fold_removed_units", "keep_plan_of", "finalize"]
+__all__ = ["S2ViTE", "fold_removed_units", "keep_plan_of", "finalize"]
 
 
 def _lowest(scores: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
@@ -105,7 +107,7 @@ def _add_bias(lin: nn.Linear, add: torch.Tensor, where: str) -> None:
     lin.bias.add_(add.to(lin.bias.dtype))
 
 
-class StructuredDST(Callback):
+class S2ViTE(Callback):
     """S2ViTE prune-and-grow of heads and MLP neurons as a :class:`~vitopt.train.callbacks.Callback`.
 
     Args:
@@ -130,12 +132,11 @@ class StructuredDST(Callback):
             raise VitoptError("s2vite head_density and mlp_density must be in (0, 1].")
         if update_interval < 1 or not 0.0 < t_end <= 1.0 or not 0.0 <= death_rate < 1.0:
             raise VitoptError("s2vite needs update_interval >= 1, t_end in (0, 1] and death_rate in [0, 1).")
-        from vitopt.arch.families import family_of
-
         if family_of(model).name != "vit":
             raise VitoptError(f"s2vite supports timm VisionTransformer models (family 'vit'); got "
                               f"{type(model).__name__} (family {family_of(model).name!r}).")
         self.death_rate, self.update_interval, self.t_end = death_rate, update_interval, t_end
+        self.model_ref = model
         self.blocks = list(model.blocks)
         self.head_masks: list[torch.Tensor] = []
         self.mlp_masks: list[torch.Tensor] = []
@@ -265,8 +266,6 @@ class StructuredDST(Callback):
         Under DDP each rank sees its own shard of the batch, so the signed per-rank sums are added
         over ranks before taking |.|; every rank then ranks heads identically.
         """
-        from vitopt.train.distributed import all_reduce_sum
-
         if len(self._taylor) != len(self.blocks):
             return {}
         flat = torch.cat([self._taylor[i] for i in range(len(self.blocks))])
@@ -307,7 +306,7 @@ class StructuredDST(Callback):
         record["mask_updates"] = self.updates
 
     def plan(self) -> KeepPlan:
-        """The current masks as a :class:`~vitopt.pruning.plan.KeepPlan` (heads and mlp of every block)."""
+        """The current masks as a :class:`~vitopt.arch.plan.KeepPlan` (heads and mlp of every block)."""
         return keep_plan_of(self.head_masks, self.mlp_masks)
 
     def close(self) -> None:
@@ -315,6 +314,17 @@ class StructuredDST(Callback):
         self._remove_probe()
 
     # ------------------------------------------------------------------------------ state
+    def finish(self) -> KeepPlan:
+        """End S2ViTE: fold the removed units' constant outputs and cut them from the model, in place.
+
+        The model this method was built on (and trained) becomes physically smaller: the same timm
+        class with fewer heads / MLP neurons, computing what the masked model computed (fp32, <= 1e-5).
+
+        Returns:
+            the :class:`~vitopt.arch.plan.KeepPlan` applied.
+        """
+        return finalize(self.model_ref, self)
+
     def state_dict(self) -> dict[str, Any]:
         """``heads/<i>`` and ``mlp/<i>`` bool unit masks and ``updates``."""
         out: dict[str, Any] = {f"heads/{i}": m.clone() for i, m in enumerate(self.head_masks)}
@@ -334,7 +344,7 @@ class StructuredDST(Callback):
 
 
 @torch.no_grad()
-def finalize(model: nn.Module, dst: StructuredDST) -> KeepPlan:
+def finalize(model: nn.Module, dst: S2ViTE) -> KeepPlan:
     """End S2ViTE: apply the masks, fold removed units' constant outputs, and run surgery in place.
 
     ``model`` may be the model ``dst`` was built on or a copy of it (weight masks are looked up by
@@ -347,5 +357,5 @@ def finalize(model: nn.Module, dst: StructuredDST) -> KeepPlan:
         p.mul_(mask.to(device=p.device, dtype=p.dtype))
     plan = dst.plan()
     fold_removed_units(model, plan)
-    prune_model(model, plan)
+    apply_plan(model, plan, inplace=True)
     return plan

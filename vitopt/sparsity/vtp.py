@@ -2,7 +2,7 @@
 
 Vision Transformer Pruning (Zhu, Tang, Han 2021, arXiv 2104.08500): one learnable gate per unit
 (head, head dim, MLP neuron), loss = task loss + ``lambda * sum |gate|`` (lambda ~ 1e-4). The gates
-themselves are :class:`~vitopt.sparsity.gates.UnitGates`; this module
+themselves are :class:`~vitopt.arch.gates.UnitGates`; this module
 
 * :func:`attach_gates_to_weights`: applies each gate to the *weights* at its choke point (a
   ``torch.nn.utils.parametrize`` parametrization: a gate on a Linear's input scales the weight's
@@ -11,8 +11,9 @@ themselves are :class:`~vitopt.sparsity.gates.UnitGates`; this module
   equals ``F.linear(x * g, W)`` up to float rounding (tested to 1e-5), but the multiplication touches
   ``out x in`` weights instead of ``batch x tokens x in`` activations, forward and backward, which
   removes most of the gate overhead of a training step;
-* :class:`VTPGates`: the Callback: the L1 penalty as its ``loss()``, gate statistics per epoch, and
-  the gate tensors as its ``state_dict`` for epoch checkpoints.
+* :class:`VTP`: the method: gates on the model's weights, the L1 penalty as its ``loss()``, gate
+  statistics per epoch, the gate tensors as its ``state_dict`` for epoch checkpoints, ``finish()``
+  folding them into the weights.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitopt.arch.families import family_of
 from vitopt.arch.hooks import ScalerHandle
 from vitopt.arch.structure import AxisLayout
-from vitopt.sparsity.gates import UnitGates
+from vitopt.arch.gates import UnitGates
 from vitopt.train.callbacks import Callback
 
-__all__ = ["attach_gates_to_weights", "VTPGates"]
+__all__ = ["attach_gates_to_weights", "VTP", "GATED_KINDS"]
+
+#: group kinds VTP gates by default.
+GATED_KINDS = ("heads", "head_dim", "mlp")
 
 
 def _unit_index(factors, group: str, size: int) -> Tensor:
@@ -107,19 +112,38 @@ def attach_gates_to_weights(model: nn.Module, gates: UnitGates) -> ScalerHandle:
     return _ParamHandle(done)
 
 
-class VTPGates(Callback):
-    """VTP gate training inside :func:`vitopt.train.loop.fit`.
+class VTP(Callback):
+    """VTP gate training (Zhu, Tang, Han 2021, arXiv 2104.08500), usable in :func:`vitopt.train.loop.fit`
+    or in any PyTorch loop.
+
+    Construction puts one learnable gate (init 1) on every unit of the groups of the chosen kinds and
+    applies them to the choke-point weights (:func:`attach_gates_to_weights`); train with the gates
+    in the optimizer (:meth:`parameters`, usually without weight decay) and the L1 penalty
+    :meth:`loss` added to the task loss; :meth:`finish` folds the gates into the weights (the model
+    keeps computing the gated function) and returns them as importance scores for
+    ``vitopt.prune(..., criterion="gate", gates=...)``.
 
     Args:
-        gates: the :class:`UnitGates` (already attached to the model, e.g. with
-            :func:`attach_gates_to_weights`, and in the optimizer's param groups).
+        model: a timm model of a registered family (trained in place).
         lam: L1 factor lambda (VTP: ~1e-4).
+        groups: group kinds to gate (default heads, head_dim, mlp).
         threshold: |gate| below which a unit counts as off in the epoch statistics.
+
+    Raises:
+        VitoptError: the model is not supported (its family names the feature).
     """
 
-    def __init__(self, gates: UnitGates, lam: float, threshold: float = 0.05) -> None:
-        self.gates, self.lam, self.threshold = gates, float(lam), float(threshold)
-        self._params = list(gates.gates.values())
+    def __init__(self, model: nn.Module, lam: float = 1e-4, groups: tuple[str, ...] | list[str] = GATED_KINDS,
+                 threshold: float = 0.05) -> None:
+        self.model_ref = model
+        self.gates = UnitGates(family_of(model).structure(model), tuple(groups))
+        self.lam, self.threshold = float(lam), float(threshold)
+        self._params = list(self.gates.gates.values())
+        self._handle: ScalerHandle | None = attach_gates_to_weights(model, self.gates)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The gate tensors (one per gated group); add them to the optimizer."""
+        return list(self._params)
 
     def loss(self) -> Tensor | None:
         """``lambda * sum |gate|`` over every gate (None when lambda is 0)."""
@@ -130,6 +154,22 @@ class VTPGates(Callback):
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         """Add mean |gate| and the fraction below ``threshold`` (overall and per kind) to the record."""
         record.update(self.gates.stats(self.threshold))
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, Tensor]:
+        """Detach the gates, fold them into the model's weights and return their trained values.
+
+        Returns:
+            group -> CPU gate values ``[size]`` (the ``gate`` criterion's input).
+        """
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.gates.to("cpu")
+        values = self.gates.values()
+        self.gates.to(next(self.model_ref.parameters()).device)
+        self.gates.fold_into(self.model_ref)
+        return values
 
     def state_dict(self) -> dict[str, Any]:
         """``gate/<group>`` -> gate tensor (CPU copy)."""

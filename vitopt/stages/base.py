@@ -20,11 +20,21 @@ from torch import nn
 
 from vitopt.arch.config import load_pruned, save_pruned
 from vitopt.arch.cost import CostModel
+from vitopt.arch.structure import Structure
 from vitopt.io import atomic_write_json, read_json
+from vitopt.train.data import make_loader
+from vitopt.train.distributed import world_size
+from vitopt.train.loop import TrainHParams
 
-__all__ = ["State", "StageDir", "MODEL_DIR"]
+__all__ = ["State", "StageDir", "MODEL_DIR", "RECIPE_FILE", "STAGE_GLOB", "hparams", "loaders", "structure_table",
+           "embed_widths", "latest_output"]
 
+#: a stage's saved model folder (arch.json + model.safetensors), inside its stage folder.
 MODEL_DIR = "model"
+#: the resolved recipe a run directory was made with.
+RECIPE_FILE = "recipe.yaml"
+#: glob of the stage folders of a run directory (``00_train``, ``01_prune``...).
+STAGE_GLOB = "[0-9][0-9]_*"
 
 
 @dataclass
@@ -140,3 +150,61 @@ class StageDir:
     def read(self) -> dict[str, Any]:
         """The record written by :meth:`finish`."""
         return read_json(self.metrics_file, "stage metrics file")
+
+
+# ------------------------------------------------------------------------------------ training stages
+def hparams(cfg: Any) -> TrainHParams:
+    """The loop's hyper-parameters from a training stage config (epochs, lr, min_lr, wd, warmup, amp, ema...)."""
+    return TrainHParams(epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                        warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing,
+                        grad_clip=cfg.grad_clip, amp=getattr(cfg, "amp", None),
+                        ema_decay=getattr(cfg, "ema", None))
+
+
+def loaders(cfg: Any, state: State, stage_index: int):
+    """Seeded ``(train, val)`` DataLoaders; the seed differs per stage so stages see different orders.
+
+    ``cfg.batch_size`` is the global batch (split across torchrun processes by
+    :func:`~vitopt.train.data.make_loader`).
+    """
+    seed = state.seed * 1000 + stage_index
+    data = state.data
+    train = make_loader(data.train, cfg.batch_size, shuffle=True, seed=seed, num_workers=data.num_workers,
+                        drop_last=len(data.train) > cfg.batch_size)
+    val_bs = max(cfg.batch_size, 128)
+    val_bs -= val_bs % world_size()
+    val = make_loader(data.val, val_bs, shuffle=False, seed=seed, num_workers=data.num_workers)
+    return train, val
+
+
+# ------------------------------------------------------------------------------------ pruning stages
+def structure_table(structure: Structure, after: dict[str, int]) -> list[dict[str, int]]:
+    """Rows ``{block, [stage,] heads, heads_kept, head_dim, head_dim_kept, mlp, mlp_kept}`` per block of any
+    family, from the Structure taken before pruning (``Group.block`` counts blocks over the whole model).
+
+    ``after`` maps group name -> kept units; the group names of a model do not change when it is pruned.
+    """
+    rows: dict[int, dict[str, int]] = {}
+    for g in structure.groups.values():
+        if g.block is None or g.kind not in ("heads", "head_dim", "mlp"):
+            continue
+        row = rows.setdefault(g.block, {"block": g.block, **({"stage": g.stage} if g.stage is not None else {})})
+        row[g.kind], row[f"{g.kind}_kept"] = g.size, after[g.name]
+    return [rows[b] for b in sorted(rows)]
+
+
+def embed_widths(structure: Structure, dims: dict[str, int]) -> int | list[int]:
+    """The residual width (ViT) or the per-stage widths (Swin, PVTv2) in ``dims``."""
+    names = [g.name for g in structure.of_kind("embed")]
+    return dims[names[0]] if len(names) == 1 and structure.groups[names[0]].stage is None else [dims[n] for n in names]
+
+
+# ------------------------------------------------------------------------------------ deployment stages
+def latest_output(state: State, run_dir: Path, kind: str) -> Path | None:
+    """The file the last finished stage recorded under output ``kind`` (e.g. ``onnx_int8``, ``engine``)."""
+    found = None
+    for record in state.results.values():
+        rel = record.get("outputs", {}).get(kind)
+        if rel:
+            found = run_dir / rel
+    return found

@@ -28,19 +28,9 @@ from vitopt.deploy.tensorrt_build import (
 )
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_text
-from vitopt.stages.base import StageDir, State
+from vitopt.stages.base import StageDir, State, latest_output
 
-__all__ = ["run", "latest_output"]
-
-
-def latest_output(state: State, run_dir: Path, kind: str) -> Path | None:
-    """The file the last finished stage recorded under output ``kind`` (e.g. ``onnx_int8``, ``engine``)."""
-    found = None
-    for record in state.results.values():
-        rel = record.get("outputs", {}).get(kind)
-        if rel:
-            found = run_dir / rel
-    return found
+__all__ = ["run"]
 
 
 def _source_onnx(cfg, state: State, run_dir: Path) -> Path:

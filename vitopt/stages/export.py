@@ -8,15 +8,9 @@ from __future__ import annotations
 
 from vitopt.deploy.onnx_export import export_onnx
 from vitopt.stages.base import StageDir, State
-from vitopt.train.data import model_input
+from vitopt.train.inputs import input_shape
 
-__all__ = ["run", "input_shape"]
-
-
-def input_shape(model) -> tuple[int, int, int]:
-    """(C, H, W) of one input image for ``model``."""
-    mi = model_input(model)
-    return (mi.in_chans, *mi.img_size)
+__all__ = ["run"]
 
 
 def run(cfg, state: State, sd: StageDir) -> State:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from vitopt.errors import VitoptError
 from vitopt.sparsity.attention import attention_reg_callbacks
-from vitopt.stages.base import StageDir, State
-from vitopt.stages.train import hparams, loaders
+from vitopt.stages.base import StageDir, State, hparams, loaders
 from vitopt.train.distributed import training_device
 from vitopt.train.images import make_mixup
 from vitopt.train.loop import fit

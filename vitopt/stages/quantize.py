@@ -10,8 +10,9 @@ on the target (``validate`` with ``tensorrt``).
 
 from __future__ import annotations
 
+from vitopt.deploy.accuracy import compare_logits, evaluate_runtime
 from vitopt.deploy.quantize import calibration_batches, quantize_onnx
-from vitopt.deploy.runtimes import compare_logits, evaluate_runtime, make_runtime
+from vitopt.deploy.runtimes import make_runtime
 from vitopt.errors import VitoptError
 from vitopt.stages.base import StageDir, State
 from vitopt.train.data import val_arrays

@@ -2,12 +2,12 @@
 
 * ``vtp`` - learnable gates on every head, head dim and MLP neuron with ``lambda * sum |gate|``
   (Zhu, Tang, Han 2021, arXiv 2104.08500; lambda ~ 1e-4). The gates act on the choke-point weights
-  (:func:`vitopt.sparsity.vtp.attach_gates_to_weights`), are folded into the Linear weights at the
+  (:class:`vitopt.sparsity.vtp.VTP`), are folded into the Linear weights at the
   end (the model keeps computing the gated function) and stay in the State as importance scores for
   a later ``prune`` with ``criterion: gate`` (``gates.safetensors``).
 * ``svite`` - SViTE unstructured dynamic sparse training (Chen et al. 2021, arXiv 2106.04533): ERK
   masks on the blocks' Linear weights, magnitude drop, RigL / SET regrow, cosine death rate
-  (:class:`vitopt.sparsity.dst.UnstructuredDST`); masks saved as ``masks.safetensors``.
+  (:class:`vitopt.sparsity.dst.SViTE`); masks saved as ``masks.safetensors``.
 * ``s2vite`` - S2ViTE structured DST of heads and MLP neurons; at the end the masks become a KeepPlan,
   removed units' constant outputs (v-bias through the softmax) are folded into proj / fc2 biases and
   surgery makes the model physically smaller (:mod:`vitopt.sparsity.structured_dst`). Like ``prune``
@@ -28,26 +28,36 @@ from typing import Any, Callable
 
 import torch
 
-from vitopt.arch.families import family_of
+from vitopt.arch.cost import structure_of
 from vitopt.io import save_weights
 from vitopt.sparsity.attention import attention_reg_callbacks
-from vitopt.sparsity.gates import UnitGates
-from vitopt.stages.base import MODEL_DIR, StageDir, State
-from vitopt.stages.train import hparams, loaders
+from vitopt.sparsity.dst import SViTE
+from vitopt.sparsity.semi24 import Semi24
+from vitopt.sparsity.structured_dst import S2ViTE
+from vitopt.sparsity.token_selector import SViTEPlus
+from vitopt.sparsity.vtp import VTP
+from vitopt.stages.base import (
+    MODEL_DIR,
+    StageDir,
+    State,
+    hparams,
+    loaders,
+    structure_table,
+)
+from vitopt.train.callbacks import Callback
 from vitopt.train.distributed import training_device
+from vitopt.train.images import make_mixup
 from vitopt.train.loop import default_param_groups, fit
 
 __all__ = ["run", "METHODS"]
 
 
-def _fit(cfg, state: State, sd: StageDir, callbacks: list, param_groups=None, extra=None) -> list[dict]:
+def _fit(cfg, state: State, sd: StageDir, callbacks: list[Callback], param_groups=None) -> list[dict]:
     """fit() with the method's callbacks plus the optional attention regularizer; epoch checkpoints on."""
-    from vitopt.train.images import make_mixup
-
     train, val = loaders(cfg, state, sd.index)
     with attention_reg_callbacks(cfg.attention_reg, state.model) as reg:
         return fit(state.model, train, val, hparams(cfg), param_groups=param_groups, callbacks=[*callbacks, *reg],
-                   on_epoch_end=state.epoch_hook(sd.label, extra), desc=sd.label,
+                   on_epoch_end=state.epoch_hook(sd.label), desc=sd.label,
                    checkpoint_dir=sd.checkpoint_dir, device=training_device(),
                    mixup=make_mixup(state.data.augment, state.data.num_classes, cfg.label_smoothing))
 
@@ -65,18 +75,11 @@ def _finish(cfg, state: State, sd: StageDir, history: list[dict], metrics: dict[
 
 
 def _vtp(cfg, state: State, sd: StageDir) -> State:
-    from vitopt.sparsity.vtp import VTPGates, attach_gates_to_weights
-
-    model = state.model
-    gates = UnitGates(family_of(model).structure(model), tuple(cfg.groups))
-    groups = default_param_groups(model, cfg.weight_decay)
-    groups.append({"params": list(gates.parameters()), "weight_decay": 0.0, "lr": cfg.gate_lr or cfg.lr})
-    cb = VTPGates(gates, cfg.lambda_, cfg.threshold)
-    with attach_gates_to_weights(model, gates):
-        history = _fit(cfg, state, sd, [cb], param_groups=groups)
-    gates.to("cpu")
-    values = gates.values()
-    gates.fold_into(model)
+    vtp = VTP(state.model, cfg.lambda_, tuple(cfg.groups), cfg.threshold)
+    groups = default_param_groups(state.model, cfg.weight_decay)
+    groups.append({"params": vtp.parameters(), "weight_decay": 0.0, "lr": cfg.gate_lr or cfg.lr})
+    history = _fit(cfg, state, sd, [vtp], param_groups=groups)
+    values = vtp.finish()
     save_weights(sd.path / "gates.safetensors", values)
     state.gates = values
     final = history[-1]
@@ -91,45 +94,36 @@ def _save_masks(sd: StageDir, masks: dict[str, torch.Tensor]) -> str:
 
 
 def _svite(cfg, state: State, sd: StageDir) -> State:
-    from vitopt.sparsity.dst import UnstructuredDST
-
     o = cfg.options
-    cb = UnstructuredDST(state.model, o.density, growth=o.growth, death_rate=o.death_rate,
-                         update_interval=o.update_interval, t_end=o.t_end, distribution=o.distribution,
-                         seed=state.seed * 1000 + sd.index)
+    cb = SViTE(state.model, o.density, growth=o.growth, death_rate=o.death_rate, update_interval=o.update_interval,
+               t_end=o.t_end, distribution=o.distribution, seed=state.seed * 1000 + sd.index)
     history = _fit(cfg, state, sd, [cb])
-    cb.masks.apply()                       # e.g. after EMA weights replaced the trained ones
+    masks = cb.finish()                    # e.g. after EMA weights replaced the trained ones
     density = cb.masks.density()
     return _finish(cfg, state, sd, history,
                    {"density": density.pop("overall"), "density_per_layer": density, "mask_updates": cb.updates,
                     "updates": cb.history},
-                   {"masks": _save_masks(sd, cb.masks.masks)})
+                   {"masks": _save_masks(sd, masks)})
 
 
 def _s2vite(cfg, state: State, sd: StageDir) -> State:
-    from vitopt.stages.prune import block_table
-    from vitopt.sparsity.structured_dst import StructuredDST, finalize
-
     o = cfg.options
-    model = state.model
-    fam = family_of(model)
-    before = fam.read_dims(model)
+    before = structure_of(state.model)
     teacher_dir = sd.save_model(state, "teacher")
     if state.reference_dir is None:            # like prune: the first structural cut's input is the reference
         state.reference_dir = teacher_dir
     state.teacher, state.teacher_dir = state.frozen_copy(), teacher_dir
-    cb = StructuredDST(model, o.head_density, o.mlp_density, death_rate=o.death_rate,
-                       update_interval=o.update_interval, t_end=o.t_end)
+    cb = S2ViTE(state.model, o.head_density, o.mlp_density, death_rate=o.death_rate,
+                update_interval=o.update_interval, t_end=o.t_end)
     try:
         history = _fit(cfg, state, sd, [cb])
     finally:
         cb.close()
-    plan = finalize(model, cb)
+    plan = cb.finish()
     state.gates = None
-    after = fam.read_dims(model)
     cost = state.cost()
     return _finish(cfg, state, sd, history,
-                   {"blocks": block_table(before, after, len(model.blocks)), "mask_updates": cb.updates,
+                   {"blocks": structure_table(before, plan.dims(before)), "mask_updates": cb.updates,
                     "updates": cb.history, "flops_ratio": cost["flops"] / state.dense["flops"],
                     "params_ratio": cost["params"] / state.dense["params"], "keep": plan.keep},
                    {"teacher": f"{sd.label}/teacher",
@@ -137,37 +131,34 @@ def _s2vite(cfg, state: State, sd: StageDir) -> State:
 
 
 def _svite_plus(cfg, state: State, sd: StageDir) -> State:
-    from vitopt.sparsity.dst import UnstructuredDST
-    from vitopt.sparsity.token_selector import TokenSelectorSchedule, attach_token_selector
-
     o = cfg.options
-    selector = attach_token_selector(state.model, keep=o.keep, after_block=o.after_block, tau=o.tau)
-    callbacks: list = [TokenSelectorSchedule(selector, o.tau, o.tau_end)]
+    plus = SViTEPlus(state.model, keep=o.keep, after_block=o.after_block, tau=o.tau, tau_end=o.tau_end)
+    selector = plus.selector
+    callbacks: list[Callback] = [plus]
     dst = None
     if o.density is not None:
-        dst = UnstructuredDST(state.model, o.density, seed=state.seed * 1000 + sd.index)
+        dst = SViTE(state.model, o.density, seed=state.seed * 1000 + sd.index)
         callbacks.append(dst)
     history = _fit(cfg, state, sd, callbacks)
+    plus.finish()
     metrics: dict[str, Any] = {"tokens_kept": selector.num_prefix + selector.keep,
                                "tokens_total": selector.num_prefix + selector.num_patches,
                                "flops_ratio": state.cost()["flops"] / state.dense["flops"]}
     outputs: dict[str, str | None] = {}
     if dst is not None:
-        dst.masks.apply()
+        masks = dst.finish()
         metrics["density"] = dst.masks.density()["overall"]
-        outputs["masks"] = _save_masks(sd, dst.masks.masks)
+        outputs["masks"] = _save_masks(sd, masks)
     return _finish(cfg, state, sd, history, metrics, outputs)
 
 
 def _semi24(cfg, state: State, sd: StageDir) -> State:
-    from vitopt.sparsity.semi24 import Semi24
-
     cb = Semi24(state.model, layers=tuple(cfg.options.layers))
     history = _fit(cfg, state, sd, [cb])
-    cb.masks.apply()
+    masks = cb.finish()
     return _finish(cfg, state, sd, history, {"density": cb.masks.density()["overall"], "pattern": "2:4",
                                              "layers": list(cfg.options.layers)},
-                   {"masks": _save_masks(sd, cb.masks.masks)})
+                   {"masks": _save_masks(sd, masks)})
 
 
 #: method name -> stage implementation (explicit registry; the schema lists the same names).

@@ -8,37 +8,12 @@ EMA (see :func:`vitopt.train.loop.fit`). The stage checkpoints at every epoch en
 from __future__ import annotations
 
 from vitopt.sparsity.attention import attention_reg_callbacks
-from vitopt.stages.base import StageDir, State
-from vitopt.train.data import make_loader
-from vitopt.train.distributed import training_device, world_size
+from vitopt.stages.base import StageDir, State, hparams, loaders
+from vitopt.train.distributed import training_device
 from vitopt.train.images import make_mixup
-from vitopt.train.loop import TrainHParams, fit
+from vitopt.train.loop import fit
 
-__all__ = ["run", "hparams", "loaders"]
-
-
-def hparams(cfg) -> TrainHParams:
-    """The loop's hyper-parameters from a training stage config (epochs, lr, min_lr, wd, warmup, amp, ema...)."""
-    return TrainHParams(epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                        warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing,
-                        grad_clip=cfg.grad_clip, amp=getattr(cfg, "amp", None),
-                        ema_decay=getattr(cfg, "ema", None))
-
-
-def loaders(cfg, state: State, stage_index: int):
-    """Seeded train/val DataLoaders; the seed differs per stage so stages see different orders.
-
-    ``cfg.batch_size`` is the global batch (split across torchrun processes by
-    :func:`~vitopt.train.data.make_loader`).
-    """
-    seed = state.seed * 1000 + stage_index
-    data = state.data
-    train = make_loader(data.train, cfg.batch_size, shuffle=True, seed=seed, num_workers=data.num_workers,
-                        drop_last=len(data.train) > cfg.batch_size)
-    val_bs = max(cfg.batch_size, 128)
-    val_bs -= val_bs % world_size()
-    val = make_loader(data.val, val_bs, shuffle=False, seed=seed, num_workers=data.num_workers)
-    return train, val
+__all__ = ["run"]
 
 
 def run(cfg, state: State, sd: StageDir) -> State:

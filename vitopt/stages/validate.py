@@ -12,24 +12,26 @@ stage and by ``vitopt validate ARTIFACT``.
 from __future__ import annotations
 
 from pathlib import Path
+
 from vitopt.arch.config import load_pruned
 from vitopt.deploy.onnx_export import export_onnx
-from vitopt.deploy.validation import GPU_RUNTIMES, measure_runtimes
-from vitopt.errors import VitoptError
-from vitopt.stages.base import StageDir, State
-from vitopt.stages.build import latest_output
-from vitopt.stages.export import input_shape
+from vitopt.deploy.runtimes import runtime_spec
+from vitopt.deploy.validation import check_artifacts, measure_runtimes
+from vitopt.stages.base import StageDir, State, latest_output
 from vitopt.train.data import val_arrays
+from vitopt.train.inputs import input_shape
 
-__all__ = ["run", "measure_model", "measure_runtimes", "GPU_RUNTIMES"]
+__all__ = ["run", "measure_model"]
+
+#: the stage that makes each kind of artifact, for messages.
+_MADE_BY = {"model": "train or prune", "onnx": "export", "engine": "build"}
 
 def measure_model(cfg, model, onnx_path: Path | None, images, labels, engine_path: Path | None = None) -> dict:
     """Top-1, latency and parity of one model on every runtime in ``cfg.runtimes`` (a ValidateStage)."""
     model = model.eval()
-    for kind, have, stage in (("onnxruntime", onnx_path, "export"), ("onnxruntime-cuda", onnx_path, "export"),
-                              ("tensorrt", engine_path, "build")):
-        if kind in cfg.runtimes and have is None:
-            raise VitoptError(f"validate with runtime {kind!r} needs an {stage} stage before it.")
+    needed = {runtime_spec(k).needs for k in cfg.runtimes}
+    check_artifacts(list(cfg.runtimes), {"model": model, "onnx": onnx_path, "engine": engine_path},
+                    "the run so far (add " + " and ".join(f"a {_MADE_BY[n]} stage" for n in sorted(needed)) + " before it)")
     return measure_runtimes(list(cfg.runtimes), images, labels, batch_sizes=cfg.batch_sizes, model=model,
                             onnx_path=onnx_path, engine_path=engine_path, input_chw=input_shape(model),
                             threads=cfg.threads, device=getattr(cfg, "device", "cpu"), warmup=cfg.warmup,
@@ -39,17 +41,18 @@ def measure_model(cfg, model, onnx_path: Path | None, images, labels, engine_pat
 def run(cfg, state: State, sd: StageDir) -> State:
     """Measure the current model (and the dense reference, if any) and record everything."""
     images, labels = val_arrays(state.data)
-    engine = latest_output(state, sd.path.parent, "engine") if "tensorrt" in cfg.runtimes else None
+    engine = (latest_output(state, sd.path.parent, "engine")
+              if any(runtime_spec(k).needs == "engine" for k in cfg.runtimes) else None)
     metrics = {"threads": cfg.threads, "batch_sizes": cfg.batch_sizes, "num_images": int(len(labels)),
                "device": getattr(cfg, "device", "cpu")}
     metrics["final"] = {**state.cost(), **measure_model(cfg, state.model, state.onnx_path, images, labels, engine)}
     if state.reference_dir is not None:
         ref = load_pruned(state.reference_dir)
         ref_onnx = None
-        if {"onnxruntime", "onnxruntime-cuda"} & set(cfg.runtimes):
+        if any(runtime_spec(k).needs == "onnx" for k in cfg.runtimes):
             ref_onnx = sd.path / "reference.onnx"
             export_onnx(ref, ref_onnx, input_shape(ref))
-        ref_cfg = cfg.model_copy(update={"runtimes": [k for k in cfg.runtimes if k != "tensorrt"]})
+        ref_cfg = cfg.model_copy(update={"runtimes": [k for k in cfg.runtimes if runtime_spec(k).needs != "engine"]})
         if ref_cfg.runtimes:
             metrics["reference"] = {**state.cost(ref), **measure_model(ref_cfg, ref, ref_onnx, images, labels)}
     state.model.train()

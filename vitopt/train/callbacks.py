@@ -1,12 +1,14 @@
-"""Hooks into :func:`vitopt.train.loop.fit` for training-time methods (gates, DST masks, regularizers).
+"""Hooks into a training loop for training-time methods (gates, DST masks, regularizers).
 
 One small base class instead of loose keyword callables: a method that needs to act inside the
 training step (add a loss term, mask gradients, update masks after the optimizer step) subclasses
 :class:`Callback` and overrides only what it needs. ``state_dict``/``load_state_dict`` let the loop
 checkpoint and resume the callback's own state (masks, RNG, counters) with the model.
 
-Order per step (see ``fit``): forward -> task loss + sum of ``loss()`` -> backward ->
-``after_backward`` -> gradient clipping -> optimizer step -> ``after_step`` -> scheduler.
+Order per step, in :func:`vitopt.train.loop.fit` or in a user's own loop: forward -> task loss + the
+method's ``loss()`` -> backward -> ``after_backward(step)`` -> gradient clipping -> optimizer step ->
+``after_step(step)`` -> scheduler. Before the first step call ``on_fit_start(model, optimizer,
+total_steps)`` (with ``parameters()`` added to the optimizer); after the last, ``finish()``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,17 @@ class Callback:
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         """After validation of ``epoch`` (1-based); may add keys (e.g. density per layer) to ``record``."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable tensors the method adds outside the model (e.g. VTP gates); put them in the optimizer."""
+        return []
+
+    def finish(self) -> Any:
+        """End the method after the last step (fold gates, apply masks, cut the model); returns what it made.
+
+        Default: nothing to do, returns None.
+        """
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors/numbers needed to resume (saved in the epoch checkpoint). Default: nothing."""

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from vitopt.errors import VitoptError
+from vitopt.train.inputs import ImageTransform
 
 __all__ = ["make_transforms", "make_mixup", "SkipCounter", "ImageFiles", "ArrayImages", "read_cifar"]
 
@@ -46,10 +46,8 @@ def make_transforms(mi: Any, augment: Any | None) -> tuple[Callable, Callable]:
     Raises:
         VitoptError: timm rejects the ``auto_augment`` policy string.
     """
-    from vitopt.train.data import _ImageTransform
-
     if augment is None:
-        plain = _ImageTransform(mi)
+        plain = ImageTransform(mi)
         return plain, plain
     from timm.data import create_transform
 

@@ -29,9 +29,12 @@ PVTv2 has no ``img_size`` argument (it is resolution-agnostic); vitopt records t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models.pvt_v2 import Attention as PvtAttention
+from timm.models.pvt_v2 import Block, MlpWithDepthwiseConv, PyramidVisionTransformerV2
 from torch import nn
 
 from vitopt.arch.builder import StructureBuilder, is_layernorm
@@ -41,66 +44,36 @@ from vitopt.errors import VitoptError
 __all__ = ["PvtV2Family", "PrunedSRAttention", "input_size"]
 
 
-def _timm_attention():
-    from timm.models.pvt_v2 import Attention
+class PrunedSRAttention(PvtAttention):
+    """timm PVTv2 spatial-reduction attention whose inner width (heads x head_dim) may differ from its input width.
 
-    return Attention
+    Same parameters, buffers and computation as ``timm.models.pvt_v2.Attention``; the only difference
+    is that the attention output [B, heads, N, head_dim] is reshaped to [B, N, heads * head_dim]
+    (timm reshapes to the input width C, which equals heads x head_dim only before pruning).
+    Input ``x`` [B, N, C] with ``feat_size`` (H, W), N = H*W; output [B, N, C].
+    """
 
-
-def _make_pruned_attention_class():
-    base = _timm_attention()
-
-    class PrunedSRAttention(base):
-        """timm PVTv2 spatial-reduction attention whose inner width (heads x head_dim) may differ from its input width.
-
-        Same parameters, buffers and computation as ``timm.models.pvt_v2.Attention``; the only difference
-        is that the attention output [B, heads, N, head_dim] is reshaped to [B, N, heads * head_dim]
-        (timm reshapes to the input width C, which equals heads x head_dim only before pruning).
-        Input ``x`` [B, N, C] with ``feat_size`` (H, W), N = H*W; output [B, N, C].
-        """
-
-        def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
-            B, N, C = x.shape
-            H, W = feat_size
-            q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
-            if self.sr is not None:
-                y = x.permute(0, 2, 1).reshape(B, C, H, W)
-                y = self.sr(self.pool(y) if self.pool is not None else y).reshape(B, C, -1).permute(0, 2, 1)
-                y = self.norm(y)
-                if self.act is not None:
-                    y = self.act(y)
-            else:
-                y = x
-            kv = self.kv(y).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            k, v = kv.unbind(0)
-            if self.fused_attn:
-                x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
-            else:
-                attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-                x = self.attn_drop(attn) @ v
-            x = x.transpose(1, 2).reshape(B, N, -1)
-            return self.proj_drop(self.proj(x))
-
-    PrunedSRAttention.__module__ = __name__
-    PrunedSRAttention.__qualname__ = "PrunedSRAttention"
-    return PrunedSRAttention
-
-
-_PRUNED_CLASS = None
-
-
-def pruned_attention_class():
-    """The :class:`PrunedSRAttention` class (built lazily so importing vitopt does not import timm)."""
-    global _PRUNED_CLASS
-    if _PRUNED_CLASS is None:
-        _PRUNED_CLASS = _make_pruned_attention_class()
-    return _PRUNED_CLASS
-
-
-def __getattr__(name: str):
-    if name == "PrunedSRAttention":
-        return pruned_attention_class()
-    raise AttributeError(name)
+    def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = feat_size
+        q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        if self.sr is not None:
+            y = x.permute(0, 2, 1).reshape(B, C, H, W)
+            y = self.sr(self.pool(y) if self.pool is not None else y).reshape(B, C, -1).permute(0, 2, 1)
+            y = self.norm(y)
+            if self.act is not None:
+                y = self.act(y)
+        else:
+            y = x
+        kv = self.kv(y).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = self.attn_drop(attn) @ v
+        x = x.transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(x))
 
 
 def input_size(model: nn.Module) -> tuple[int, int]:
@@ -133,20 +106,16 @@ class PvtV2Family:
 
     def matches(self, model: nn.Module) -> bool:
         """True for timm ``PyramidVisionTransformerV2`` and subclasses."""
-        from timm.models.pvt_v2 import PyramidVisionTransformerV2
-
         return isinstance(model, PyramidVisionTransformerV2)
 
     def check_supported(self, model: nn.Module) -> None:
         """Raise VitoptError naming the first feature of ``model`` the PVTv2 structure cannot prune."""
-        from timm.models.pvt_v2 import Block, MlpWithDepthwiseConv
-
         for s, stage in enumerate(model.stages):
             if not is_layernorm(stage.norm):
                 raise VitoptError(f"stages.{s}.norm is a {type(stage.norm).__name__}; only LayerNorm is supported.")
             for j, blk in enumerate(stage.blocks):
                 where = f"stages.{s}.blocks.{j}"
-                if type(blk) is not Block or not isinstance(blk.attn, _timm_attention()):
+                if type(blk) is not Block or not isinstance(blk.attn, PvtAttention):
                     raise VitoptError(f"{where} is a {type(blk).__name__}; only timm's PVTv2 Block is supported.")
                 if type(blk.mlp) is not MlpWithDepthwiseConv:
                     raise VitoptError(f"{where}.mlp is a {type(blk.mlp).__name__}; only MlpWithDepthwiseConv is supported.")
@@ -243,7 +212,7 @@ class PvtV2Family:
                 mod.normalized_shape = (mod.weight.shape[0],)
         if isinstance(model.head, nn.Linear):
             model.head.in_features = widths[-1]
-        timm_cls, pruned_cls = _timm_attention(), pruned_attention_class()
+        timm_cls, pruned_cls = PvtAttention, PrunedSRAttention
         for s, stage in enumerate(model.stages):
             D = widths[s]
             pe = model.patch_embed if s == 0 else stage.downsample
@@ -289,6 +258,19 @@ class PvtV2Family:
             conv = (model.patch_embed if s == 0 else stage.downsample).proj
             h, w = _conv_out(h, conv, 0), _conv_out(w, conv, 1)
             out.append((h, w))
+        return out
+
+    def constructor_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """``timm.create_model`` kwargs read back from the model: input size, channels and classes.
+
+        Other constructor arguments keep the model name's defaults; :func:`vitopt.arch.config.save`
+        checks the rebuild and asks for explicit kwargs when these are not enough.
+        """
+        pe = model.patch_embed
+        size = getattr(pe, "img_size", None)
+        out: dict[str, Any] = {"in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes)}
+        if size is not None:
+            out["img_size"] = list(size) if not isinstance(size, int) else size
         return out
 
     def num_tokens(self, model: nn.Module) -> int:

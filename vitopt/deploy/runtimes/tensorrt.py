@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from vitopt.deploy.runtimes.base import RuntimeSpec, no_extra_options
 from vitopt.deploy.tensorrt_build import require_tensorrt
 from vitopt.errors import VitoptError
 
-__all__ = ["TrtRuntime"]
+__all__ = ["TrtRuntime", "TENSORRT"]
 
 
 class TrtRuntime:
@@ -96,3 +98,16 @@ class TrtRuntime:
         """Release the execution context and engine."""
         self.context = None
         self.engine = None
+
+
+def _make_trt(*, engine_path: Any = None, device: int = 0, model: Any = None, onnx_path: Any = None,
+              threads: int = 2, **options: Any) -> TrtRuntime:
+    if engine_path is None:
+        raise VitoptError("runtime 'tensorrt' needs an engine file (make_runtime('tensorrt', engine_path=...); "
+                          "build one with `vitopt build` or a build stage).")
+    no_extra_options("tensorrt", options)
+    return TrtRuntime(engine_path, device=device)
+
+
+#: A serialized TensorRT engine (option ``device``: CUDA device index).
+TENSORRT = RuntimeSpec("tensorrt", "engine", True, _make_trt, "TensorRT engine (needs the tensorrt package)")

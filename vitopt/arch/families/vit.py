@@ -21,8 +21,12 @@ both the fused and the explicit path compute exactly what the unpruned model com
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from timm.layers import LayerScale, Mlp
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from vitopt.arch.structure import AxisLayout, ChokePoint, Group, Structure
@@ -45,16 +49,10 @@ class VitFamily:
     # ----------------------------------------------------------------------------------------- checks
     def matches(self, model: nn.Module) -> bool:
         """True for timm ``VisionTransformer`` and its subclasses."""
-        from timm.models.vision_transformer import VisionTransformer
-
         return isinstance(model, VisionTransformer)
 
     def check_supported(self, model: nn.Module) -> None:
         """Raise VitoptError naming the first feature of ``model`` the ViT structure cannot prune."""
-        from timm.layers import Mlp
-        from timm.layers.attention import Attention
-        from timm.models.vision_transformer import Block
-
         if getattr(model, "attn_pool", None) is not None:
             raise VitoptError("ViTs with an attention-pool (global_pool='map') head are not supported; "
                               "use global_pool 'token' or 'avg'.")
@@ -205,6 +203,25 @@ class VitFamily:
             attn.qkv.weight[: attn.attn_dim] *= ratio
             if attn.qkv.bias is not None:
                 attn.qkv.bias[: attn.attn_dim] *= ratio
+
+    def constructor_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """``timm.create_model`` kwargs that rebuild ``model``'s skeleton (before :func:`resize_to` sets the dims).
+
+        Read back from the model: input size, patch size, channels, classes, pooling, depth, and the
+        flags that decide which parameters exist (qkv bias, class/register tokens, LayerScale, pre-norm,
+        fc_norm). ``num_heads`` is 1 (any value works: the stored dims set the real heads).
+        """
+        pe, blk = model.patch_embed, model.blocks[0]
+        return {"img_size": list(pe.img_size), "patch_size": list(pe.patch_size),
+                "in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes),
+                "global_pool": model.global_pool, "embed_dim": int(model.embed_dim), "depth": len(model.blocks),
+                "num_heads": 1, "qkv_bias": blk.attn.qkv.bias is not None,
+                "class_token": model.cls_token is not None, "reg_tokens": int(model.num_reg_tokens),
+                "no_embed_class": bool(model.no_embed_class),
+                "init_values": 1e-5 if isinstance(blk.ls1, LayerScale) else None,
+                "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+                "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+                "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False))}
 
     # ------------------------------------------------------------------------------------------ cost
     def num_tokens(self, model: nn.Module) -> int:

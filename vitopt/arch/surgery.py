@@ -3,29 +3,39 @@
 Generic over the family's Structure: each parameter axis is index-selected by the product of its
 factors' kept indices, then the family updates module attributes (``num_heads``, ``head_dim``,
 ``attn_dim``, ``in/out_features``, ``embed_dim``...) and folds constants that depend on the dims
-(the attention scale of a head_dim prune, DESIGN.md invariant 2). The result is the same timm class,
-smaller, and equal to the hard-masked model (invariant 1).
+(the attention scale of a head_dim prune, invariant 2 of ``docs/architecture.md``). The result is the
+same timm class, smaller, and equal to the hard-masked model (invariant 1).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from vitopt.arch.config import _set_param
+from vitopt.arch.config import set_param
 from vitopt.arch.families import family_of
-from vitopt.pruning.plan import KeepPlan
+from vitopt.arch.plan import KeepPlan
 
-__all__ = ["prune_model"]
+__all__ = ["apply_plan"]
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
-    """Remove every unit not in ``plan`` from ``model``, in place; returns the model.
+def apply_plan(model: nn.Module, plan: KeepPlan, *, inplace: bool = False) -> nn.Module:
+    """Remove every unit not in ``plan`` from ``model``; returns the pruned model.
 
     Args:
         model: a model of a registered family (dense or already pruned).
-        plan: kept indices per group, relative to the model's current dims.
+        plan: kept indices per group, relative to the model's current dims (groups absent from the
+            plan keep every unit).
+        inplace: cut ``model`` itself (its Parameters are replaced by smaller ones, so an optimizer
+            holding the old ones must be rebuilt). By default a deep copy is pruned and ``model``
+            is left exactly as it was.
+
+    Returns:
+        The pruned model: the same timm class with smaller tensors and updated attributes (``model``
+        itself when ``inplace``). Its training flag and device are those of ``model``.
 
     Raises:
         VitoptError: unsupported model, or a plan that names unknown groups / empties a group.
@@ -33,6 +43,8 @@ def prune_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
     fam = family_of(model)
     structure = fam.structure(model)
     plan.validate(structure)
+    if not inplace:
+        model = copy.deepcopy(model)
     keep = plan.tensors()
     new_dims = plan.dims(structure)
     fam.fold_before_surgery(model, new_dims)
@@ -45,6 +57,6 @@ def prune_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
         value = p.data
         for lay in lays:
             value = value.index_select(lay.axis, lay.index(keep).to(value.device))
-        _set_param(model, name, value.contiguous(), p.requires_grad)
+        set_param(model, name, value.contiguous(), p.requires_grad)
     fam.set_dims(model, new_dims)
     return model

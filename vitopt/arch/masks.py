@@ -1,6 +1,6 @@
 """Masked simulation of a KeepPlan: hard 0/1 masks at each group's choke points.
 
-``apply_masks(model, plan)`` must give the same logits as ``prune_model(copy, plan)`` (DESIGN.md
+``apply_masks(model, plan)`` must give the same logits as ``apply_plan(model, plan)`` (DESIGN.md
 invariant 1); the residual width uses LayerNorm statistics over kept channels to make that exact.
 """
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from vitopt.arch.families import family_of
 from vitopt.arch.hooks import ScalerHandle, attach_scalers
-from vitopt.pruning.plan import KeepPlan
+from vitopt.arch.plan import KeepPlan
 
 __all__ = ["apply_masks"]
 

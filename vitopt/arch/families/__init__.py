@@ -1,27 +1,27 @@
-"""Explicit registry of model families that vitopt can prune.
+"""Explicit registry of the model families vitopt can prune.
 
-A family knows one timm model class: it builds the :class:`~vitopt.arch.structure.Structure`, reads
-and writes dims (module attributes), folds family-specific constants before surgery, and counts
-MACs analytically: ViT/DeiT (:mod:`vitopt.arch.vit`), Swin v1 (:mod:`vitopt.arch.swin`) and PVTv2
-(:mod:`vitopt.arch.pvt`).
+Each family is one module implementing :class:`~vitopt.arch.families.base.Family` and one entry of
+:data:`FAMILIES`: ViT/DeiT (:mod:`~vitopt.arch.families.vit`), Swin v1
+(:mod:`~vitopt.arch.families.swin`) and PVTv2 (:mod:`~vitopt.arch.families.pvt`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from vitopt.arch.pvt import PvtV2Family
-from vitopt.arch.swin import SwinFamily
-from vitopt.arch.vit import VitFamily
+from vitopt.arch.families.base import Family
+from vitopt.arch.families.pvt import PvtV2Family
+from vitopt.arch.families.swin import SwinFamily
+from vitopt.arch.families.vit import VitFamily
 from vitopt.errors import VitoptError
 
-__all__ = ["FAMILIES", "family_of", "get_family"]
+__all__ = ["FAMILIES", "Family", "family_of", "get_family"]
 
 #: family key -> family object, in the order they are tried.
-FAMILIES = {"vit": VitFamily(), "swin": SwinFamily(), "pvt_v2": PvtV2Family()}
+FAMILIES: dict[str, Family] = {f.name: f for f in (VitFamily(), SwinFamily(), PvtV2Family())}
 
 
-def family_of(model: nn.Module):
+def family_of(model: nn.Module) -> Family:
     """Return the family object for ``model``.
 
     Raises:
@@ -34,7 +34,7 @@ def family_of(model: nn.Module):
     raise VitoptError(f"model class {type(model).__name__} is not supported for pruning (supported: {supported}).")
 
 
-def get_family(name: str):
+def get_family(name: str) -> Family:
     """Return the family registered as ``name``; VitoptError lists the known names otherwise."""
     if name not in FAMILIES:
         raise VitoptError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)}).")

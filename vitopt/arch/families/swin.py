@@ -28,8 +28,16 @@ qkv and :meth:`SwinFamily.set_dims` sets ``scale = new_head_dim ** -0.5``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from timm.layers import Mlp
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+)
 from torch import nn
 
 from vitopt.arch.builder import StructureBuilder, is_layernorm
@@ -58,15 +66,10 @@ class SwinFamily:
     # ----------------------------------------------------------------------------------------- checks
     def matches(self, model: nn.Module) -> bool:
         """True for timm ``SwinTransformer`` (v1) and subclasses; Swin v2 is a different class."""
-        from timm.models.swin_transformer import SwinTransformer
-
         return isinstance(model, SwinTransformer)
 
     def check_supported(self, model: nn.Module) -> None:
         """Raise VitoptError naming the first feature of ``model`` the Swin structure cannot prune."""
-        from timm.layers import Mlp
-        from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
-
         if not isinstance(model.patch_embed.proj, nn.Conv2d):
             raise VitoptError("the Swin model's patch_embed.proj must be a Conv2d (timm's PatchEmbed).")
         if not isinstance(model.norm, (nn.LayerNorm, nn.Identity)):
@@ -212,6 +215,19 @@ class SwinFamily:
                     attn.qkv.bias[:rows] *= ratio
 
     # ------------------------------------------------------------------------------------------ cost
+    def constructor_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """``timm.create_model`` kwargs read back from the model: input size, channels and classes.
+
+        Other constructor arguments keep the model name's defaults; :func:`vitopt.arch.config.save`
+        checks the rebuild and asks for explicit kwargs when these are not enough.
+        """
+        pe = model.patch_embed
+        size = getattr(pe, "img_size", None)
+        out: dict[str, Any] = {"in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes)}
+        if size is not None:
+            out["img_size"] = list(size) if not isinstance(size, int) else size
+        return out
+
     def num_tokens(self, model: nn.Module) -> int:
         """Tokens of the first stage (patch grid H x W)."""
         gh, gw = model.patch_embed.grid_size

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vitopt.arch.hooks import ScalerHandle, attach_scalers
-from vitopt.arch.structure import Structure
+from vitopt.arch.structure import AxisLayout, Structure
 
 __all__ = ["UnitGates"]
 
@@ -113,8 +113,6 @@ class UnitGates(nn.Module):
         Raises:
             TypeError: a choke point is not an ``nn.Linear`` (families must declare foldable ones).
         """
-        from vitopt.arch.structure import AxisLayout
-
         for g in self.groups:
             gate = self.gates[_key(g)]
             for choke in self.structure.chokes[g]:

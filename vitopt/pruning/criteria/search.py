@@ -10,7 +10,7 @@ available to us, so everything below is OUR design:
 
 1. One learnable gate per unit of every selected group (per-stage embedding widths, per-block heads,
    head dims and MLP neurons), initialised at 1 and multiplied in at the groups' choke points
-   (:class:`vitopt.sparsity.gates.UnitGates`, the same hooks as VTP gates and hard masks).
+   (:class:`vitopt.arch.gates.UnitGates`, the same hooks as VTP gates and hard masks).
    The model's weights are frozen; only the gates train.
 2. Loss per step = KL(dense model || gated model) on a calibration batch (label-free: the search
    keeps the function of the model it starts from) + ``penalty`` x |F(soft dims) / F(dense)
@@ -33,26 +33,38 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitopt.arch.cost import CostModel
+from vitopt.arch.gates import UnitGates
 from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
+from vitopt.pruning.criteria.base import (
+    Batches,
+    Criterion,
+    Scores,
+    device_of,
+    eval_mode,
+    logits_of,
+    need_batches,
+)
+from vitopt.pruning.criteria.l1 import l1_scores
 
-__all__ = ["search_scores", "SEARCH_DEFAULTS"]
+__all__ = ["search_scores", "SEARCH_DEFAULTS", "CRITERION"]
 
 #: Default options of the ``search`` criterion.
 SEARCH_DEFAULTS = {"steps": 100, "lr": 0.02, "penalty": 5.0}
 
 
-def search_scores(model: nn.Module, structure: Structure, groups: list[str], *, gates=None,
-                  batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None, teacher: nn.Module | None = None,
-                  cost: Callable[[dict], object] | None = None, target: float | None = None,
-                  steps: int = SEARCH_DEFAULTS["steps"], lr: float = SEARCH_DEFAULTS["lr"],
-                  penalty: float = SEARCH_DEFAULTS["penalty"]) -> dict[str, torch.Tensor]:
+def search_scores(model: nn.Module, structure: Structure, groups: list[str], *, batches: Batches | None = None,
+                  teacher: nn.Module | None = None, cost: Callable[[dict], object] | None = None,
+                  target: float | None = None, steps: int = SEARCH_DEFAULTS["steps"], lr: float = SEARCH_DEFAULTS["lr"],
+                  penalty: float = SEARCH_DEFAULTS["penalty"], **unused: Any) -> Scores:
     """Learn one gate per unit of ``groups`` under a cost target; return the gate magnitudes.
 
     Args:
@@ -60,7 +72,7 @@ def search_scores(model: nn.Module, structure: Structure, groups: list[str], *, 
             left unchanged (parameters, ``requires_grad``, ``.grad``, training flags, no hooks left).
         structure: its :class:`Structure`.
         groups: group names to search (e.g. every ``embed``, ``heads``, ``head_dim``, ``mlp`` group).
-        gates: ignored (the search trains its own).
+        unused: ``gates`` (ignored: the search trains its own).
         batches: non-empty list of ``(images [B, C, H, W], labels [B])``; cycled for ``steps`` steps.
         teacher: reference whose predictions the gated model must keep; default the model itself,
             ungated (KL at temperature 1).
@@ -78,11 +90,7 @@ def search_scores(model: nn.Module, structure: Structure, groups: list[str], *, 
         VitoptError: missing/empty ``batches``, ``target`` not in (0, 1], ``steps < 1``, or ``lr``/``penalty``
             not positive.
     """
-    from vitopt.arch.cost import CostModel
-    from vitopt.pruning.importance import _device, _eval_mode, _logits, _need_batches, _set_cost, l1_scores
-    from vitopt.sparsity.gates import UnitGates
-
-    _need_batches("search", batches)
+    need_batches("search", batches)
     if target is None or not 0 < target <= 1:
         raise VitoptError(f"criterion 'search' needs a cost target in (0, 1] (a fraction of the dense cost), got {target}.")
     if steps < 1 or lr <= 0 or penalty <= 0:
@@ -92,7 +100,7 @@ def search_scores(model: nn.Module, structure: Structure, groups: list[str], *, 
     cost = cost or CostModel(model, structure).flops
     base = structure.sizes()
     full = float(cost(base))
-    dev = _device(model)
+    dev = device_of(model)
     unit_gates = UnitGates(structure, groups=list(groups)).to(dev)
     opt = torch.optim.Adam(unit_gates.parameters(), lr=lr)
     params = list(model.parameters())
@@ -102,14 +110,14 @@ def search_scores(model: nn.Module, structure: Structure, groups: list[str], *, 
     try:
         for p in params:
             p.requires_grad_(False)
-        with _eval_mode(model, teacher), torch.enable_grad():
+        with eval_mode(model, teacher), torch.enable_grad():
             for step, (x, _) in zip(range(steps), itertools.cycle(batches)):
                 x = x.to(dev)
                 with torch.no_grad():                   # gates are not attached here: the dense reference
                     ref_model = model if teacher is None else teacher
-                    ref = _logits(ref_model(x.to(_device(ref_model)))).to(dev)
+                    ref = logits_of(ref_model(x.to(device_of(ref_model)))).to(dev)
                 with unit_gates.attach(model):
-                    out = _logits(model(x))
+                    out = logits_of(model(x))
                 forwards += 1
                 kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
                 ratio = cost({**base, **unit_gates.soft_sizes()}) / full
@@ -129,9 +137,16 @@ def search_scores(model: nn.Module, structure: Structure, groups: list[str], *, 
     for g in groups:
         tie = l1[g] / (l1[g].max() + 1e-12) * 1e-6
         out[g] = values[g].abs().double().cpu() + tie
-    _set_cost(criterion="search", forward_passes=forwards * (2 if teacher is None else 1),
-              backward_passes=forwards, teacher_forward_passes=forwards if teacher is not None else 0,
-              rows=forwards * batches[0][0].shape[0], images=sum(b[0].shape[0] for b in batches[:steps]),
-              units=sum(structure.groups[g].size for g in groups), steps=steps,
-              expected_cost_ratio=float(ratio.detach()), seconds=time.perf_counter() - start)
-    return out
+    cost_report = {"forward_passes": forwards * (2 if teacher is None else 1), "backward_passes": forwards,
+                   "teacher_forward_passes": forwards if teacher is not None else 0,
+                   "rows": forwards * batches[0][0].shape[0], "images": sum(b[0].shape[0] for b in batches[:steps]),
+                   "units": sum(structure.groups[g].size for g in groups), "steps": steps,
+                   "expected_cost_ratio": float(ratio.detach()), "seconds": time.perf_counter() - start}
+    return Scores(out, criterion="search", cost=cost_report)
+
+
+#: registry entry
+CRITERION = Criterion("search", search_scores, needs=frozenset({"data"}), uses=frozenset({"teacher", "target", "cost"}),
+                      options=dict(SEARCH_DEFAULTS),
+                      description="SiDT-style dimension search: gates trained under the cost target",
+                      source="Xue, Yang, Qi, Xin 2022, arXiv 2204.07722 (in spirit; see the module docstring)")

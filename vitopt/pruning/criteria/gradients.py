@@ -1,0 +1,74 @@
+"""Per-unit sums of ``w * dL/dw`` per calibration batch: the shared core of ``taylor`` and ``hessian``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitopt.arch.structure import Structure
+from vitopt.pruning.criteria.base import (
+    Batches,
+    device_of,
+    eval_mode,
+    logits_of,
+    need_batches,
+    teacher_log_probs,
+)
+
+__all__ = ["weight_gradient_sums"]
+
+
+def weight_gradient_sums(name: str, model: nn.Module, structure: Structure, groups: list[str], batches: Batches,
+                         teacher: nn.Module | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per batch b and unit u: s[b, u] = sum over u's coupled elements of w * dL_b/dw (float64, CPU).
+
+    L_b is the mean cross-entropy of batch b against its labels, or, with a teacher,
+    KL(softmax(teacher) || softmax(model)) averaged over the batch's images (temperature 1).
+
+    Returns:
+        ``(sums, cost)``: group -> float64 ``[batches, group size]``, and the passes/images/seconds it took.
+
+    Raises:
+        VitoptError: ``batches`` is None or empty; teacher logits of another shape.
+    """
+    need_batches(name, batches)
+    start = time.perf_counter()
+    names = list(dict.fromkeys(lay.param for g in groups for lay in structure.layouts_of(g)))
+    params = [model.get_parameter(n) for n in names]
+    flags = [p.requires_grad for p in params]
+    dev = device_of(model)
+    sums: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
+    rows = 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with eval_mode(model, teacher), torch.enable_grad():
+            for x, y in batches:
+                x = x.to(dev)
+                out = logits_of(model(x))
+                if teacher is None:
+                    loss = F.cross_entropy(out, y.to(dev))
+                else:
+                    logp_t = teacher_log_probs(teacher, x, out.shape, name).to(dev)
+                    loss = F.kl_div(F.log_softmax(out.double(), -1), logp_t, log_target=True, reduction="batchmean")
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                wg = {n: (p.detach().double() * g.double()).cpu() if g is not None
+                      else torch.zeros(p.shape, dtype=torch.float64)
+                      for n, p, g in zip(names, params, grads)}
+                for g in groups:
+                    s = torch.zeros(structure.groups[g].size, dtype=torch.float64)
+                    for lay in structure.layouts_of(g):
+                        s += lay.reduce(wg[lay.param], g)
+                    sums[g].append(s)
+                rows += x.shape[0]
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    cost = {"forward_passes": len(batches), "backward_passes": len(batches),
+            "teacher_forward_passes": len(batches) if teacher is not None else 0, "rows": rows, "images": rows,
+            "units": sum(structure.groups[g].size for g in groups), "seconds": time.perf_counter() - start}
+    return {g: torch.stack(v) for g, v in sums.items()}, cost

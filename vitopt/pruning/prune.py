@@ -1,0 +1,262 @@
+"""``vitopt.prune``: the one prune loop (one-shot and iterative) over importance, allocation and surgery.
+
+Every path that prunes a model calls :func:`prune_with_report` (``vitopt.prune`` returns its model):
+the ``prune`` stage of a recipe, the benchmarks, and a user's own training script. One round is
+
+1. importance of every unit of the selected groups (:func:`vitopt.pruning.importance.importance`);
+2. allocation of kept units under the round's budget (:func:`vitopt.pruning.allocation.allocate_budget`)
+   with hardware rounding, or an exact shape;
+3. surgery (:func:`vitopt.arch.surgery.apply_plan`): the same timm class, physically smaller.
+
+``schedule="iterative"`` repeats 1-3 ``rounds`` times, each round removing an equal share of the cost
+between the model's cost and the target, with an optional recovery step between rounds (NViT, Yang et
+al. CVPR 2023: prune, fine-tune briefly with KD, re-score, prune again); :func:`kd_recovery` builds
+the usual recovery (a few KD steps from the unpruned model).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitopt.arch.cost import structure_of
+from vitopt.arch.plan import KeepPlan
+from vitopt.arch.structure import Structure
+from vitopt.arch.surgery import apply_plan
+from vitopt.errors import VitoptError
+from vitopt.pruning.allocation import allocate_budget, parse_target, shape_sizes, target_cost
+from vitopt.pruning.criteria import get_criterion
+from vitopt.pruning.importance import as_batches, importance, select_groups
+from vitopt.train.loop import TrainHParams, fit
+
+__all__ = ["prune", "prune_with_report", "PruneResult", "kd_recovery", "SCHEDULES"]
+
+#: ``schedule`` values.
+SCHEDULES = ("one_shot", "iterative")
+
+#: ``recover(model, round, teacher)``: train the model in place between iterative rounds.
+Recovery = Callable[[nn.Module, int, nn.Module], Any]
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_with_report` did.
+
+    Attributes:
+        model: the pruned model (the same timm class, physically smaller).
+        structure_before: the Structure of the model as given (group names and sizes before pruning).
+        dims_before, dims_after: group name -> units before / after.
+        plans: the KeepPlan of each round (indices relative to the model entering that round).
+        rounds: one record per round: ``round``, ``budget`` and ``achieved`` (in the target's
+            metric: FLOPs, params or ms; None for a shape), ``criterion_cost`` (the criterion's
+            passes/images/seconds) and ``recovery`` (what ``recover`` returned, if it ran).
+    """
+
+    model: nn.Module
+    structure_before: Structure
+    dims_before: dict[str, int]
+    dims_after: dict[str, int]
+    plans: list[KeepPlan] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _criterion_options(criterion: str, options: Mapping[str, Any] | None, structure: Structure,
+                       cost: Callable | None, budget: float | None) -> dict[str, Any]:
+    """Options for the criterion; ``search`` also gets the cost function and the round's target fraction."""
+    opts = dict(options or {})
+    if criterion == "search":
+        cost = cost or structure.cost_model.flops
+        if budget is None:
+            raise VitoptError("criterion 'search' trains its gates towards a cost fraction; give a flops or params "
+                              "target (not a shape).")
+        opts.setdefault("cost", cost)
+        opts.setdefault("target", min(1.0, max(budget / float(cost(structure.sizes())), 1e-6)))
+    return opts
+
+
+def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "l1",
+                      groups: Sequence[str] | None = None, data: Any = None, teacher: nn.Module | None = None,
+                      gates: dict[str, torch.Tensor] | None = None, scope: str = "global",
+                      round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
+                      schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
+                      calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
+                      rank: str = "per_cost", inplace: bool = False) -> PruneResult:
+    """Prune ``model`` to ``target``; returns the pruned model and a report of every round.
+
+    Args:
+        model: a timm model of a registered family (``vitopt.structure(model)`` shows its groups).
+        target: ``{"flops": f}`` / ``{"params": f}`` (keep that fraction of ``model``'s cost, in (0, 1]),
+            ``{"latency_ms": ms, "lut": PATH}`` (a table from ``vitopt measure-lut``) or
+            ``{"shape": {"embed": 192, "heads": 3, "head_dim": 64, "mlp": 768}}`` (exact; one-shot).
+        criterion: importance criterion (:data:`vitopt.pruning.criteria.CRITERIA`).
+        groups: group kinds (or names) to prune; default heads, head_dim and mlp.
+        data: calibration batches for data-driven criteria: a DataLoader or an iterable of
+            ``(images [B, C, H, W], labels [B])``; the first ``calibration_batches`` are used.
+        teacher: reference model for ``kl``/``search`` (default: the model itself) and for the KD loss of
+            ``taylor``/``hessian`` (default: cross-entropy on the labels). Iterative recovery gets the
+            model as given (unpruned) when None.
+        gates: trained VTP gates (criterion ``gate``; one-shot only, they index the unpruned dims).
+        scope: ``"global"`` or ``"uniform"`` (:func:`vitopt.pruning.allocation.allocate`).
+        round_to, min_keep: kind -> kept-count multiple / minimum per group.
+        schedule: ``"one_shot"`` or ``"iterative"``.
+        rounds: rounds of the iterative schedule (>= 2).
+        recover: ``recover(model, round, teacher)`` trains the model in place after every round but
+            the last (iterative only), e.g. :func:`kd_recovery`; its return value is recorded.
+        calibration_batches: batches of ``data`` to use (None: all of it).
+        criterion_options: criterion options (``max_rows`` for kl; ``steps``, ``lr``, ``penalty`` for search).
+        rank: allocation ranking, ``"per_cost"`` (default) or ``"score"``.
+        inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` is untouched.
+
+    Returns:
+        :class:`PruneResult` (``.model`` is the pruned model).
+
+    Raises:
+        VitoptError: an unsupported model, a malformed target or schedule, an unknown criterion or
+            group, missing data/gates the criterion needs, or a budget that cannot be met.
+    """
+    t = parse_target(target)
+    crit = get_criterion(criterion)
+    if schedule not in SCHEDULES:
+        raise VitoptError(f"unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)}).")
+    n_rounds = 1 if schedule == "one_shot" else int(rounds)
+    if schedule == "iterative" and n_rounds < 2:
+        raise VitoptError(f"schedule 'iterative' needs rounds >= 2; got {rounds}.")
+    if schedule == "iterative" and t.metric == "shape":
+        raise VitoptError("a shape target is applied in one shot (schedule 'one_shot').")
+    if schedule == "iterative" and "gates" in crit.needs:
+        raise VitoptError("schedule 'iterative' re-scores after every round, but gates only score the unpruned "
+                          "model; use criterion l1, taylor, hessian, kl or search.")
+    batches = as_batches(data, calibration_batches)
+    reference = teacher
+    if reference is None and recover is not None and n_rounds > 1:   # recovery distils from the unpruned model
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if not inplace:
+        model = copy.deepcopy(model)
+    was_training = model.training
+    model.eval()
+    structure = structure_of(model)
+    before = structure.sizes()
+    result = PruneResult(model, structure, before, before)
+    if t.metric == "shape":
+        names = select_groups(structure, groups)
+        sizes = shape_sizes(structure, t.shape, names)
+        scores = importance(model, criterion, groups=list(sizes), data=batches, teacher=teacher, gates=gates,
+                            structure=structure, **_criterion_options(criterion, criterion_options, structure,
+                                                                     None, None))
+        plan = KeepPlan.from_scores(scores, sizes)
+        apply_plan(model, plan, inplace=True)
+        result.plans.append(plan)
+        result.rounds.append({"round": 1, "shape": dict(t.shape), "budget": None, "achieved": None,
+                              "criterion_cost": scores.cost})
+    else:
+        cost, final = target_cost(structure, t)
+        start = float(cost(before))
+        for rnd in range(1, n_rounds + 1):
+            structure = structure_of(model) if rnd > 1 else structure
+            cost, _ = target_cost(structure, t)
+            budget = start - (start - final) * rnd / n_rounds
+            names = select_groups(structure, groups)
+            opts = _criterion_options(criterion, criterion_options, structure, cost if t.metric != "latency_ms"
+                                      else None, budget)
+            scores = importance(model, criterion, groups=names, data=batches, teacher=teacher, gates=gates,
+                                structure=structure, **opts)
+            plan = allocate_budget(structure, scores, cost, budget, scope=scope, round_to=dict(round_to or {}),
+                                   min_keep=dict(min_keep or {}), rank=rank)
+            achieved = float(cost(plan.dims(structure)))
+            apply_plan(model, plan, inplace=True)
+            entry: dict[str, Any] = {"round": rnd, "budget": budget, "achieved": achieved,
+                                     "criterion_cost": scores.cost}
+            if rnd < n_rounds and recover is not None:
+                model.train(was_training)
+                entry["recovery"] = recover(model, rnd, reference)
+                model.eval()
+            result.plans.append(plan)
+            result.rounds.append(entry)
+    model.train(was_training)
+    result.dims_after = structure_of(model).sizes()
+    return result
+
+
+def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "l1", groups: Sequence[str] | None = None,
+          data: Any = None, teacher: nn.Module | None = None, gates: dict[str, torch.Tensor] | None = None,
+          scope: str = "global", round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
+          schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
+          calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
+          inplace: bool = False) -> nn.Module:
+    """Prune ``model`` to ``target`` and return the pruned model (``vitopt.prune``).
+
+    The same timm class, physically smaller, with ``num_heads``, ``head_dim``, ``embed_dim`` and the
+    Linear/LayerNorm attributes updated; ``model`` itself is untouched unless ``inplace=True``. Arguments
+    as :func:`prune_with_report`, which also returns the per-round report. Example::
+
+        pruned = vitopt.prune(model, target={"flops": 0.5}, criterion="taylor", data=train_loader,
+                              calibration_batches=8)
+
+    Raises:
+        VitoptError: as :func:`prune_with_report`.
+    """
+    return prune_with_report(model, target=target, criterion=criterion, groups=groups, data=data, teacher=teacher,
+                             gates=gates, scope=scope, round_to=round_to, min_keep=min_keep, schedule=schedule,
+                             rounds=rounds, recover=recover, calibration_batches=calibration_batches,
+                             criterion_options=criterion_options, inplace=inplace).model
+
+
+class _Limited:
+    """The first ``steps`` batches of a loader, cycling over it as often as needed."""
+
+    def __init__(self, loader: Any, steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        n = 0
+        while n < self.steps:
+            empty = True
+            for batch in self.loader:
+                if n == self.steps:
+                    return
+                empty = False
+                n += 1
+                yield batch
+            if empty:
+                return
+
+
+def kd_recovery(data: Any, *, steps: int = 50, lr: float = 1e-4, kd_alpha: float = 0.5, kd_tau: float = 4.0,
+                weight_decay: float = 0.05, label_smoothing: float = 0.1) -> Recovery:
+    """A ``recover`` for :func:`prune` that trains ``steps`` optimizer steps with KD from the teacher.
+
+    AdamW at peak ``lr`` with a cosine decay to ``lr / 10`` over the steps, loss
+    ``kd_alpha * tau^2 * KL(teacher || student) + (1 - kd_alpha) * CE`` (Hinton et al. 2015,
+    arXiv 1503.02531), as NViT recovers between pruning rounds.
+
+    Args:
+        data: training batches ``(images, labels)`` (a DataLoader), cycled if shorter than ``steps``.
+        steps: optimizer steps per recovery (>= 1).
+
+    Returns:
+        ``recover(model, round, teacher) -> {"train_loss": float, "steps": int}``.
+
+    Raises:
+        VitoptError: ``steps`` < 1 or ``lr`` <= 0.
+    """
+    if steps < 1 or not lr > 0 or not math.isfinite(lr):
+        raise VitoptError(f"kd_recovery needs steps >= 1 and lr > 0; got steps={steps}, lr={lr}.")
+
+    def recover(model: nn.Module, rnd: int, teacher: nn.Module) -> dict[str, Any]:
+        hp = TrainHParams(epochs=1, lr=lr, min_lr=lr * 0.1, weight_decay=weight_decay, warmup_epochs=0.0,
+                          label_smoothing=label_smoothing, grad_clip=None)
+        model.train()
+        rec = fit(model, _Limited(data, steps), None, hp, teacher=teacher, kd_alpha=kd_alpha, kd_tau=kd_tau,
+                  desc=f"recover {rnd}")[-1]
+        return {"train_loss": rec["train_loss"], "steps": steps}
+
+    return recover
