@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/vitopt run recipes/quickstart.yaml
 
-## test: the whole test suite (CPU).
+## test: lint (ruff) and the whole test suite (CPU).
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q

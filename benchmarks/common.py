@@ -15,7 +15,6 @@ Conventions used in every table and JSON file:
 from __future__ import annotations
 
 import argparse
-
 import datetime as _dt
 import json
 import math
@@ -48,8 +47,8 @@ def default_out(name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------- formatting
-def parse_with_defaults(parser: "argparse.ArgumentParser", argv: list[str] | None, quick: dict[str, Any],
-                        defaults: dict[str, Any]) -> "argparse.Namespace":
+def parse_with_defaults(parser: argparse.ArgumentParser, argv: list[str] | None, quick: dict[str, Any],
+                        defaults: dict[str, Any]) -> argparse.Namespace:
     """Parse ``argv``; every option left at None takes its ``--quick`` or full-run default."""
     args = parser.parse_args(argv)
     for k, v in (quick if args.quick else defaults).items():

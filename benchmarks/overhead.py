@@ -85,7 +85,7 @@ def train_step_times(args) -> dict[str, Any]:
             handle = gates.attach(model)
         opt = torch.optim.AdamW(groups, lr=1e-4)
 
-        def step():
+        def step(model=model, gates=gates, opt=opt):
             loss = F.cross_entropy(model(x), y)
             if gates is not None:
                 loss = loss + args.vtp_lambda * gates.l1()

@@ -6,7 +6,7 @@ speedup run), exports each with ``vitopt.deploy.onnx_export.export_onnx`` (``ver
 mismatch is measured rather than raised), then runs ``--samples`` standard-normal images through
 PyTorch (eval, fp32, timm's default fused attention) and ONNX Runtime (CPU) and reports the max
 abs logit difference, the max relative to the largest |logit|, and the fraction of images whose
-top-1 class agrees. DESIGN.md invariant 4 asks for max abs diff <= 1e-4 and the same top-1.
+top-1 class agrees. invariant 4 of docs/architecture.md asks for max abs diff <= 1e-4 and the same top-1.
 
 Random-init models produce nearly flat logits, so an argmax can flip on float noise alone; the
 ``margin`` column (smallest top-1 minus top-2 logit gap among the inputs) shows how close to a tie
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         path.unlink(missing_ok=True)
                 rows.append(row)
                 common.console.print(f"{name} {variant:14s} target={target} "
-                                     f"{'max_abs_diff=%.2e' % row['max_abs_diff'] if 'max_abs_diff' in row else row.get('error')}")
+                                     f"{'max_abs_diff={:.2e}'.format(row['max_abs_diff']) if 'max_abs_diff' in row else row.get('error')}")
                 if model is not dense:
                     del model
                 gc.collect()
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.print_table(f"PyTorch (fp32, eager) vs ONNX Runtime (CPU): {args.samples} random inputs per model",
                        [("model", "left"), "target", ("variant", "left"), "FLOPs ratio", "max abs diff",
                         "max rel diff", "argmax agree", "min margin", "pass", ("error", "left")], table,
-                       caption=f"pass: max abs logit diff <= {TOL:g} and every top-1 equal (DESIGN.md invariant 4)")
+                       caption=f"pass: max abs logit diff <= {TOL:g} and every top-1 equal (invariant 4 of docs/architecture.md)")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = {"config": config, "tolerance": TOL, "tp_available": common.tp_status()[0], "tp_skipped": skipped, "rows": rows,
                "seconds": time.perf_counter() - t_start}

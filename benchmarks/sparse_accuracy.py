@@ -111,9 +111,9 @@ def effective_flops(model) -> int:
     tokens = sel.num_prefix + sel.keep if (sel := getattr(model, "token_selector", None)) else None
     n = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
     zeros = 0
-    for i, blk in enumerate(model.blocks):
+    for i, _blk in enumerate(model.blocks):
         n_i = tokens if tokens is not None and i > sel.after_block else n
-        for name, lin in block_linears(model, f"blocks.{i}.").items():
+        for _name, lin in block_linears(model, f"blocks.{i}.").items():
             zeros += n_i * int((lin.weight == 0).sum())
     return dense - 2 * zeros
 

@@ -33,8 +33,9 @@ import copy
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,10 @@ VARIANTS = ("dense", "vtp (hooks)", "vtp (weights)", "svite (rigl)", "svite (set
             "token selector", "attention reg")
 #: variants and the goal of the issue (ratio to dense), for the table
 GOALS = {"vtp (weights)": 1.10, "vtp (hooks)": 1.10, "s2vite": 1.10, "svite (rigl)": 1.15, "svite (set)": 1.15}
+
+
+def _noop() -> None:
+    """Nothing to clean up."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +89,7 @@ def make_variant(name: str, base: torch.nn.Module, interval: int, total_steps: i
     model = copy.deepcopy(base).train()
     groups = default_param_groups(model, 0.05)
     callbacks: list = []
-    cleanup: Callable[[], None] = lambda: None
+    cleanup: Callable[[], None] = _noop
     if name.startswith("vtp"):
         vtp = VTP(model, 1e-4)
         if name == "vtp (hooks)":               # the generic activation hooks instead of weight parametrizations

@@ -191,7 +191,7 @@ def _sync_vit_attrs(model: nn.Module, pruner) -> None:
     reshapes by ``attn_dim``, so that is set too (TP's example instead patches ``forward`` for
     older timm). ``scale`` is set to ``head_dim ** -0.5`` so timm's eager path computes what the
     fused SDPA path computes (SDPA always uses the new head_dim's default scale; TP does not keep the
-    original scale - vitopt folds it into q, DESIGN.md invariant 2). The model-level ``embed_dim`` /
+    original scale - vitopt folds it into q, invariant 2 of docs/architecture.md). The model-level ``embed_dim`` /
     ``num_features`` are set from the pruned patch embedding.
     """
     from timm.models.vision_transformer import Attention

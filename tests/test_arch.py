@@ -13,10 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitopt.arch.config import load_pruned, save_pruned
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
-from vitopt.errors import VitoptError
 from vitopt.arch.masks import apply_masks
 from vitopt.arch.plan import KeepPlan
 from vitopt.arch.surgery import apply_plan
+from vitopt.errors import VitoptError
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=7, depth=3, embed_dim=64, num_heads=4)
 
@@ -36,7 +36,7 @@ def make(variant: str, seed: int = 0) -> torch.nn.Module:
     return copy.deepcopy(_make(variant, seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _make(variant: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     name, kw = VARIANTS[variant]

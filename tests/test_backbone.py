@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import onnx
 import pytest
@@ -11,10 +9,10 @@ import torch
 
 from vitopt.arch.config import create_model
 from vitopt.arch.families import family_of
-from vitopt.deploy.backbone import export_backbone_onnx, feature_specs, make_backbone
-from vitopt.errors import VitoptError
 from vitopt.arch.plan import KeepPlan
 from vitopt.arch.surgery import apply_plan
+from vitopt.deploy.backbone import export_backbone_onnx, feature_specs, make_backbone
+from vitopt.errors import VitoptError
 
 SWIN = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2),
                                              num_heads=(2, 4), num_classes=5))

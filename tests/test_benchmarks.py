@@ -94,7 +94,7 @@ def test_speedup_quick_torch_pruning_rows(speedup_json):
     pairs = {(w["vitopt"], w["tp"]) for w in doc["winners"]}
     assert ("vitopt", "tp-bottleneck") in pairs and ("vitopt+embed", "tp") in pairs
     for w in doc["winners"]:
-        for key, f in w["faster"].items():
+        for _key, f in w["faster"].items():
             assert f is None or f["tool"] in (w["vitopt"], w["tp"])
 
 

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from vitopt.cli import app
 from vitopt.deploy.bundle import KIT_DIR
-from vitopt.rundir import bundle as write_bundle
 from vitopt.errors import VitoptError
+from vitopt.rundir import bundle as write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "jetson" / "vitopt_jetson.py"

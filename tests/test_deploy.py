@@ -1,4 +1,4 @@
-"""Deploy layer: ONNX export (DESIGN.md invariant 4), runtimes, latency.
+"""Deploy layer: ONNX export (invariant 4 of docs/architecture.md), runtimes, latency.
 
 Models are tiny timm ViTs built from scratch (16x16 single-channel images, 4x4 patches, width 64,
 depth 2, 4 heads) with randomised weights, so biases and norms are non-trivial and nothing is
@@ -513,8 +513,9 @@ def test_measure_runtimes_parity_on_a_pruned_model(exports):
 
 
 def test_validate_artifact_onnx_with_sample(tmp_path, exports):
-    from vitopt.cli import app
     from typer.testing import CliRunner
+
+    from vitopt.cli import app
     from vitopt.rundir import validate as validate_artifact
 
     onnx_path = exports("pruned")[2]["path"]

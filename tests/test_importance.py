@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from vitopt.arch.families import family_of
 from vitopt.arch.hooks import attach_replica_masks
-from vitopt.errors import VitoptError
 from vitopt.arch.plan import KeepPlan
 from vitopt.arch.surgery import apply_plan
+from vitopt.errors import VitoptError
 from vitopt.pruning.criteria import get_criterion
 from vitopt.pruning.criteria.base import coupled_counts
 

@@ -14,9 +14,9 @@ import torch
 from vitopt.arch.config import resize_to, save_pruned
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
-from vitopt.errors import VitoptError
 from vitopt.arch.latency_table import LatencyTable, cost_fn, grid_values, make_monotone
 from vitopt.deploy.lut import measure_lut, measure_model_latency
+from vitopt.errors import VitoptError
 from vitopt.pruning.allocation import allocate_budget
 
 TINY = dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2, mlp_ratio=4.0, num_classes=10)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import yaml
 import vitopt
 from vitopt.pipeline import run_recipe
 from vitopt.recipe import load_recipe
+
 
 @pytest.fixture(scope="module")
 def run_dir(e2e_run):

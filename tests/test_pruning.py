@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import timm
 import torch
@@ -12,8 +10,8 @@ from hypothesis import strategies as st_
 
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
-from vitopt.errors import VitoptError
 from vitopt.arch.gates import UnitGates
+from vitopt.errors import VitoptError
 from vitopt.pruning.allocation import allocate_budget, allowed_sizes
 from vitopt.pruning.criteria import get_criterion
 from vitopt.pruning.importance import importance

@@ -9,18 +9,17 @@ import functools
 import pytest
 import timm
 import torch
+from hier_helpers import random_plan, set_fused  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitopt.arch.config import create_model, load_pruned, save_pruned
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
 from vitopt.arch.families.pvt import PrunedSRAttention
-from vitopt.errors import VitoptError
 from vitopt.arch.masks import apply_masks
 from vitopt.arch.plan import KeepPlan
 from vitopt.arch.surgery import apply_plan
-
-from hier_helpers import random_plan, set_fused  # noqa: E402
+from vitopt.errors import VitoptError
 
 NAME = "pvt_v2_b0"
 #: sr conv + attn.norm in stage 0 (sr 2), plain attention in stage 1 (sr 1); a linear-SRA variant
@@ -34,7 +33,7 @@ VARIANTS = {
 KINDS = [("heads",), ("head_dim",), ("mlp",), ("embed",), ("embed", "heads", "head_dim", "mlp")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _make(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model(NAME, VARIANTS[variant]).eval()

@@ -18,9 +18,9 @@ import pytest
 import timm
 import torch
 
+from vitopt.deploy.accuracy import compare_logits
 from vitopt.deploy.onnx_export import export_onnx
 from vitopt.deploy.quantize import calibration_batches, qdq_counts, quantize_onnx, require_modelopt
-from vitopt.deploy.accuracy import compare_logits
 from vitopt.deploy.runtimes import make_runtime
 from vitopt.errors import VitoptError
 

@@ -13,11 +13,6 @@ from hypothesis import strategies as st
 
 from vitopt.errors import VitoptError
 from vitopt.pruning.criteria import CRITERIA
-from vitopt.recipe.schema import DATA_TYPES, PruneStage
-from vitopt.stages import recipe_choices
-
-#: the registered criteria, as the loader lists them (criteria are added over time)
-_CRITERIA = ", ".join(repr(c) for c in CRITERIA)
 from vitopt.recipe import (
     STAGE_TYPES,
     PruneStage,
@@ -27,6 +22,11 @@ from vitopt.recipe import (
     load_recipe,
     recipe_json_schema,
 )
+from vitopt.recipe.schema import DATA_TYPES
+from vitopt.stages import recipe_choices
+
+#: the registered criteria, as the loader lists them (criteria are added over time)
+_CRITERIA = ", ".join(repr(c) for c in CRITERIA)
 
 # Line numbers below refer to this text; keep them in sync when editing it.
 VALID = """\

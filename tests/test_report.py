@@ -96,7 +96,7 @@ def _write_run(root: Path, name: str, *, dense=(4.6e9, 79.8), final=(2.3e9, 78.0
     """A run directory with hand-made metrics: train, sparse_train, prune, finetune, validate."""
     run = root / name
     run.mkdir(parents=True)
-    (run / "recipe.yaml").write_text("name: %s\nmodel: {name: deit_small_patch16_224}\ndata: {type: digits}\n" % name)
+    (run / "recipe.yaml").write_text(f"name: {name}\nmodel: {{name: deit_small_patch16_224}}\ndata: {{type: digits}}\n")
     stages = [("00_train", "train", {"val_top1": dense[1], "val_loss": 1.0, "flops": dense[0], "macs": dense[0] / 2,
                                       "params": 22e6, "history": _history(epochs[0], dense[1])})]
     if prune:

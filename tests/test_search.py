@@ -12,8 +12,8 @@ from vitopt.arch.config import create_model
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
 from vitopt.errors import VitoptError
-from vitopt.pruning.criteria.search import search_scores
 from vitopt.pruning.allocation import allocate_budget
+from vitopt.pruning.criteria.search import search_scores
 
 SWIN = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2),
                                              num_heads=(2, 4), num_classes=5))

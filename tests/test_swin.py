@@ -8,18 +8,17 @@ import functools
 import pytest
 import timm
 import torch
+from hier_helpers import random_plan, set_fused  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitopt.arch.config import create_model, load_pruned, save_pruned
 from vitopt.arch.cost import CostModel
 from vitopt.arch.families import family_of
 from vitopt.arch.hooks import attach_replica_masks
-from vitopt.errors import VitoptError
 from vitopt.arch.masks import apply_masks
 from vitopt.arch.plan import KeepPlan
 from vitopt.arch.surgery import apply_plan
-
-from hier_helpers import random_plan, set_fused  # noqa: E402
+from vitopt.errors import VitoptError
 
 NAME = "swin_tiny_patch4_window7_224"
 #: two tiny Swins: 16x16 then 8x8 tokens with 4x4 windows (shifted in every second block), and one whose
@@ -33,7 +32,7 @@ VARIANTS = {
 KINDS = [("heads",), ("head_dim",), ("mlp",), ("embed",), ("embed", "heads", "head_dim", "mlp")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _make(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model(NAME, VARIANTS[variant]).eval()

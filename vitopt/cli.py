@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -45,7 +44,7 @@ SET_HELP = "Override a recipe value, e.g. --set stages[2].target.flops=0.4 (repe
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
         set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
-        resume: Optional[Path] = typer.Option(None, "--resume", help="Run directory to continue (default: "
+        resume: Path | None = typer.Option(None, "--resume", help="Run directory to continue (default: "
                                               "output_dir/name, which also resumes when it exists).")) -> None:
     """Run a recipe's stages; finished stages of an existing run directory are skipped and an interrupted
     training stage continues from its last epoch checkpoint. Under torchrun only rank 0 prints."""
@@ -56,7 +55,7 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; finished stages and the last epoch checkpoint are kept - run the same "
                       "command to resume.[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 @recipe_app.command("check")
@@ -119,7 +118,7 @@ def export(path: Path = typer.Argument(..., help="Model folder or run directory.
 
 @app.command()
 def report(run_dirs: list[Path] = typer.Argument(..., help="One or more run directories."),
-           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report .html file or folder "
+           out: Path | None = typer.Option(None, "--out", "-o", help="Report .html file or folder "
                                               "(default: inside the first run directory).")) -> None:
     """Write summary.md of each run and one self-contained HTML report (plots embedded) across them."""
 
@@ -179,13 +178,13 @@ def validate(artifact: Path = typer.Argument(..., help="Run directory, model fol
              runtime: list[str] = typer.Option(["onnxruntime"], "--runtime", "-r", help="A runtime kind (repeatable): "
                                                + ", ".join(RUNTIMES) + "."),
              batch_sizes: str = typer.Option("1,32", help="Latency batch sizes, comma-separated."),
-             data: Optional[Path] = typer.Option(None, help="Validation sample .npz (images, labels); default: the "
+             data: Path | None = typer.Option(None, help="Validation sample .npz (images, labels); default: the "
                                                  "validation split of the artifact's run."),
              threads: int = typer.Option(2, min=1, help="CPU threads of the CPU runtimes."),
              device: str = typer.Option("cpu", help="cpu or cuda for the PyTorch runtimes."),
              warmup: int = typer.Option(10, min=0, help="Untimed calls per batch size."),
              repeats: int = typer.Option(50, min=1, help="Timed calls per batch size."),
-             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the measurements as JSON.")) -> None:
+             out: Path | None = typer.Option(None, "--out", "-o", help="Write the measurements as JSON.")) -> None:
     """Top-1, agreement with PyTorch and latency p50/p90/p99 of an artifact on one or more runtimes."""
 
     res = rundir.validate(artifact, runtime, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), data=data,
@@ -225,16 +224,16 @@ def targets() -> None:
 def build(onnx: Path = typer.Argument(..., help="ONNX model (Q/DQ for int8/fp8)."),
           target: str = typer.Option(..., "--target", "-t", help="Target profile (see `vitopt targets`)."),
           precision: str = typer.Option("fp16", "--precision", "-p", help="fp32, fp16, bf16, int8 or fp8."),
-          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: next to the ONNX)."),
-          trt_major: Optional[int] = typer.Option(None, help="TensorRT major (10 or 11); default: installed, "
+          out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: next to the ONNX)."),
+          trt_major: int | None = typer.Option(None, help="TensorRT major (10 or 11); default: installed, "
                                                   "else the target's."),
-          profile: Optional[str] = typer.Option(None, help="Batch sizes min,opt,max (default: the target's)."),
-          workspace_mib: Optional[int] = typer.Option(None, min=1, help="Workspace pool in MiB."),
+          profile: str | None = typer.Option(None, help="Batch sizes min,opt,max (default: the target's)."),
+          workspace_mib: int | None = typer.Option(None, min=1, help="Workspace pool in MiB."),
           opt_level: int = typer.Option(3, min=0, max=5, help="Builder optimization level."),
           sparsity: bool = typer.Option(False, help="Enable 2:4 sparse weights."),
-          dla_core: Optional[int] = typer.Option(None, min=0, help="DLA core with GPU fallback (Orin)."),
+          dla_core: int | None = typer.Option(None, min=0, help="DLA core with GPU fallback (Orin)."),
           version_compatible: bool = typer.Option(False, help="Build a version-compatible engine."),
-          timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file reused across builds."),
+          timing_cache: Path | None = typer.Option(None, help="Timing cache file reused across builds."),
           dry_run: bool = typer.Option(False, help="Only derive the build and write the trtexec command.")) -> None:
     """Build a TensorRT engine for a target with the Python API and write the equivalent trtexec command."""
     import shlex
@@ -268,9 +267,9 @@ def build(onnx: Path = typer.Argument(..., help="ONNX model (Q/DQ for int8/fp8).
 @deploy_app.command("bundle")
 def deploy_bundle(run_dir: Path = typer.Argument(..., help="A finished run directory with an export stage."),
                   target: str = typer.Option(..., "--target", "-t", help="Target profile, e.g. orin-agx."),
-                  out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle folder (default: "
+                  out: Path | None = typer.Option(None, "--out", "-o", help="Bundle folder (default: "
                                                      "RUN_DIR/bundle-TARGET)."),
-                  precision: Optional[str] = typer.Option(None, help="Default precision of the kit's build."),
+                  precision: str | None = typer.Option(None, help="Default precision of the kit's build."),
                   samples: int = typer.Option(512, min=1, help="Validation images in sample.npz.")) -> None:
     """Write a folder to copy to the device: ONNX (+ Q/DQ), sample, labels, trtexec commands, kit script."""
 
@@ -285,7 +284,7 @@ def main() -> None:
         app(standalone_mode=False)
     except VitoptError as exc:
         if os.environ.get("RANK", "0") == "0":            # torchrun: every rank fails alike; rank 0 says so
-            from rich.markup import escape          # messages may hold brackets, e.g. pip install 'vitopt[trt]'
+            from rich.markup import escape  # messages may hold brackets, e.g. pip install 'vitopt[trt]'
 
             Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(VitoptError.EXIT_CODE)

@@ -3,7 +3,7 @@
 Finished work is never lost to a crash mid-write: every file is written to a temporary sibling,
 flushed and fsync'd, then renamed over the target (``os.replace`` is atomic on POSIX). Weights are
 stored with safetensors and read back with safetensors or ``torch.load(weights_only=True)``, so an
-untrusted file is never unpickled (DESIGN.md invariant 6).
+untrusted file is never unpickled (invariant 6 of docs/architecture.md).
 """
 
 from __future__ import annotations

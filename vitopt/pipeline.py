@@ -3,7 +3,7 @@
 ``run_recipe`` creates (or re-opens) ``output_dir/name``, writes the resolved recipe, builds the model
 and data, then runs each stage in order. A stage whose ``metrics.json`` exists already finished: it
 is skipped, and the State is restored from the outputs it recorded (model, teacher, gates, ONNX),
-so re-running a killed recipe continues from the first unfinished stage (DESIGN.md invariant 5).
+so re-running a killed recipe continues from the first unfinished stage (invariant 5 of docs/architecture.md).
 That stage (a training stage) continues from its last epoch checkpoint in ``<stage>/checkpoints/``
 (:mod:`vitopt.train.checkpoint`) with the data order and RNG the uninterrupted run would have had;
 the checkpoints of a stage are deleted once its metrics.json is written. Finished stage folders are

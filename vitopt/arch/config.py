@@ -1,7 +1,7 @@
 """ArchConfig: a pruned model's shape as JSON, and rebuilding a model from it.
 
 ``arch.json`` + ``model.safetensors`` are a complete, recipe-free description of a (pruned) model
-(DESIGN.md invariant 3): :func:`load_pruned` creates the timm model by name and kwargs, resizes every
+(invariant 3 of docs/architecture.md): :func:`load_pruned` creates the timm model by name and kwargs, resizes every
 coupled parameter to the stored dims through the family's Structure, updates the module attributes,
 then loads the weights strictly. The model is still the timm class, with ``forward_features`` and
 ``forward_head`` intact.
@@ -54,7 +54,7 @@ class ArchConfig:
         return out
 
     @classmethod
-    def from_json(cls, obj: Any, where: str = "arch.json") -> "ArchConfig":
+    def from_json(cls, obj: Any, where: str = "arch.json") -> ArchConfig:
         """Parse the JSON object written by :meth:`to_json`; VitoptError names ``where`` if malformed."""
         try:
             return cls(family=str(obj["family"]), model_name=str(obj["model_name"]),

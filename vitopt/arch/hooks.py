@@ -2,8 +2,8 @@
 
 :func:`attach_scalers` registers forward hooks (never edits timm's source) that multiply, at each
 choke point of a group, the module's input or output by one value per unit, expanded over the
-choke point's layout. With 0/1 values this is a hard mask equal to removing the units (DESIGN.md
-invariant 1); with learnable values it is a VTP gate (Zhu, Tang, Han 2021, arXiv 2104.08500).
+choke point's layout. With 0/1 values this is a hard mask equal to removing the units (invariant 1 of
+docs/architecture.md); with learnable values it is a VTP gate (Zhu, Tang, Han 2021, arXiv 2104.08500).
 
 For the residual width (``embed``), a hard mask must also take LayerNorm statistics over the kept
 channels only; with ``renorm=True`` the LayerNorms listed in ``Structure.norms`` are recomputed that
@@ -38,7 +38,7 @@ class ScalerHandle:
             h.remove()
         self.handles.clear()
 
-    def __enter__(self) -> "ScalerHandle":
+    def __enter__(self) -> ScalerHandle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -196,7 +196,7 @@ def attach_replica_masks(model: nn.Module, structure: Structure, group: str, mas
     at each choke point of ``group`` the module's input/output ``[R*B, ..., L]`` is viewed as
     ``[R, B*..., L]`` and replica r is multiplied by ``masks[r]`` expanded over the choke point's
     layout. Replica r therefore computes exactly what the model with the units where
-    ``masks[r] == 0`` physically removed computes (DESIGN.md invariant 1), R models per forward.
+    ``masks[r] == 0`` physically removed computes (invariant 1 of docs/architecture.md), R models per forward.
     Used by the UP-ViTs KL criterion (Yu & Wu 2021, arXiv 2111.15127).
 
     For a group with LayerNorms in ``structure.norms`` (the residual width ``embed``) and

@@ -276,7 +276,7 @@ class LatencyTable:
         return {"format": LUT_FORMAT, "format_version": LUT_FORMAT_VERSION, **asdict(self)}
 
     @classmethod
-    def from_json(cls, obj: Any, where: str = "latency table") -> "LatencyTable":
+    def from_json(cls, obj: Any, where: str = "latency table") -> LatencyTable:
         """Parse :meth:`to_json`'s object.
 
         Raises:
@@ -299,7 +299,7 @@ class LatencyTable:
         return atomic_write_json(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+    def load(cls, path: str | os.PathLike) -> LatencyTable:
         """Read a table written by :meth:`save`.
 
         Raises:

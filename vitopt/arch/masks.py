@@ -1,7 +1,8 @@
 """Masked simulation of a KeepPlan: hard 0/1 masks at each group's choke points.
 
-``apply_masks(model, plan)`` must give the same logits as ``apply_plan(model, plan)`` (DESIGN.md
-invariant 1); the residual width uses LayerNorm statistics over kept channels to make that exact.
+``apply_masks(model, plan)`` must give the same logits as ``apply_plan(model, plan)`` (invariant 1 of
+docs/architecture.md); the residual width uses LayerNorm statistics over kept channels to make that
+exact.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class KeepPlan:
         return out
 
     @classmethod
-    def from_scores(cls, scores: dict[str, torch.Tensor], sizes: dict[str, int]) -> "KeepPlan":
+    def from_scores(cls, scores: dict[str, torch.Tensor], sizes: dict[str, int]) -> KeepPlan:
         """Keep the ``sizes[g]`` highest-scoring units of each group (ties broken by lower index)."""
         keep = {}
         for g, k in sizes.items():

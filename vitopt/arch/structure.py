@@ -8,8 +8,8 @@ several tensors at once. A :class:`Structure` lists, for a concrete model:
   unit factors. ``blocks.0.attn.qkv.weight`` axis 0 is ``(3) x (heads) x (head_dim)``; axis 1 is
   ``(embed)``. Slicing, resizing, importance and cost are all computed from these layouts alone;
 * for every group its :class:`ChokePoint` s: the module inputs/outputs where multiplying by one value
-  per unit applies a gate or a hard mask with the same effect as removing the unit (DESIGN.md,
-  "gates and hard masks are applied at the group's choke point");
+  per unit applies a gate or a hard mask with the same effect as removing the unit (docs/architecture.md,
+  "The Structure");
 * for the residual width, the LayerNorms whose statistics must be taken over kept channels when the
   group is masked rather than removed.
 

@@ -52,7 +52,7 @@ def evaluate_runtime(runtime: Runtime, images: np.ndarray, labels: np.ndarray, b
 
 
 def compare_logits(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Agreement of two runtimes' logits for the same inputs (DESIGN.md invariant 4).
+    """Agreement of two runtimes' logits for the same inputs (invariant 4 of docs/architecture.md).
 
     Args:
         a, b: float arrays ``[N, classes]`` of the same shape.

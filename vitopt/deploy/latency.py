@@ -76,7 +76,7 @@ def measure_latency(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[
                 sync()
         samples = np.empty(repeats, dtype=np.float64)
         for i in range(repeats):
-            samples[i] = clock(lambda: (runtime(x), sync() if sync is not None else None))
+            samples[i] = clock(lambda x=x: (runtime(x), sync() if sync is not None else None))
         ms = samples * 1e3
         p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
         results[bs] = {

@@ -1,6 +1,6 @@
 """ONNX export of timm Vision Transformers, shaped for TensorRT.
 
-What the exported graph keeps (DESIGN.md invariant 4, each one a test):
+What the exported graph keeps (invariant 4 of docs/architecture.md, each one a test):
 
 * **One ``LayerNormalization`` node per LayerNorm.** The operator exists from opset 17 on
   (https://onnx.ai/onnx/operators/onnx__LayerNormalization.html); below 17 the exporters decompose

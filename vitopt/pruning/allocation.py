@@ -21,31 +21,57 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from vitopt.arch.latency_table import LatencyTable, cost_fn
+from vitopt.arch.plan import KeepPlan
 from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
-from vitopt.arch.plan import KeepPlan
 
-__all__ = ["allocate", "allocate_budget", "parse_target", "Target", "allowed_sizes", "DEFAULT_ROUND_TO",
+__all__ = ["allocate", "allocate_budget", "RoundRule", "parse_target", "Target", "allowed_sizes", "DEFAULT_ROUND_TO",
            "TARGET_METRICS"]
 
-#: Default rounding of kept counts per group kind (DESIGN.md: 8 for dims, heads by one).
+#: Default rounding of kept counts per group kind (8 for dims, heads by one: tensor-core multiples).
 DEFAULT_ROUND_TO = {"heads": 1, "head_dim": 8, "mlp": 8, "embed": 8}
 
 
-def allowed_sizes(n: int, round_to: int, min_keep: int) -> list[int]:
-    """Kept counts a group of ``n`` units may take, descending: n, then multiples of round_to >= min_keep.
+#: how a kind's kept counts are rounded: a multiple (int), an explicit set of allowed sizes, or a
+#: predicate ``size -> bool`` (e.g. the head sizes a target's fused attention kernels accept).
+RoundRule = int | Sequence[int] | Callable[[int], bool]
+
+
+def allowed_sizes(n: int, round_to: RoundRule, min_keep: int) -> list[int]:
+    """Kept counts a group of ``n`` units may take, descending: ``n`` itself (no pruning), then every
+    size below it that the rule allows and that is >= ``min_keep``.
+
+    Args:
+        n: the group's current size.
+        round_to: a multiple (``8``: 8, 16, 24, ...), an explicit collection of sizes, or a predicate.
+        min_keep: the smallest size allowed (>= 1).
 
     >>> allowed_sizes(20, 8, 8)
     [20, 16, 8]
+    >>> allowed_sizes(64, [16, 32, 48], 1)
+    [64, 48, 32, 16]
+    >>> allowed_sizes(10, lambda k: k % 4 == 2, 1)
+    [10, 6, 2]
     """
-    sizes = [n] + [k for k in range((n - 1) // round_to * round_to, 0, -round_to) if k >= min_keep]
+    if isinstance(round_to, bool) or not (isinstance(round_to, int) or callable(round_to)
+                                          or isinstance(round_to, (list, tuple, set, frozenset))):
+        raise VitoptError(f"round_to must be a positive int, a collection of sizes or a predicate; got {round_to!r}.")
+    if isinstance(round_to, int):
+        if round_to < 1:
+            raise VitoptError(f"round_to must be >= 1; got {round_to}.")
+        below = range((n - 1) // round_to * round_to, 0, -round_to)
+    elif callable(round_to):
+        below = [k for k in range(n - 1, 0, -1) if round_to(k)]
+    else:
+        below = [int(k) for k in round_to if 0 < int(k) < n]
+    sizes = [n] + [k for k in below if k >= min_keep]
     return sorted(set(s for s in sizes if s >= 1), reverse=True)
 
 
@@ -64,7 +90,7 @@ def _normalise(scores: dict[str, torch.Tensor], kinds: dict[str, str], base: dic
     for g in scores:
         by_kind.setdefault(kinds[g], []).append(g)
     out = {}
-    for kind, gs in by_kind.items():
+    for _kind, gs in by_kind.items():
         mean_score = torch.cat([scores[g].double().abs() for g in gs]).mean().item() or 1.0
         costs = [unit_cost[g] for g in gs if g in unit_cost]
         mean_cost = (sum(costs) / len(costs)) if costs else 1.0
@@ -102,7 +128,7 @@ def allocate_budget(structure: Structure, scores: dict[str, torch.Tensor], cost:
     groups = structure.groups
     kinds = {g: groups[g].kind for g in scores}
     rto = {**DEFAULT_ROUND_TO, **(round_to or {})}
-    mink = {k: (1 if k == "heads" else rto[k]) for k in rto}
+    mink = {k: (rto[k] if isinstance(rto[k], int) and k != "heads" else 1) for k in rto}
     mink.update(min_keep or {})
     ladders = {g: allowed_sizes(groups[g].size, rto[kinds[g]], mink[kinds[g]]) for g in scores}
     base = structure.sizes()

@@ -8,9 +8,9 @@ validated :class:`Recipe`; every problem is a :class:`~vitopt.errors.VitoptError
 from vitopt.recipe.loader import apply_overrides, dump_resolved, format_path, load_recipe, recipe_json_schema
 from vitopt.recipe.schema import (
     DATA_TYPES,
-    Choices,
     GROUPS,
     STAGE_TYPES,
+    Choices,
     DataConfig,
     DigitsData,
     ExportStage,

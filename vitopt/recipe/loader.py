@@ -28,7 +28,7 @@ from vitopt.recipe.schema import Choices, Recipe
 
 __all__ = ["load_recipe", "apply_overrides", "recipe_json_schema", "dump_resolved", "format_path"]
 
-Key = Union[str, int]
+Key = str | int
 PathT = tuple[Key, ...]
 
 _SEGMENT = re.compile(r"(?:^|\.)([^.\[\]=]+)|\[(-?\d+)\]")

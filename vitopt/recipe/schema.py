@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
@@ -220,7 +220,7 @@ class Cifar100Data(_FileData):
     root: Path = Field(description="Folder holding cifar-100-python/ (or that folder itself).")
 
 
-DataConfig = Annotated[Union[DigitsData, ImageFolderData, Cifar10Data, Cifar100Data], Field(discriminator="type")]
+DataConfig = Annotated[DigitsData | ImageFolderData | Cifar10Data | Cifar100Data, Field(discriminator="type")]
 """A dataset, chosen by its ``type`` key."""
 
 DATA_TYPES: dict[str, type[_DataBase]] = {"digits": DigitsData, "imagefolder": ImageFolderData,
@@ -629,8 +629,7 @@ class BuildStage(_StageBase):
 
 
 StageConfig = Annotated[
-    Union[TrainStage, SparseTrainStage, PruneStage, FinetuneStage, ExportStage, QuantizeStage, BuildStage,
-          ValidateStage],
+    TrainStage | SparseTrainStage | PruneStage | FinetuneStage | ExportStage | QuantizeStage | BuildStage | ValidateStage,
     Field(discriminator="type"),
 ]
 """One stage, chosen by its ``type`` key."""

@@ -10,11 +10,11 @@
 Matplotlib is imported only when a figure is drawn, so importing this package stays cheap.
 """
 
+from vitopt.report import jetson as _jetson
 from vitopt.report.environment import collect_environment
 from vitopt.report.html import SECTIONS, Report, build_report, render_html, render_markdown, write_report
 from vitopt.report.plots import ParetoPoint, RunData, load_run, load_runs, pareto_points
 from vitopt.report.summary import render_summary, write_summary
-from vitopt.report import jetson as _jetson
 
 _jetson.register()  # device results.json (deploy/jetson kit) beside the host's validate numbers
 

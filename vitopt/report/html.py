@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_text
@@ -95,7 +95,7 @@ class Heading:
     level: int = 3
 
 
-Block = Union[Figure, Table, Text, Heading]
+Block = Figure | Table | Text | Heading
 
 
 @dataclass
@@ -217,7 +217,7 @@ def _kept_units_section(runs: list[RunData]) -> Section:
         if not prunes:
             sec.blocks.append(Text(f"Run `{run.label}` has no finished prune stage: no kept-units heatmap.", note=True))
         for rec in prunes:
-            def add(rec=rec):
+            def add(rec=rec, run=run):
                 data = plots.kept_units(rec)
                 cap = ("Cells: kept / dense units of that block (percent kept); color: percent kept. "
                        "Last row: all blocks together.")
@@ -251,7 +251,7 @@ def _training_section(runs: list[RunData]) -> Section:
                                      "the val loss is plain cross-entropy."))
         _attempt(sec.blocks, f"Training curves of run `{run.label}`", curves)
         for rec in run.of_type("sparse_train"):
-            def gates(rec=rec):
+            def gates(rec=rec, run=run):
                 data = plots.gate_stats(rec)
                 if data is None:
                     sec.blocks.append(Text(f"Run `{run.label}` {rec['stage']} logged no gate statistics.", note=True))

@@ -668,7 +668,7 @@ def draw_latency(ms: list[ModelMeasurement], title: str) -> bytes:
             p50 = [lat[b]["p50_ms"] for b in bs]
             p90 = [lat[b].get("p90_ms", lat[b]["p50_ms"]) for b in bs]
             series[m.model] = dict(zip(bs, p50))
-            ax.errorbar(bs, p50, yerr=[[0] * len(bs), [max(0.0, h - l) for l, h in zip(p50, p90)]], capsize=4,
+            ax.errorbar(bs, p50, yerr=[[0] * len(bs), [max(0.0, hi - lo) for lo, hi in zip(p50, p90)]], capsize=4,
                         ms=6, lw=1.5, label=f"{m.model} model: p50, bar up to p90", **style.get(m.model, {}))
         every = [v for s in series.values() for v in s.values()]
         batches = sorted({b for s in series.values() for b in s})

@@ -21,7 +21,8 @@ and restores ``fused_attn``; :func:`attention_reg_callbacks` does that around a 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn

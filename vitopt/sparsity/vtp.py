@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from vitopt.arch.families import family_of
+from vitopt.arch.gates import UnitGates
 from vitopt.arch.hooks import ScalerHandle
 from vitopt.arch.structure import AxisLayout
-from vitopt.arch.gates import UnitGates
 from vitopt.train.callbacks import Callback
 
 __all__ = ["attach_gates_to_weights", "VTP", "GATED_KINDS"]

@@ -1,6 +1,6 @@
 """What stages share: the State passed from stage to stage and the stage's own folder.
 
-A stage is a function ``(config, State, StageDir) -> State`` (DESIGN.md). It reads the model and
+A stage is a function ``(config, State, StageDir) -> State`` (docs/architecture.md). It reads the model and
 data from the State, writes its outputs (checkpoint, metrics.json, ONNX...) into its StageDir, and
 returns the State for the next stage. ``metrics.json`` is written last and atomically, so its
 presence marks a finished stage; :mod:`vitopt.pipeline` skips finished stages on resume and restores

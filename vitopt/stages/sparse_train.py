@@ -24,7 +24,8 @@ the epoch checkpoints save and resume its state (gates, masks, RNG, counters). `
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

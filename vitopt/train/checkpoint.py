@@ -9,7 +9,7 @@ the model (e.g. VTP gates in their own module), each callback's ``state_dict()``
 the global step, the best validation top-1 and the per-epoch history so far.
 
 The file is written with ``torch.save`` and read back with ``torch.load(weights_only=True)``, so a
-checkpoint from elsewhere is never unpickled (DESIGN.md invariant 6); RNG states are therefore kept
+checkpoint from elsewhere is never unpickled (invariant 6 of docs/architecture.md); RNG states are therefore kept
 as tensors and plain Python numbers, not NumPy objects.
 
 Sources: PyTorch "Saving and loading a general checkpoint" and reproducibility notes

@@ -16,8 +16,8 @@ Sources: PyTorch docs "torchrun (Elastic Launch)", "Getting Started with Distrib
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Iterable
 
 import torch
 import torch.distributed as dist

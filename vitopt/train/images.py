@@ -9,7 +9,7 @@
   ``skip_corrupt`` is replaced by the next readable sample and counted (:class:`SkipCounter`, shared
   with DataLoader workers through fork-inherited shared memory).
 * :func:`read_cifar` reads CIFAR-10 / CIFAR-100 python batches with an unpickler that only
-  rebuilds NumPy arrays and plain containers (no arbitrary globals: DESIGN.md invariant 6).
+  rebuilds NumPy arrays and plain containers (no arbitrary globals: invariant 6 of docs/architecture.md).
 
 Sources: timm docs (``create_transform``, ``rand_augment_transform``, ``RandomErasing``, ``Mixup``);
 A. Krizhevsky, "Learning Multiple Layers of Features from Tiny Images" (2009), CIFAR python format;
@@ -22,8 +22,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import pickle
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from torch import Tensor

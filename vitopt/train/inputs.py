@@ -10,8 +10,9 @@ Sources: timm ``pretrained_cfg`` for mean/std and crop; ITU-R BT.601 luma weight
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

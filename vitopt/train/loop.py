@@ -14,9 +14,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,10 +29,16 @@ from torch.utils.data import DataLoader
 from vitopt.errors import VitoptError
 from vitopt.io import _json_default
 from vitopt.train.callbacks import Callback
-from vitopt.train.data import ShardSampler
 from vitopt.train.checkpoint import capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint
-from vitopt.train.distributed import (all_reduce_sum, assert_same_across_ranks, barrier, is_distributed, is_main,
-                                      world_size)
+from vitopt.train.data import ShardSampler
+from vitopt.train.distributed import (
+    all_reduce_sum,
+    assert_same_across_ranks,
+    barrier,
+    is_distributed,
+    is_main,
+    world_size,
+)
 from vitopt.train.losses import kd_loss, merge_heads
 
 __all__ = [

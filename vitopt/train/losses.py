@@ -8,7 +8,7 @@ Vision", CVPR 2016 (label smoothing); H. Touvron et al., "Training data-efficien
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ __all__ = ["Logits", "merge_heads", "kd_loss"]
 
 #: What a classifier may return: logits [B, K], or a tuple of per-head logits (DeiT-distilled in
 #: distilled-training mode returns ``(cls_logits, dist_logits)``).
-Logits = Union[Tensor, Sequence[Tensor]]
+Logits = Tensor | Sequence[Tensor]
 
 
 def merge_heads(logits: Logits) -> Tensor:

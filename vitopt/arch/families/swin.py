@@ -21,7 +21,7 @@ stage's width). Groups, named after the timm module paths:
 
 Attention scale: ``WindowAttention`` with ``fused_attn`` calls ``scaled_dot_product_attention`` with
 its default 1/sqrt(head_dim of q); the explicit path multiplies by ``attn.scale``. As for ViT
-(DESIGN.md invariant 2), :meth:`SwinFamily.fold_before_surgery` folds sqrt(new/old) into the q rows of
+(invariant 2 of docs/architecture.md), :meth:`SwinFamily.fold_before_surgery` folds sqrt(new/old) into the q rows of
 qkv and :meth:`SwinFamily.set_dims` sets ``scale = new_head_dim ** -0.5``.
 """
 

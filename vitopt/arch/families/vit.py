@@ -1,6 +1,6 @@
 """Structure of timm ``VisionTransformer`` models: ViT, DeiT, DeiT-distilled, DeiT III, register tokens.
 
-Groups (DESIGN.md, "Groups for timm VisionTransformer"):
+Groups (docs/architecture.md, "The Structure"):
 
 * ``embed`` - the residual width: patch_embed.proj out, cls/dist/reg tokens, pos_embed, every
   LayerNorm on the residual stream, qkv in, proj out, fc1 in, fc2 out, LayerScale gammas, the final
@@ -11,7 +11,7 @@ Groups (DESIGN.md, "Groups for timm VisionTransformer"):
   attention kernels still apply (the q, k and v index j is removed together in every head).
 * ``blocks.i.mlp`` - MLP hidden neurons of block i (fc1 rows, fc2 columns).
 
-Attention scale (DESIGN.md invariant 2): timm's fused path calls ``scaled_dot_product_attention``
+Attention scale (invariant 2 of docs/architecture.md): timm's fused path calls ``scaled_dot_product_attention``
 whose default scale is 1/sqrt(head_dim); after a head_dim prune that would silently change the
 trained function. :meth:`VitFamily.fold_before_surgery` folds sqrt(new/old) into the q rows of qkv
 (weight and bias) and :meth:`VitFamily.set_dims` sets ``attn.scale`` to 1/sqrt(new head_dim), so
@@ -123,7 +123,7 @@ class VitFamily:
         for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
             lay(tok, 2, E)
         ln("norm_pre")
-        for i, blk in enumerate(model.blocks):
+        for i, _blk in enumerate(model.blocks):
             p = f"blocks.{i}"
             H = (f"{p}.heads", dims[f"{p}.heads"])
             d = (f"{p}.head_dim", dims[f"{p}.head_dim"])

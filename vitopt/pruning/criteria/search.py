@@ -111,7 +111,7 @@ def search_scores(model: nn.Module, structure: Structure, groups: list[str], *, 
         for p in params:
             p.requires_grad_(False)
         with eval_mode(model, teacher), torch.enable_grad():
-            for step, (x, _) in zip(range(steps), itertools.cycle(batches)):
+            for _step, (x, _) in zip(range(steps), itertools.cycle(batches)):
                 x = x.to(dev)
                 with torch.no_grad():                   # gates are not attached here: the dense reference
                     ref_model = model if teacher is None else teacher
