@@ -14,14 +14,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitopt
+from vitopt.arch.config import create_model
 from vitopt.deploy.onnx_export import eager_attention
 from vitopt.errors import VitoptError
 from vitopt.pruning.calibration import calibration_batches
 
 SWIN = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
                                              num_heads=(2, 4), num_classes=10))
-PVT = ("pvt_v2_b0", dict(embed_dims=(32, 64), depths=(1, 2), num_heads=(1, 2), mlp_ratios=(4, 4), num_stages=2,
-                         num_classes=10))
+PVT = ("pvt_v2_b0", dict(img_size=64, embed_dims=(32, 64), depths=(1, 2), num_heads=(1, 2), mlp_ratios=(4, 4),
+                         sr_ratios=(2, 1), num_classes=10))
 TINY = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=3, num_heads=4)
 
 
@@ -43,18 +44,14 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 ])
 def test_prune_meets_the_flops_target_counted_by_torch(name, kwargs, shape):
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    if name.startswith("pvt"):
-        from vitopt.arch.config import _record_input_size
-
-        _record_input_size(model, shape[1])
+    model = create_model(name, kwargs).eval()            # timm, recording PVTv2's input size
     before = _state(model)
     groups = ("embed", "heads", "head_dim", "mlp")
     pruned = vitopt.prune(model, target={"flops": 0.5}, criterion="l1", groups=groups)
     assert type(pruned) is type(model)
     ratio = _counted_flops(pruned, shape) / _counted_flops(model, shape)
     assert ratio <= 0.5, ratio
-    assert ratio >= 0.45, ratio          # allocation lands close to the budget, not far under it
+    assert ratio >= 0.495, ratio         # allocation lands within 0.5% of dense under the budget
     after = model.state_dict()           # the input model is untouched (no inplace)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # still a working timm model

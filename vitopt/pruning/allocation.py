@@ -99,51 +99,164 @@ def _normalise(scores: dict[str, torch.Tensor], kinds: dict[str, str], base: dic
     return out
 
 
-def allocate_budget(structure: Structure, scores: dict[str, torch.Tensor], cost: Callable[[dict[str, int]], float],
-                    budget: float, *, scope: str = "global", round_to: dict[str, int] | None = None,
-                    min_keep: dict[str, int] | None = None, rank: str = "per_cost") -> KeepPlan:
-    """Choose kept units for the groups in ``scores`` so that ``cost(dims) <= budget``.
+#: how allocation puts scores of different kinds on one scale (see :func:`allocate_budget`).
+COMPARE = ("normalized", "isomorphic", "raw")
+
+
+def allocate_budget(structure: Structure, scores: Mapping[str, torch.Tensor], cost: Callable[[dict[str, int]], float],
+                    budget: float, *, scope: str = "global", round_to: Mapping[str, RoundRule] | None = None,
+                    min_keep: Mapping[str, int] | None = None, min_fraction: Mapping[str, float] | None = None,
+                    compare: str = "normalized", rank: str = "per_cost", fill: bool = True) -> KeepPlan:
+    """Choose kept units for the groups in ``scores`` so that ``cost(dims) <= budget``, as close to it as
+    the rounding allows.
 
     Args:
         structure: the model's Structure (current dims).
         scores: group -> importance per unit (higher = keep); only these groups are pruned.
-        cost: dims -> cost (e.g. ``lambda d: cost_model.flops(d)``); must not increase as units go.
+        cost: dims -> cost (e.g. ``CostModel.flops``); must not increase as units go.
         budget: the cost to reach, in the units of ``cost``.
-        scope: ``"global"`` or ``"uniform"``.
-        round_to: kind -> multiple for kept counts (defaults: :data:`DEFAULT_ROUND_TO`).
-        min_keep: kind -> minimum kept count (defaults: 1 head, ``round_to`` otherwise).
-        rank: how ``global`` orders chunks: ``"per_cost"`` (default) - per-kind normalised importance
-            lost per unit of cost saved; ``"score"`` - raw importance lost per unit removed, a global
-            threshold on the scores (VTP's rule), for scores that are already comparable across kinds
-            and priced by cost (the ``search`` criterion's gates).
+        scope: ``"global"`` (one ranking across blocks and kinds) or ``"uniform"`` (every group keeps the
+            same fraction).
+        round_to: kind -> rounding of kept counts (:data:`RoundRule`; defaults :data:`DEFAULT_ROUND_TO`).
+        min_keep: kind -> minimum kept count per group (defaults: 1 head, ``round_to`` otherwise).
+        min_fraction: kind -> minimum kept fraction of each group (a per-block floor, e.g.
+            ``{"heads": 0.25}`` keeps at least a quarter of every block's heads).
+        compare: how ``global`` compares units of different kinds:
+
+            * ``"normalized"`` - each kind's scores are divided by the kind's mean score and multiplied
+              by the mean cost of one of its units, so an average unit of every kind is worth its cost
+              and only the spread of the scores moves capacity between kinds and blocks;
+            * ``"isomorphic"`` - units are ranked only against units of the same kind (across blocks),
+              and every kind gives up the same fraction of its units (Fang et al., "Isomorphic Pruning
+              for Vision Models", ECCV 2024, arXiv 2407.04616);
+            * ``"raw"`` - the scores are already on one scale (e.g. loss units after
+              :func:`vitopt.pruning.sensitivity.calibrate_scores`); chunks go by loss per cost saved.
+        rank: ``"per_cost"`` (importance lost per cost saved, NViT / HALP) or ``"score"`` (importance
+            lost per unit removed: a global threshold, for scores that already price their cost).
+        fill: (``global`` scope) after the budget is met, re-add the most important removed chunks that
+            still fit (a greedy knapsack pass), so the result lands just under the budget instead of one
+            large chunk below it. ``uniform`` keeps its one fraction for every group instead.
 
     Returns:
-        A :class:`KeepPlan` over the scored groups.
+        A :class:`KeepPlan` over the scored groups. Its cost is <= ``budget``; with ``fill`` the slack is
+        smaller than the cheapest chunk that could still be re-added.
 
     Raises:
-        VitoptError: the budget cannot be met at the minimum sizes, or an unknown scope / rank.
+        VitoptError: the budget cannot be met at the minimum sizes, or an unknown scope / compare / rank.
     """
     if rank not in ("per_cost", "score"):
         raise VitoptError(f"unknown allocation rank {rank!r} (known: per_cost, score).")
+    if compare not in COMPARE:
+        raise VitoptError(f"unknown allocation compare {compare!r} (known: {', '.join(COMPARE)}).")
     groups = structure.groups
-    kinds = {g: groups[g].kind for g in scores}
-    rto = {**DEFAULT_ROUND_TO, **(round_to or {})}
-    mink = {k: (rto[k] if isinstance(rto[k], int) and k != "heads" else 1) for k in rto}
-    mink.update(min_keep or {})
-    ladders = {g: allowed_sizes(groups[g].size, rto[kinds[g]], mink[kinds[g]]) for g in scores}
+    scores = {g: torch.as_tensor(v).double().cpu() for g, v in scores.items()}
+    ladders = _ladders(structure, list(scores), round_to, min_keep, min_fraction)
     base = structure.sizes()
-    if cost({**base, **{g: lad[-1] for g, lad in ladders.items()}}) > budget:
-        floor = cost({**base, **{g: lad[-1] for g, lad in ladders.items()}}) / cost(base)
+    floor_dims = {**base, **{g: lad[-1] for g, lad in ladders.items()}}
+    if cost(floor_dims) > budget:
         raise VitoptError(f"the budget cannot be met: at the minimum sizes allowed by round_to/min_keep the model "
-                          f"still costs {floor:.1%} of its current cost; lower min_keep/round_to or prune more groups.")
+                          f"still costs {cost(floor_dims) / cost(base):.1%} of its current cost; lower "
+                          "min_keep/round_to or prune more groups.")
+    kinds = {g: groups[g].kind for g in scores}
     if scope == "uniform":
         sizes = _uniform(ladders, base, cost, budget)
-    elif scope == "global":
-        norm = _normalise(scores, kinds, base, cost) if rank == "per_cost" else {g: s.double() for g, s in scores.items()}
-        sizes = _global(norm, ladders, base, cost, budget, groups, per_cost=rank == "per_cost")
-    else:
+    elif scope != "global":
         raise VitoptError(f"unknown allocation scope {scope!r} (known: global, uniform).")
+    elif compare == "isomorphic":
+        sizes = _isomorphic(scores, kinds, ladders, base, cost, budget)
+    else:
+        norm = _normalise(scores, kinds, base, cost) if compare == "normalized" else scores
+        sizes = _global(norm, ladders, base, cost, budget, groups, per_cost=rank == "per_cost")
+    if fill and scope == "global":
+        value = _normalise(scores, kinds, base, cost) if compare == "normalized" else scores
+        sizes = _fill(value, ladders, {**base, **sizes}, cost, budget)
     return KeepPlan.from_scores(scores, sizes)
+
+
+def _ladders(structure: Structure, names: list[str], round_to: Mapping[str, RoundRule] | None,
+             min_keep: Mapping[str, int] | None, min_fraction: Mapping[str, float] | None) -> dict[str, list[int]]:
+    """Allowed kept counts of every scored group, descending (see :func:`allowed_sizes`)."""
+    rto = {**DEFAULT_ROUND_TO, **(round_to or {})}
+    out = {}
+    for g in names:
+        grp = structure.groups[g]
+        rule = rto.get(grp.kind, 1)
+        low = (min_keep or {}).get(grp.kind, rule if isinstance(rule, int) and grp.kind != "heads" else 1)
+        frac = (min_fraction or {}).get(grp.kind)
+        if frac is not None:
+            if not 0 <= frac <= 1:
+                raise VitoptError(f"min_fraction for {grp.kind} must be in [0, 1]; got {frac}.")
+            low = max(low, math.ceil(frac * grp.size - 1e-9))
+        out[g] = allowed_sizes(grp.size, rule, low)
+    return out
+
+
+def _chunk_value(value: torch.Tensor, keep_from: int, keep_to: int) -> float:
+    """Importance of the units a group gains going from ``keep_from`` to ``keep_to`` kept (top-scored first)."""
+    top = torch.sort(value, descending=True).values
+    return float(top[keep_from:keep_to].sum()) if keep_to > keep_from else 0.0
+
+
+def _fill(value: dict[str, torch.Tensor], ladders: dict[str, list[int]], dims: dict[str, int], cost: Callable,
+          budget: float) -> dict[str, int]:
+    """Greedy knapsack fill: while a removed chunk still fits under ``budget``, re-add the one with the most
+    importance per unit of cost (one ladder step up at a time)."""
+    dims = dict(dims)
+    current = cost(dims)
+    while True:
+        best, best_ratio = None, -math.inf
+        for g, lad in ladders.items():
+            i = lad.index(dims[g])
+            if i == 0:
+                continue
+            up = lad[i - 1]
+            added = cost({**dims, g: up}) - current
+            if current + added > budget:
+                continue
+            gain = _chunk_value(value[g], dims[g], up)
+            ratio = gain / added if added > 0 else math.inf
+            if ratio > best_ratio:
+                best, best_ratio = (g, up), ratio
+        if best is None:
+            break
+        dims[best[0]] = best[1]
+        current = cost(dims)
+    return {g: dims[g] for g in ladders}
+
+
+def _isomorphic(scores: dict[str, torch.Tensor], kinds: dict[str, str], ladders: dict[str, list[int]],
+                base: dict[str, int], cost: Callable, budget: float) -> dict[str, int]:
+    """Every kind removes the same fraction of its units; within a kind the lowest-scored units across all its
+    groups go first (kept counts rounded down to each group's ladder). The fraction is bisected to the budget."""
+    by_kind: dict[str, list[str]] = {}
+    for g, k in kinds.items():
+        by_kind.setdefault(k, []).append(g)
+    order = {}
+    for k, gs in by_kind.items():
+        flat = torch.cat([scores[g] for g in gs])
+        owner = torch.cat([torch.full((scores[g].numel(),), i) for i, g in enumerate(gs)])
+        order[k] = owner[torch.argsort(flat, stable=True)].tolist()          # group index of units, weakest first
+
+    def sizes_at(rho: float) -> dict[str, int]:
+        out = {}
+        for k, gs in by_kind.items():
+            removed = [0] * len(gs)
+            for i in order[k][:int(math.floor(rho * len(order[k]) + 1e-9))]:
+                removed[i] += 1
+            for i, g in enumerate(gs):
+                want = ladders[g][0] - removed[i]
+                fits = [s for s in ladders[g] if s <= want]
+                out[g] = fits[0] if fits else ladders[g][-1]
+        return out
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if cost({**base, **sizes_at(mid)}) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return sizes_at(hi)
 
 
 def _global(norm: dict[str, torch.Tensor], ladders: dict[str, list[int]], base: dict[str, int],
@@ -310,8 +423,9 @@ def shape_sizes(structure: Structure, shape: Mapping[str, int], groups: list[str
 
 
 def allocate(structure: Structure, scores: Mapping[str, torch.Tensor], *, target: Mapping[str, Any] | Target,
-             scope: str = "global", round_to: Mapping[str, int] | None = None,
-             min_keep: Mapping[str, int] | None = None, rank: str = "per_cost") -> KeepPlan:
+             scope: str = "global", round_to: Mapping[str, RoundRule] | None = None,
+             min_keep: Mapping[str, int] | None = None, min_fraction: Mapping[str, float] | None = None,
+             compare: str = "normalized", rank: str = "per_cost", fill: bool = True) -> KeepPlan:
     """Choose the kept units of the scored groups so that the model meets ``target`` (``vitopt.allocate``).
 
     Args:
@@ -339,5 +453,5 @@ def allocate(structure: Structure, scores: Mapping[str, torch.Tensor], *, target
     if t.metric == "shape":
         return KeepPlan.from_scores(scores, shape_sizes(structure, t.shape, list(scores)))
     cost, budget = target_cost(structure, t)
-    return allocate_budget(structure, scores, cost, budget, scope=scope, round_to=dict(round_to or {}),
-                           min_keep=dict(min_keep or {}), rank=rank)
+    return allocate_budget(structure, scores, cost, budget, scope=scope, round_to=round_to, min_keep=min_keep,
+                           min_fraction=min_fraction, compare=compare, rank=rank, fill=fill)

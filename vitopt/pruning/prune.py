@@ -30,9 +30,10 @@ from vitopt.arch.plan import KeepPlan
 from vitopt.arch.structure import Structure
 from vitopt.arch.surgery import apply_plan
 from vitopt.errors import VitoptError
-from vitopt.pruning.allocation import allocate_budget, parse_target, shape_sizes, target_cost
+from vitopt.pruning.allocation import COMPARE, allocate_budget, parse_target, shape_sizes, target_cost
 from vitopt.pruning.criteria import get_criterion
 from vitopt.pruning.importance import as_batches, importance, select_groups
+from vitopt.pruning.sensitivity import calibrate_scores, exchange_rates
 from vitopt.train.loop import TrainHParams, fit
 
 __all__ = ["prune", "prune_with_report", "PruneResult", "kd_recovery", "SCHEDULES"]
@@ -86,7 +87,8 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
                       round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
                       schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
                       calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
-                      rank: str = "per_cost", inplace: bool = False) -> PruneResult:
+                      compare: str = "normalized", min_fraction: Mapping[str, float] | None = None,
+                      fill: bool = True, rank: str = "per_cost", inplace: bool = False) -> PruneResult:
     """Prune ``model`` to ``target``; returns the pruned model and a report of every round.
 
     Args:
@@ -110,6 +112,12 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
             the last (iterative only), e.g. :func:`kd_recovery`; its return value is recorded.
         calibration_batches: batches of ``data`` to use (None: all of it).
         criterion_options: criterion options (``max_rows`` for kl; ``steps``, ``lr``, ``penalty`` for search).
+        compare: how units of different kinds are compared: ``"normalized"``, ``"isomorphic"``,
+            ``"raw"`` (see :func:`vitopt.pruning.allocation.allocate_budget`) or ``"calibrated"``: each
+            kind's scores are converted to measured loss per unit on the calibration data first
+            (:mod:`vitopt.pruning.sensitivity`), then ranked by loss per cost saved.
+        min_fraction: kind -> minimum kept fraction of every group (a per-block floor).
+        fill: re-add removed chunks that still fit under the budget (lands just under it).
         rank: allocation ranking, ``"per_cost"`` (default) or ``"score"``.
         inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` is untouched.
 
@@ -133,6 +141,11 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
         raise VitoptError("schedule 'iterative' re-scores after every round, but gates only score the unpruned "
                           "model; use criterion l1, taylor, hessian, kl or search.")
     batches = as_batches(data, calibration_batches)
+    if compare == "calibrated" and not batches:
+        raise VitoptError("compare='calibrated' measures each kind's loss on calibration data; pass data= "
+                          "(a DataLoader or a list of (images, labels) batches).")
+    if compare not in (*COMPARE, "calibrated"):
+        raise VitoptError(f"unknown compare {compare!r} (known: {', '.join((*COMPARE, 'calibrated'))}).")
     reference = teacher
     if reference is None and recover is not None and n_rounds > 1:   # recovery distils from the unpruned model
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -166,12 +179,16 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
                                       else None, budget)
             scores = importance(model, criterion, groups=names, data=batches, teacher=teacher, gates=gates,
                                 structure=structure, **opts)
-            plan = allocate_budget(structure, scores, cost, budget, scope=scope, round_to=dict(round_to or {}),
-                                   min_keep=dict(min_keep or {}), rank=rank)
-            achieved = float(cost(plan.dims(structure)))
+            entry: dict[str, Any] = {"round": rnd, "budget": budget, "criterion_cost": scores.cost}
+            ranked, how = scores, compare
+            if compare == "calibrated":
+                rates = exchange_rates(model, structure, scores, batches or [])
+                ranked, how = calibrate_scores(scores, structure, rates), "raw"
+                entry["exchange_rates"] = rates
+            plan = allocate_budget(structure, ranked, cost, budget, scope=scope, round_to=round_to,
+                                   min_keep=min_keep, min_fraction=min_fraction, compare=how, rank=rank, fill=fill)
+            entry["achieved"] = float(cost(plan.dims(structure)))
             apply_plan(model, plan, inplace=True)
-            entry: dict[str, Any] = {"round": rnd, "budget": budget, "achieved": achieved,
-                                     "criterion_cost": scores.cost}
             if rnd < n_rounds and recover is not None:
                 model.train(was_training)
                 entry["recovery"] = recover(model, rnd, reference)
@@ -188,6 +205,7 @@ def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "l1",
           scope: str = "global", round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
           schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
           calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
+          compare: str = "normalized", min_fraction: Mapping[str, float] | None = None, fill: bool = True,
           inplace: bool = False) -> nn.Module:
     """Prune ``model`` to ``target`` and return the pruned model (``vitopt.prune``).
 
@@ -204,7 +222,8 @@ def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "l1",
     return prune_with_report(model, target=target, criterion=criterion, groups=groups, data=data, teacher=teacher,
                              gates=gates, scope=scope, round_to=round_to, min_keep=min_keep, schedule=schedule,
                              rounds=rounds, recover=recover, calibration_batches=calibration_batches,
-                             criterion_options=criterion_options, inplace=inplace).model
+                             criterion_options=criterion_options, compare=compare, min_fraction=min_fraction,
+                             fill=fill, inplace=inplace).model
 
 
 class _Limited:
