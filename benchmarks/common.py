@@ -166,6 +166,14 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (``os.getloadavg``), or None where unavailable."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def set_threads(threads: int | None) -> int:
     """``torch.set_num_threads(threads)`` when given; returns the thread count in effect."""
     if threads is not None:

@@ -210,7 +210,7 @@ def _sync_vit_attrs(model: nn.Module, pruner) -> None:
 
 def tp_prune(model: nn.Module, ratio: float, *, bottleneck: bool = False, importance: str = "magnitude",
              norm_p: int = 2, attn: str = "head_dims", global_pruning: bool = True, round_to: int = 8,
-             grad_batches: list | None = None) -> dict[str, Any]:
+             grad_batches: list | None = None, isomorphic: bool = False) -> dict[str, Any]:
     """Prune ``model`` in place with Torch-Pruning at channel ratio ``ratio``; returns the settings used.
 
     Args:
@@ -223,6 +223,8 @@ def tp_prune(model: nn.Module, ratio: float, *, bottleneck: bool = False, import
             ``heads`` (``prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio``) or
             ``both`` (both on, ``head_pruning_ratio=ratio``).
         round_to: TP's ``round_to`` (one multiple for every pruned width).
+        isomorphic: TP's ``isomorphic=True``: rank only within groups of identical structure
+            (Fang et al., "Isomorphic Pruning for Vision Models", ECCV 2024).
     """
     from timm.layers import Mlp
     from timm.models.vision_transformer import Attention
@@ -257,7 +259,7 @@ def tp_prune(model: nn.Module, ratio: float, *, bottleneck: bool = False, import
         pruner = Pruner(model, example, importance=imp, global_pruning=global_pruning, pruning_ratio=ratio,
                         ignored_layers=ignored, num_heads=num_heads, prune_num_heads=prune_heads,
                         prune_head_dims=prune_dims, head_pruning_ratio=ratio if prune_heads else 0.0,
-                        round_to=round_to)
+                        round_to=round_to, isomorphic=isomorphic)
         t2 = time.perf_counter()
         for group in pruner.step(interactive=True):
             group.prune()
@@ -268,7 +270,7 @@ def tp_prune(model: nn.Module, ratio: float, *, bottleneck: bool = False, import
             "norm_p": norm_p if importance == "magnitude" else None, "ratio": ratio, "bottleneck": bottleneck,
             "attn": attn, "prune_num_heads": prune_heads, "prune_head_dims": prune_dims,
             "head_pruning_ratio": ratio if prune_heads else 0.0, "global_pruning": global_pruning,
-            "round_to": round_to, "ignored_layers": ["head"] + (["blocks.*.mlp.fc2"] if bottleneck else []),
+            "round_to": round_to, "isomorphic": isomorphic, "ignored_layers": ["head"] + (["blocks.*.mlp.fc2"] if bottleneck else []),
             "seconds": {"gradients": t1 - t0, "dependency_graph": t2 - t1, "prune": t3 - t2, "total": t3 - t0}}
 
 

@@ -45,7 +45,7 @@ def per_class_subset(dataset: Dataset, per_class: int, seed: int) -> Subset:
 
 
 def calibration_batches(dataset: Dataset, criterion: str, *, batches: int = 8, batch_size: int = 64,
-                        per_class: int = 5, seed: int = 0, num_workers: int = 0) -> Batches | None:
+                        per_class: int = 5, seed: int = 0, num_workers: int = 0, always: bool = False) -> Batches | None:
     """The calibration batches ``criterion`` needs from ``dataset``, or None when it needs no data.
 
     Args:
@@ -56,15 +56,18 @@ def calibration_batches(dataset: Dataset, criterion: str, *, batches: int = 8, b
         per_class: proxy images per class for criteria that calibrate per class (``kl``).
         seed: seed of the draw.
         num_workers: DataLoader worker processes.
+        always: draw batches even for a criterion that needs no data (e.g. for
+            ``compare="calibrated"``, which measures losses).
 
     Returns:
-        a list of ``(images [B, C, H, W], labels [B])`` or None.
+        a list of ``(images [B, C, H, W], labels [B])``, or None when the criterion needs no data and
+        ``always`` is false.
 
     Raises:
         VitoptError: an unknown criterion, or bad counts.
     """
     crit = get_criterion(criterion)
-    if "data" not in crit.needs:
+    if "data" not in crit.needs and not always:
         return None
     if batches < 1 or batch_size < 1:
         raise VitoptError(f"calibration needs batches >= 1 and batch_size >= 1; got {batches}, {batch_size}.")

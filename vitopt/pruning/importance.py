@@ -22,10 +22,22 @@ from vitopt.errors import VitoptError
 from vitopt.pruning.criteria import get_criterion
 from vitopt.pruning.criteria.base import Batches, Scores
 
-__all__ = ["importance", "select_groups", "as_batches", "DEFAULT_GROUPS"]
+__all__ = ["importance", "select_groups", "default_groups", "as_batches", "DEFAULT_GROUPS"]
 
-#: group kinds pruned when none are named: attention heads, per-head dims and MLP hidden neurons.
-DEFAULT_GROUPS: tuple[str, ...] = ("heads", "head_dim", "mlp")
+#: group kinds pruned when none are named: the residual width (embed), attention heads, per-head dims and
+#: MLP hidden neurons. A criterion that can only price some kinds (``gate``: the kinds its gates cover)
+#: gets those of them it can price (:func:`default_groups`).
+DEFAULT_GROUPS: tuple[str, ...] = ("embed", "heads", "head_dim", "mlp")
+
+
+def default_groups(structure: Structure, criterion: str, gates: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """The group kinds pruned when none are named: :data:`DEFAULT_GROUPS` that ``structure`` has and
+    ``criterion`` can price (for criteria that need gates, the kinds of the gated groups)."""
+    kinds = [k for k in DEFAULT_GROUPS if structure.of_kind(k)]
+    if "gates" in get_criterion(criterion).needs and gates is not None:
+        gated = {structure.groups[g].kind for g in gates if g in structure.groups}
+        kinds = [k for k in kinds if k in gated]
+    return kinds
 
 
 def select_groups(structure: Structure, groups: Sequence[str] | None = None) -> list[str]:
@@ -92,7 +104,7 @@ def importance(model: nn.Module, criterion: str = "l1", *, groups: Sequence[str]
             flags and hooks).
         criterion: a name in :data:`vitopt.pruning.criteria.CRITERIA`: ``l1``, ``gate``, ``taylor``,
             ``hessian``, ``kl``, ``search``.
-        groups: kinds and/or group names (default :data:`DEFAULT_GROUPS`).
+        groups: kinds and/or group names (default :func:`default_groups`).
         data: calibration batches for data-driven criteria (see :func:`as_batches`).
         teacher: reference model for ``kl``, ``taylor``/``hessian`` (KD loss) and ``search``.
         gates: trained VTP gates, group -> ``[size]`` (criterion ``gate``).
@@ -111,7 +123,7 @@ def importance(model: nn.Module, criterion: str = "l1", *, groups: Sequence[str]
     """
     crit = get_criterion(criterion)
     structure = structure if structure is not None else structure_of(model)
-    names = select_groups(structure, groups)
+    names = select_groups(structure, groups if groups is not None else default_groups(structure, criterion, gates))
     batches = as_batches(data, max_batches)
     if "data" in crit.needs and not batches:
         raise VitoptError(f"criterion {criterion!r} needs data: pass data= a DataLoader or a list of "

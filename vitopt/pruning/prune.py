@@ -32,7 +32,7 @@ from vitopt.arch.surgery import apply_plan
 from vitopt.errors import VitoptError
 from vitopt.pruning.allocation import COMPARE, allocate_budget, parse_target, shape_sizes, target_cost
 from vitopt.pruning.criteria import get_criterion
-from vitopt.pruning.importance import as_batches, importance, select_groups
+from vitopt.pruning.importance import as_batches, default_groups, importance, select_groups
 from vitopt.pruning.sensitivity import calibrate_scores, exchange_rates
 from vitopt.train.loop import TrainHParams, fit
 
@@ -97,7 +97,8 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
             ``{"latency_ms": ms, "lut": PATH}`` (a table from ``vitopt measure-lut``) or
             ``{"shape": {"embed": 192, "heads": 3, "head_dim": 64, "mlp": 768}}`` (exact; one-shot).
         criterion: importance criterion (:data:`vitopt.pruning.criteria.CRITERIA`).
-        groups: group kinds (or names) to prune; default heads, head_dim and mlp.
+        groups: group kinds (or names) to prune; default every kind the criterion can price: embed
+            (the residual width), heads, head_dim and mlp (:func:`vitopt.pruning.importance.default_groups`).
         data: calibration batches for data-driven criteria: a DataLoader or an iterable of
             ``(images [B, C, H, W], labels [B])``; the first ``calibration_batches`` are used.
         teacher: reference model for ``kl``/``search`` (default: the model itself) and for the KD loss of
@@ -155,6 +156,8 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
     model.eval()
     structure = structure_of(model)
     before = structure.sizes()
+    if groups is None:
+        groups = default_groups(structure, criterion, gates)
     result = PruneResult(model, structure, before, before)
     if t.metric == "shape":
         names = select_groups(structure, groups)

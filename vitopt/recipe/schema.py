@@ -493,9 +493,21 @@ class PruneStage(_StageBase):
     scope: Literal["global", "uniform"] = Field(
         default="global", description="'global' ranks units of a group kind across all blocks; 'uniform' keeps the "
                                       "same fraction in every block.")
-    groups: GroupList = Field(default=["heads", "head_dim", "mlp"],
-                              description="Group kinds to prune; non-empty, no repeats. Add 'embed' to prune "
-                                          "the residual width consistently (UP-ViTs).")
+    groups: GroupList | None = Field(
+        default=None, description="Group kinds to prune; non-empty, no repeats. null: every kind the criterion can "
+                                  "price - embed (the residual width, cut consistently as in UP-ViTs), heads, "
+                                  "head_dim and mlp (for 'gate': the kinds its gates cover).")
+    compare: Literal["normalized", "isomorphic", "calibrated"] = Field(
+        default="normalized", description="How units of different kinds compete under one budget: 'normalized' (each "
+                                          "kind's scores divided by its mean score, times its mean unit cost), "
+                                          "'isomorphic' (every kind gives up the same fraction; ranking only within a "
+                                          "kind, Fang et al. ECCV 2024), 'calibrated' (each kind's scores converted to "
+                                          "measured loss on the calibration data, then ranked by loss per cost saved).")
+    min_fraction: dict[Group, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default={}, description="Minimum kept fraction of every group of a kind (a per-block floor), e.g. "
+                                "{heads: 0.25, mlp: 0.25}.")
+    fill: bool = Field(default=True, description="Re-add removed units that still fit under the budget, so the model "
+                                                 "lands just under the target instead of one rounded chunk below it.")
     round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] = Field(
         default=8, description="Kept counts are rounded to multiples of this (tensor-core friendly); an integer "
                                "applies to every group but heads (heads round to 1), a mapping sets it per group.")

@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from vitopt.arch.structure import GROUP_KINDS
 from vitopt.pruning.calibration import calibration_batches
 from vitopt.pruning.prune import kd_recovery, prune_with_report
 from vitopt.stages.base import MODEL_DIR, StageDir, State, embed_widths, structure_table
@@ -60,7 +61,8 @@ def run(cfg, state: State, sd: StageDir) -> State:
     seed = state.seed * 1000 + sd.index
     cal = cfg.calibration
     calib = calibration_batches(state.data.train, cfg.criterion, batches=cal.batches, batch_size=cal.batch_size,
-                                per_class=cal.per_class, seed=seed, num_workers=state.data.num_workers)
+                                per_class=cal.per_class, seed=seed, num_workers=state.data.num_workers,
+                                always=cfg.compare == "calibrated")
     recover = None
     if cfg.schedule == "iterative" and cfg.iterative.train_steps > 0:
         it = cfg.iterative
@@ -71,12 +73,13 @@ def run(cfg, state: State, sd: StageDir) -> State:
     # only kl compares against the teacher: for taylor/hessian a teacher equal to the model gives zero
     # gradients, and search defaults to the ungated model itself
     teacher = state.teacher if cfg.criterion == "kl" else None
+    kinds = GROUP_KINDS
     result = prune_with_report(
-        state.model, target=stage_target(cfg, state), criterion=cfg.criterion, groups=list(cfg.groups),
-        data=calib, teacher=teacher, gates=state.gates, scope=cfg.scope,
-        round_to={k: cfg.round_for(k) for k in cfg.groups}, min_keep={k: cfg.min_keep_for(k) for k in cfg.groups},
-        schedule=cfg.schedule, rounds=cfg.iterative.rounds, recover=recover, criterion_options=options,
-        inplace=True)
+        state.model, target=stage_target(cfg, state), criterion=cfg.criterion,
+        groups=list(cfg.groups) if cfg.groups else None, data=calib, teacher=teacher, gates=state.gates,
+        scope=cfg.scope, round_to={k: cfg.round_for(k) for k in kinds}, min_keep={k: cfg.min_keep_for(k) for k in kinds},
+        min_fraction=dict(cfg.min_fraction), compare=cfg.compare, fill=cfg.fill, schedule=cfg.schedule,
+        rounds=cfg.iterative.rounds, recover=recover, criterion_options=options, inplace=True)
     model = result.model
     before, after, structure_before = result.dims_before, result.dims_after, result.structure_before
     rows = structure_table(structure_before, after)
