@@ -201,7 +201,7 @@ def test_cli_build_dry_run_writes_trtexec(tmp_path, tiny_onnx):
 
 @pytest.mark.parametrize("args, match", [
     (["build", "missing.onnx", "--target", "h100"], "does not exist"),
-    (["build", "MODEL", "--target", "h200"], "unknown target 'h200'"),
+    (["build", "MODEL", "--target", "b300"], "unknown target 'b300'"),
     (["build", "MODEL", "--target", "a100", "--precision", "fp8"], "does not support fp8"),
     (["build", "MODEL", "--target", "orin-nano", "--precision", "int8"], "no Q/DQ nodes"),
 ])
