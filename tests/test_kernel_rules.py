@@ -105,3 +105,43 @@ def test_bad_requests_are_one_sentence():
     with pytest.raises(VitoptError, match="unknown target"):
         kernel_rules("gtx1080", "fp16")
     assert set(PRECISIONS) >= set(load_targets()["h100"].precisions)
+
+
+# ------------------------------------------------------------------------------------ round_to: auto in a recipe
+def _prune_cfg(**kw):
+    from vitopt.recipe.schema import PruneStage
+
+    return PruneStage(target={"flops": 0.5}, groups=["head_dim", "mlp", "embed"], **kw)
+
+
+def test_recipe_round_to_auto_needs_a_deploy_target():
+    with pytest.raises(ValueError, match="round_to: auto needs deploy_target"):
+        _prune_cfg(round_to="auto")
+    cfg = _prune_cfg(round_to="auto", deploy_target="h100", deploy_precision="int8")
+    assert cfg.round_for("mlp") == 8 and cfg.round_for("heads") == 1       # plain defaults until the stage resolves
+
+
+@pytest.mark.parametrize("target, precision", [("h100", "int8"), ("orin-agx", "fp16"), ("l4", "fp8")])
+def test_auto_pruned_shapes_obey_the_target_rules(target, precision):
+    """The prune stage's round_to: auto gives allocation the kernel rules; every kept size then obeys them."""
+    import timm
+
+    from vitopt.arch.families import family_of
+    from vitopt.pruning.prune import prune
+    from vitopt.stages.prune import round_to_for
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=256,
+                              depth=2, num_heads=2, num_classes=10).eval()          # head_dim 128, mlp 1024
+    cfg = _prune_cfg(round_to="auto", deploy_target=target, deploy_precision=precision)
+    rto = round_to_for(cfg, model)
+    pruned = prune(model, target={"flops": 0.4}, criterion="l1", groups=list(cfg.groups), round_to=rto)
+    dims = family_of(pruned).read_dims(pruned)
+    rules = kernel_rules(target, precision, num_tokens=family_of(model).num_tokens(model))
+    for name, size in dims.items():
+        kind = name.rsplit(".", 1)[-1]
+        for r in rules:
+            if r.kind == kind:
+                assert r(size), f"{name} = {size} breaks {r.name} ({r.text})"
+    assert dims != family_of(model).read_dims(model)
+    plain = round_to_for(_prune_cfg(round_to={"mlp": 16}), model)
+    assert plain == {"head_dim": 8, "mlp": 16, "embed": 8}
