@@ -171,8 +171,8 @@ class FakeContext:
         if self.engine.trt.fail_execute:
             return False
         b = self.shape[0]
-        x = mem.buffers[self.addr["input"]][:b]
-        mem.buffers[self.addr["logits"]][:b] = 2 * x.reshape(b, -1)[:, :self.engine.classes]
+        x = mem.read(self.addr["input"], (b, *self.engine.trt.chw))
+        mem.write(self.addr["logits"], 2 * x.reshape(b, -1)[:, :self.engine.classes])
         mem.clock += mem.launch_ms
         return True
 
@@ -217,6 +217,7 @@ class FakeRuntime:
         self.engine_host_code_allowed = False
 
     def deserialize_cuda_engine(self, blob: bytes):
+        self.trt.order.append("engine")
         self.trt.host_code_at_deserialize = self.engine_host_code_allowed
         return None if self.trt.refuse_engine else FakeEngine(self.trt)
 
@@ -242,6 +243,7 @@ class FakeTrt(types.ModuleType):
         self.config = None
         self.context = None
         self.host_code_at_deserialize = None
+        self.order: list[str] = []          # "cuda" / "engine" in the order they were created
         self.layer_info = {"Layers": [], "Bindings": ["input", "logits"]}
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=None: None})
         self.Builder = lambda logger: FakeBuilder(self, logger)
@@ -303,6 +305,13 @@ class NumpyMemory:
     def d2h(self, dst, src, rows) -> None:
         dst[:rows] = src[:rows]
 
+    def read(self, addr, shape):
+        """The leading elements of device buffer ``addr`` as an array of ``shape`` (what a kernel reads)."""
+        return self.buffers[addr].reshape(-1)[:int(np.prod(shape))].reshape(shape).copy()
+
+    def write(self, addr, arr) -> None:
+        self.buffers[addr].reshape(-1)[:arr.size] = arr.ravel()
+
     def synchronize(self) -> None:
         self.synced += 1
 
@@ -322,3 +331,32 @@ class NumpyMemory:
                 return end.t - self.t
 
         return _Event()
+
+
+class KitCuda:
+    """The kit's CUDA helper interface (``malloc``, ``htod``, ``dtoh``, ``sync``, ``handle``) on host arrays."""
+
+    def __init__(self, trt: FakeTrt) -> None:
+        trt.order.append("cuda")
+        self.buffers: dict[int, np.ndarray] = {}
+        self.active = 1
+        self.clock = 0.0
+        self.launch_ms = 0.0
+        self.handle = 99
+
+    def malloc(self, nbytes: int) -> int:
+        key = len(self.buffers) + 1
+        self.buffers[key] = np.zeros(nbytes // 4, np.float32)
+        return key
+
+    def htod(self, dst: int, arr: np.ndarray) -> None:
+        self.buffers[dst][:arr.size] = arr.ravel()
+
+    def dtoh(self, arr: np.ndarray, src: int) -> None:
+        arr[...] = self.buffers[src][:arr.size].reshape(arr.shape)
+
+    def sync(self) -> None:
+        pass
+
+    read = NumpyMemory.read
+    write = NumpyMemory.write
