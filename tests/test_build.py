@@ -478,3 +478,21 @@ def test_recipe_matches_runtimes_to_build_backends(tmp_path, stages, match):
 
     with pytest.raises(VitoptError, match=match):
         load_recipe(_recipe(tmp_path, stages), choices=recipe_choices())
+
+
+def test_extras_pin_the_tensorrt_lines():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    extras = {k: [Requirement(r) for r in v] for k, v in meta["optional-dependencies"].items()}
+    trt = next(r for r in extras["trt"] if r.name == "tensorrt")
+    assert "10.3.0" in trt.specifier and "11.0.0" not in trt.specifier         # 11 needs AutoCast: its own extra
+    trt11 = next(r for r in extras["trt11"] if r.name == "tensorrt")
+    assert "11.4.1" in trt11.specifier and any(r.name == "vitopt" and "quant" in r.extras for r in extras["trt11"])
+    torch_pin = next(Requirement(r) for r in meta["dependencies"] if r.startswith("torch=="))
+    (ttrt,) = extras["torch-tensorrt"]
+    major, minor = (int(v) for v in next(iter(torch_pin.specifier)).version.split(".")[:2])
+    assert ttrt.name == "torch-tensorrt"                                         # its version follows torch's
+    assert f"{major}.{minor}.0" in ttrt.specifier and f"{major}.{minor + 1}.0" not in ttrt.specifier
