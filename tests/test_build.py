@@ -482,7 +482,6 @@ def test_recipe_matches_runtimes_to_build_backends(tmp_path, stages, match):
 
 def test_extras_pin_the_tensorrt_lines():
     import tomllib
-
     from packaging.requirements import Requirement
 
     meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
