@@ -331,7 +331,7 @@ def doctor(path: Path = typer.Argument(..., help="An engine, its .layers.json, o
         if d["detailed"]:
             sp, qdq = d["sparse"], d["qdq"]
             console.print(f"  GEMM layers by precision: {d['gemm_precisions'] or '-'}; 2:4 sparse tactics: "
-                          f"{sp['sparse_layers']} of {sp['gemms']} GEMMs{' (asked)' if sp['asked'] else ''}; "
+                          f"{sp['sparse_layers']} of {sp['gemms']} GEMM and attention layers{' (asked)' if sp['asked'] else ''}; "
                           f"stand-alone Q/DQ layers: {qdq['standalone']}", highlight=False, soft_wrap=True)
             if d["dla"] is not None:
                 console.print(f"  DLA: {d['dla']['dla_layers']} DLA subgraphs, {d['dla']['gpu_layers']} layers on the "

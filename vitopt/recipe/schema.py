@@ -496,7 +496,8 @@ class PruneStage(_StageBase):
     groups: GroupList = Field(default=["heads", "head_dim", "mlp"],
                               description="Group kinds to prune; non-empty, no repeats. Add 'embed' to prune "
                                           "the residual width consistently (UP-ViTs).")
-    round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] | Literal["auto"] = Field(
+    round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] | Annotated[
+        str, Field(pattern="^auto$")] = Field(
         default=8, description="Kept counts are rounded to multiples of this (tensor-core friendly); an integer "
                                "applies to every group but heads (heads round to 1), a mapping sets it per group; "
                                "'auto' keeps the sizes deploy_target's fused TensorRT kernels accept at "
