@@ -309,16 +309,19 @@ def test_real_engine_matches_onnxruntime(tmp_path, tiny_onnx, precision):
     if cfg.graph_needs == "fp16":
         pytest.skip("a strongly typed TensorRT 11 fp16 engine needs an AutoCast ONNX (see test_quantize)")
     rec = tb.build_engine(tiny_onnx, cfg, tmp_path)
-    assert Path(rec["engine"]).is_file() and Path(rec["timing_cache"]).is_file() and rec["build_seconds"] > 0
+    cache = Path(rec["timing_cache"]["path"])
+    assert Path(rec["engine"]).is_file() and cache.is_file() and rec["build_seconds"] > 0
+    assert rec["timing_cache"]["saved"] and Path(rec["layers_json"]).is_file()
     x = np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32)
     trt_rt = make_runtime("tensorrt", engine_path=rec["engine"])
     ort_rt = make_runtime("onnxruntime", onnx_path=tiny_onnx, threads=1)
     diff = compare_logits(trt_rt(x), ort_rt(x))
     assert diff["max_abs_diff"] <= (1e-3 if precision == "fp32" else 5e-2)
-    # the timing cache is reused by the next build for the target
-    size = Path(rec["timing_cache"]).stat().st_size
-    tb.build_engine(tiny_onnx, cfg, tmp_path)
-    assert Path(rec["timing_cache"]).stat().st_size >= size
+    assert trt_rt.max_batch == 8 and trt_rt(x[:3]).shape == (3, 10)
+    # the timing cache is reused by the next build on this device and TensorRT
+    size = cache.stat().st_size
+    again = tb.build_engine(tiny_onnx, cfg, tmp_path)
+    assert again["timing_cache"]["loaded"] == "file" and cache.stat().st_size >= size
 
 
 # ------------------------------------------------------------------------------------ issue 15: builds that hold
