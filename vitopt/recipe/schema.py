@@ -629,7 +629,8 @@ class QuantizeStage(_StageBase):
 
 
 class BuildStage(_StageBase):
-    """A TensorRT engine for a target profile (``vitopt targets``), built with the TensorRT Python API."""
+    """A TensorRT engine for a target profile (``vitopt targets``), built with the TensorRT Python API from the
+    exported ONNX, or a Torch-TensorRT program of the model (``backend: torch_tensorrt``)."""
 
     type: Literal["build"] = Field(default="build", description="Stage type tag.")
     target: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$",
@@ -718,7 +719,8 @@ class Recipe(_Config):
         ``onnxruntime`` needs an earlier ``export``; ``finetune`` with ``kd.enabled`` needs an earlier
         ``prune`` (the teacher is the model before pruning); ``quantize`` and ``build`` need an earlier
         ``export``; an int8/fp8 ``build`` needs an earlier ``quantize`` of that precision; ``validate``
-        with ``tensorrt`` needs an earlier ``build``; explicit stage names are unique.
+        with ``tensorrt`` needs an earlier ``build`` with ``backend: tensorrt`` and ``torch-tensorrt`` one with
+        ``backend: torch_tensorrt``; explicit stage names are unique.
         """
         choices = _choices(info)
         needs = dict(choices.runtimes) if choices else _DEFAULT_RUNTIME_NEEDS
