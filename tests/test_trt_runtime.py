@@ -183,3 +183,19 @@ def test_program_runtime_needs_its_artifact_and_package(monkeypatch, tmp_path):
     with pytest.raises(VitoptError, match=r"vitopt\[torch-tensorrt\]"):
         make_runtime("torch-tensorrt", program_path=ep)
     assert RUNTIMES["torch-tensorrt"].needs == "program" and RUNTIMES["tensorrt"].needs == "engine"
+
+
+def test_summary_says_when_batches_were_capped_and_what_the_engine_timing_covers():
+    from vitopt.report.summary import _compare_table
+
+    stats = {"p50_ms": 1.0, "p90_ms": 1.5}
+    val = {"final": {"params": 1e6, "flops": 2e6, "runtimes": {
+        "tensorrt": {"top1": 90.0, "latency": {"1": {**stats, "h2d_p50_ms": 0.02}, "32": {**stats, "h2d_p50_ms": 0.5}},
+                     "batches": {"profile": [1, 16, 32], "eval_batch": 32, "latency": [1, 32], "capped": True,
+                                 "requested": [1, 32, 64]}},
+        "pytorch": {"top1": 90.0, "latency": {"1": stats}, "batches": {"profile": None, "capped": False}}}}}
+    text = _compare_table(val, None)
+    assert ("tensorrt: its optimization profile takes batches 1..32, so latency was measured at 1, 32 (asked: 1, 32, "
+            "64) and top-1 in batches of 32.") in text
+    assert "host-to-device copy p50 is 0.020 ms at batch 1, 0.500 ms at batch 32" in text
+    assert "pytorch: its optimization profile" not in text
