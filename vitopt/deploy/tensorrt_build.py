@@ -642,8 +642,7 @@ def torch_tensorrt_settings(version: str, cfg: BuildConfig) -> dict[str, Any]:
         raise VitoptError(f"Torch-TensorRT {version} is too old; vitopt needs >= 2.10 (strongly typed builds); "
                           f"{TORCH_TRT_EXTRA_HINT}.")
     kwargs: dict[str, Any] = {"workspace_size": cfg.workspace_mib << 20, "optimization_level": cfg.opt_level,
-                              "sparse_weights": cfg.sparsity, "version_compatible": cfg.version_compatible,
-                              "require_full_compilation": True, "min_block_size": 1}
+                              "sparse_weights": cfg.sparsity, "version_compatible": cfg.version_compatible}
     if v < (2, 13):
         kwargs["use_explicit_typing"] = True
     return kwargs
