@@ -498,3 +498,14 @@ def test_extras_pin_the_tensorrt_lines():
     major, minor = (int(v) for v in next(iter(torch_pin.specifier)).version.split(".")[:2])
     assert ttrt.name == "torch-tensorrt"                                         # its version follows torch's
     assert f"{major}.{minor}.0" in ttrt.specifier and f"{major}.{minor + 1}.0" not in ttrt.specifier
+
+
+def test_cli_dry_run_of_a_trt11_fp16_build_names_the_autocast_model(tmp_path, tiny_onnx):
+    res = _cli("build", tiny_onnx, "--target", "h200", "--precision", "fp16", "--trt-major", "11", "--out", tmp_path,
+               "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "AutoCast" in res.output
+    script = (tmp_path / "h200_fp16.trtexec.sh").read_text()
+    assert f"--onnx={tmp_path / 'model_fp16.onnx'}" in script and "--fp16" not in script
+    res = _cli("build", tiny_onnx, "--target", "h200", "--precision", "int8", "--trt-major", "11", "--dry-run")
+    assert isinstance(res.exception, VitoptError) and "no Q/DQ nodes" in str(res.exception)

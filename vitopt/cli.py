@@ -293,11 +293,19 @@ def build(path: Path = typer.Argument(..., help="ONNX model (Q/DQ for int8/fp8);
     cfg = tb.derive_build_config(target, precision, input_name=info.input_name, input_chw=info.input_chw,
                                  fixed_batch=info.batch, **opts)
     out_dir = out or path.parent
-    if not dry_run:
-        info = tb.autocast_for_build(cfg, info, out_dir)
-    tb.check_graph_precision(cfg, info)
+    source = info.path
+    cast = {"fp16": "FLOAT16", "bf16": "BFLOAT16"}.get(cfg.graph_needs)
+    if dry_run and cast and cast not in info.float_types:
+        source = out_dir / f"model_{precision}.onnx"          # what the real build's AutoCast step writes
+        console.print(f"note: a strongly typed TensorRT {cfg.trt_major} {precision} build first converts {path} with "
+                      f"ModelOpt AutoCast into {source}", highlight=False, soft_wrap=True)
+    else:
+        if not dry_run:
+            info = tb.autocast_for_build(cfg, info, out_dir)
+            source = info.path
+        tb.check_graph_precision(cfg, info)
     paths = tb.build_paths(out_dir, cfg, timing_cache)
-    cmd = shlex.join(tb.trtexec_command(cfg, info.path, paths["engine"], paths["timing_cache"], paths["layers_json"]))
+    cmd = shlex.join(tb.trtexec_command(cfg, source, paths["engine"], paths["timing_cache"], paths["layers_json"]))
     atomic_write_text(paths["trtexec"], "#!/bin/sh\n" + cmd + "\n")
     console.print(f"trtexec equivalent ({paths['trtexec']}):\n  {cmd}", highlight=False, soft_wrap=True)
     if dry_run:
