@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: quickstart test
+.PHONY: quickstart test gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,3 +19,11 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+## gpu-wheels: download the wheels benchmarks/gpu_check.py needs (besides PyTorch) for CPython 3.12 on
+## manylinux x86-64 into .whl/ (ignored by git), for a GPU machine without a package registry.
+GPU_WHEEL_PLATFORMS := --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--abi cp312 --abi abi3 --abi none $(GPU_WHEEL_PLATFORMS) -d .whl -r benchmarks/gpu_requirements.txt
+	@ls .whl | wc -l | xargs echo "wheels in .whl/:"

@@ -7,6 +7,7 @@ tests that build and run a real engine skip with that reason where ``tensorrt`` 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import onnx
 import pytest
 import timm
 import torch
+from fake_tensorrt import FakeLayer, FakeTrt
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
@@ -98,17 +100,19 @@ def test_default_major_is_the_targets():
 def test_trtexec_lines_by_hand():
     c10 = tb.derive_build_config("orin-agx", "int8", trt_major=10, input_chw=(1, 16, 16), sparsity=True,
                                  dla_core=1, opt_level=4)
-    assert tb.trtexec_command(c10, "q.onnx", "e.engine", "t.cache") == [
-        "trtexec", "--onnx=q.onnx", "--saveEngine=e.engine", "--minShapes=input:1x1x16x16",
-        "--optShapes=input:8x1x16x16", "--maxShapes=input:32x1x16x16", "--memPoolSize=workspace:4096M",
+    # DLA: static shapes, min = opt = max = the profile's opt batch
+    assert tb.trtexec_command(c10, "q.onnx", "e.engine", "t.cache", "e.layers.json") == [
+        "trtexec", "--onnx=q.onnx", "--saveEngine=e.engine", "--minShapes=input:8x1x16x16",
+        "--optShapes=input:8x1x16x16", "--maxShapes=input:8x1x16x16", "--memPoolSize=workspace:4096M",
         "--builderOptimizationLevel=4", "--int8", "--fp16", "--sparsity=enable", "--useDLACore=1",
-        "--allowGPUFallback", "--timingCacheFile=t.cache"]
+        "--allowGPUFallback", "--timingCacheFile=t.cache", "--profilingVerbosity=detailed",
+        "--exportLayerInfo=e.layers.json"]
     c11 = tb.derive_build_config("h100", "fp16", trt_major=11, profile=(2, 4, 8), workspace_mib=1024,
                                  version_compatible=True, input_name="images")
     assert tb.trtexec_command(c11, "m.onnx", "e.engine") == [
         "trtexec", "--onnx=m.onnx", "--saveEngine=e.engine", "--minShapes=images:2x3x224x224",
         "--optShapes=images:4x3x224x224", "--maxShapes=images:8x3x224x224", "--memPoolSize=workspace:1024M",
-        "--builderOptimizationLevel=3", "--versionCompatible"]
+        "--builderOptimizationLevel=3", "--versionCompatible", "--profilingVerbosity=detailed"]
     c10s = tb.derive_build_config("a100", "fp16", trt_major=10, strongly_typed=True)
     assert c10s.builder_flags == () and "--stronglyTyped" in tb.trtexec_command(c10s, "a", "b")
 
@@ -129,7 +133,11 @@ def test_options_and_bad_requests():
         (dict(target="h100", precision="fp16", profile=(8, 4, 16)), "1 <= min <= opt <= max"),
         (dict(target="h100", precision="fp16", opt_level=6), "from 0 to 5"),
         (dict(target="h100", precision="int4"), "unknown precision"),
-        (dict(target="orin-agx", precision="fp16", trt_major=11), "TensorRT 10.x, not 11.x"),
+        (dict(target="orin-nx", precision="fp16", trt_major=11), "TensorRT 10.x, not 11.x"),
+        (dict(target="orin-nx", precision="fp16", dla_min_fraction=1.5), "dla_min_fraction"),
+        (dict(target="h100", precision="int8", backend="torch_tensorrt"), "torch_tensorrt backend builds"),
+        (dict(target="orin-agx", precision="fp16", dla_core=0, backend="torch_tensorrt"), "backend: tensorrt"),
+        (dict(target="h100", precision="fp16", backend="onnx2trt"), "unknown build backend"),
         (dict(target="nope", precision="fp16"), "unknown target 'nope'"),
     ]
     for kwargs, match in bad:
@@ -144,8 +152,11 @@ def test_build_paths_layout(tmp_path):
     assert p["engine"] == tmp_path / "orin-nx_int8_dla1.engine"
     assert p["trtexec"] == tmp_path / "orin-nx_int8_dla1.trtexec.sh"
     assert p["build_json"] == tmp_path / "orin-nx_int8_dla1.build.json"
-    assert p["timing_cache"] == tmp_path / "timing_orin-nx_trt10.cache"   # shared by every build for the target
+    assert p["layers_json"] == tmp_path / "orin-nx_int8_dla1.layers.json"
+    assert p["timing_cache"] == tmp_path / "timing_orin-nx_trt10.cache"   # device unknown: the trtexec script's name
     assert tb.build_paths(tmp_path, cfg, tmp_path / "c.cache")["timing_cache"] == tmp_path / "c.cache"
+    key = tb.timing_cache_key("NVIDIA H200", "9.0", "10.3.0.26")
+    assert tb.build_paths(tmp_path, cfg, cache_key=key)["timing_cache"] == tmp_path / f"timing_{key}.cache"
 
 
 # ------------------------------------------------------------------------------------ the ONNX side
@@ -196,12 +207,13 @@ def test_cli_build_dry_run_writes_trtexec(tmp_path, tiny_onnx):
     assert script[0] == "#!/bin/sh"
     cfg = tb.derive_build_config("orin-agx", "fp16", input_chw=(1, 16, 16), profile=(1, 4, 16))
     assert shlex.split(script[1]) == tb.trtexec_command(cfg, tiny_onnx, tmp_path / "orin-agx_fp16.engine",
-                                                        tmp_path / "timing_orin-agx_trt10.cache")
+                                                        tmp_path / "timing_orin-agx_trt10.cache",
+                                                        tmp_path / "orin-agx_fp16.layers.json")
 
 
 @pytest.mark.parametrize("args, match", [
     (["build", "missing.onnx", "--target", "h100"], "does not exist"),
-    (["build", "MODEL", "--target", "h200"], "unknown target 'h200'"),
+    (["build", "MODEL", "--target", "b300"], "unknown target 'b300'"),
     (["build", "MODEL", "--target", "a100", "--precision", "fp8"], "does not support fp8"),
     (["build", "MODEL", "--target", "orin-nano", "--precision", "int8"], "no Q/DQ nodes"),
 ])
@@ -297,13 +309,203 @@ def test_real_engine_matches_onnxruntime(tmp_path, tiny_onnx, precision):
     if cfg.graph_needs == "fp16":
         pytest.skip("a strongly typed TensorRT 11 fp16 engine needs an AutoCast ONNX (see test_quantize)")
     rec = tb.build_engine(tiny_onnx, cfg, tmp_path)
-    assert Path(rec["engine"]).is_file() and Path(rec["timing_cache"]).is_file() and rec["build_seconds"] > 0
+    cache = Path(rec["timing_cache"]["path"])
+    assert Path(rec["engine"]).is_file() and cache.is_file() and rec["build_seconds"] > 0
+    assert rec["timing_cache"]["saved"] and Path(rec["layers_json"]).is_file()
     x = np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32)
     trt_rt = make_runtime("tensorrt", engine_path=rec["engine"])
     ort_rt = make_runtime("onnxruntime", onnx_path=tiny_onnx, threads=1)
     diff = compare_logits(trt_rt(x), ort_rt(x))
     assert diff["max_abs_diff"] <= (1e-3 if precision == "fp32" else 5e-2)
-    # the timing cache is reused by the next build for the target
-    size = Path(rec["timing_cache"]).stat().st_size
-    tb.build_engine(tiny_onnx, cfg, tmp_path)
-    assert Path(rec["timing_cache"]).stat().st_size >= size
+    assert trt_rt.max_batch == 8 and trt_rt(x[:3]).shape == (3, 10)
+    # the timing cache is reused by the next build on this device and TensorRT
+    size = cache.stat().st_size
+    again = tb.build_engine(tiny_onnx, cfg, tmp_path)
+    assert again["timing_cache"]["loaded"] == "file" and cache.stat().st_size >= size
+
+
+# ------------------------------------------------------------------------------------ issue 15: builds that hold
+
+
+def test_dla_builds_get_a_static_profile_and_trt11_needs_11_4_1():
+    cfg = tb.derive_build_config("orin-agx", "fp16", profile=(1, 8, 32), dla_core=0)
+    assert cfg.profile == (8, 8, 8)                          # DLA: min = opt = max
+    assert tb.derive_build_config("orin-agx", "int8", dla_core=1, fixed_batch=4).profile == (4, 4, 4)
+    assert tb.derive_build_config("orin-agx", "fp16").profile == (1, 8, 32)      # GPU keeps the dynamic profile
+    c11 = tb.derive_build_config("orin-agx", "fp16", trt_major=11, dla_core=0)
+    assert c11.strongly_typed and c11.builder_flags == ("GPU_FALLBACK",) and c11.min_tensorrt == "11.4.1"
+    assert c11.graph_needs == "fp16"
+    tb.check_tensorrt_version(c11, "11.4.1.2")
+    with pytest.raises(VitoptError, match=r"needs TensorRT >= 11\.4\.1"):
+        tb.check_tensorrt_version(c11, "11.3.0")
+    with pytest.raises(VitoptError, match="TensorRT 10.3.0 is installed"):
+        tb.check_tensorrt_version(c11, "10.3.0")
+    tb.check_tensorrt_version(tb.derive_build_config("orin-agx", "fp16", trt_major=11), "11.0.0")   # GPU: any 11.x
+
+
+def test_timing_cache_key_tells_h100_variants_and_versions_apart():
+    sxm = tb.timing_cache_key("NVIDIA H100 80GB HBM3", "9.0", "10.3.0.26")
+    pcie = tb.timing_cache_key("NVIDIA H100 PCIe", "9.0", "10.3.0.26")
+    h200 = tb.timing_cache_key("NVIDIA H200", "9.0", "10.3.0.26")
+    newer = tb.timing_cache_key("NVIDIA H200", "9.0", "10.3.0.30")
+    assert len({sxm, pcie, h200, newer}) == 4
+    assert h200 == "nvidia-h200_sm90_trt10.3.0.26" and "/" not in sxm
+
+
+def test_attach_timing_cache_checks_the_return(tmp_path):
+    trt = FakeTrt()
+    cfg = trt.Builder(None).create_builder_config()
+    path = tmp_path / "t.cache"
+    assert tb.attach_timing_cache(trt, cfg, path) == {"path": str(path), "loaded": "new"}
+    path.write_bytes(b"mine")
+    trt.cache_accepts = b"mine"
+    assert tb.attach_timing_cache(trt, cfg, path)["loaded"] == "file"
+    trt.cache_accepts = b"other-gpu"                          # set_timing_cache returns False: start empty
+    assert tb.attach_timing_cache(trt, cfg, path)["loaded"] == "mismatch"
+    assert cfg.set_cache_calls[-2:] == [b"mine", b""] and cfg.timing_cache.data == b""
+    cfg.set_timing_cache = lambda cache, ignore_mismatch: False
+    with pytest.raises(VitoptError, match="refused a new, empty timing cache"):
+        tb.attach_timing_cache(trt, cfg, path)
+
+
+VIT_LAYERS = [FakeLayer("patch_embed/Conv", "CONVOLUTION", True), FakeLayer("norm1", "NORMALIZATION", False),
+              FakeLayer("qkv", "MATRIX_MULTIPLY", False), FakeLayer("softmax", "SOFTMAX", True),
+              FakeLayer("gelu", "UNARY", False), FakeLayer("fc2", "MATRIX_MULTIPLY", False)]
+
+
+def test_dla_placement_and_refusal():
+    trt = FakeTrt(layers=VIT_LAYERS)
+    net = trt.Builder(None).create_network(0)
+    placement = tb.dla_placement(trt, net, trt.Builder(None).create_builder_config())
+    assert (placement["dla_layers"], placement["gpu_layers"]) == (2, 4)
+    assert placement["fraction"] == pytest.approx(2 / 6)
+    assert placement["gpu_layer_types"] == {"MATRIX_MULTIPLY": 2, "NORMALIZATION": 1, "UNARY": 1}
+    cfg = tb.derive_build_config("orin-agx", "fp16", dla_core=0)
+    with pytest.raises(VitoptError, match=r"only 2 of 6 layers \(33%\) can run on DLA core 0") as err:
+        tb.check_dla_placement(cfg, placement)
+    assert "MATRIX_MULTIPLY x2" in str(err.value) and "\n" not in str(err.value)
+    tb.check_dla_placement(tb.derive_build_config("orin-agx", "fp16", dla_core=0, dla_min_fraction=0.3), placement)
+    tb.check_dla_placement(tb.derive_build_config("orin-agx", "fp16"), placement)       # GPU build: no check
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch):
+    trt = FakeTrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tb, "_cuda_device", lambda: ("NVIDIA H200", "9.0"))
+    return trt
+
+
+def test_build_engine_with_the_api_stand_in(tmp_path, tiny_onnx, fake_trt):
+    cfg = tb.derive_build_config("h200", "fp32", trt_major=10, input_chw=(1, 16, 16), profile=(1, 4, 8),
+                                 version_compatible=True)
+    fake_trt.layer_info = {"Layers": [{"Name": "x", "LayerType": "gemm"}], "Bindings": ["input", "logits"]}
+    rec = tb.build_engine(tiny_onnx, cfg, tmp_path / "b", cache_dir=tmp_path)
+    key = "nvidia-h200_sm90_trt10.3.0.26"
+    assert rec["timing_cache"] == {"path": str(tmp_path / f"timing_{key}.cache"), "loaded": "new", "saved": True}
+    assert (tmp_path / f"timing_{key}.cache").read_bytes() == b"new-cache"
+    assert fake_trt.config.profiling_verbosity == "DETAILED" and "VERSION_COMPATIBLE" in fake_trt.config.flags
+    assert fake_trt.config.profiles == [{"input": ((1, 1, 16, 16), (4, 1, 16, 16), (8, 1, 16, 16))}]
+    assert fake_trt.host_code_at_deserialize is True           # engine_host_code_allowed before deserializing
+    assert json.loads(Path(rec["layers_json"]).read_text()) == fake_trt.layer_info
+    assert json.loads(Path(tmp_path / "b" / "h200_fp32.build.json").read_text())["device"] == "NVIDIA H200"
+    # get_timing_cache() returning None after the build is recorded, not a crash
+    fake_trt.drop_timing_cache = True
+    assert tb.build_engine(tiny_onnx, cfg, tmp_path / "c", cache_dir=tmp_path)["timing_cache"]["saved"] is False
+    with pytest.raises(VitoptError, match="TensorRT 10.3.0.26 is installed"):
+        tb.build_engine(tiny_onnx, tb.derive_build_config("h200", "fp32", trt_major=11, input_chw=(1, 16, 16)),
+                        tmp_path / "d")
+
+
+def test_build_engine_refuses_a_mostly_gpu_dla_engine_before_building(tmp_path, tiny_onnx, fake_trt):
+    fake_trt.layers = VIT_LAYERS
+    cfg = tb.derive_build_config("orin-agx", "fp16", trt_major=10, input_chw=(1, 16, 16), dla_core=0)
+    with pytest.raises(VitoptError, match="can run on DLA core 0"):
+        tb.build_engine(tiny_onnx, cfg, tmp_path)
+    assert fake_trt.built == 0 and fake_trt.config.DLA_core == 0
+    fake_trt.layers = [FakeLayer("conv", "CONVOLUTION", True)] * 3 + [VIT_LAYERS[1]]
+    rec = tb.build_engine(tiny_onnx, cfg, tmp_path)
+    assert rec["dla_placement"]["fraction"] == 0.75 and fake_trt.built == 1
+    assert fake_trt.config.profiles[0]["input"][0] == fake_trt.config.profiles[0]["input"][2]   # static
+
+
+def test_trt11_fp16_build_autocasts_an_fp32_graph(tmp_path, tiny_onnx, monkeypatch):
+    calls = []
+
+    def fake_autocast(src, out, mode, **kw):
+        calls.append((Path(src), mode))
+        Path(out).write_bytes(_graph(tmp_path, "half.onnx", fp16=True).read_bytes())
+        return {"path": str(out)}
+
+    monkeypatch.setattr(tb, "quantize_onnx", fake_autocast)
+    info = tb.onnx_info(tiny_onnx)
+    c11 = tb.derive_build_config("h100", "fp16", trt_major=11, input_chw=info.input_chw)
+    cast = tb.autocast_for_build(c11, info, tmp_path)
+    assert calls == [(tiny_onnx, "fp16")] and "FLOAT16" in cast.float_types
+    assert cast.path == tmp_path / "model_fp16.onnx"
+    tb.check_graph_precision(c11, cast)
+    assert tb.autocast_for_build(c11, cast, tmp_path) is cast                       # already fp16: untouched
+    c10 = tb.derive_build_config("h100", "fp16", trt_major=10, input_chw=info.input_chw)
+    assert tb.autocast_for_build(c10, info, tmp_path) is info and len(calls) == 1   # 10.x: the FP16 flag
+
+
+@pytest.mark.parametrize("version, explicit", [("2.10.0", True), ("2.12.1", True), ("2.13.0", None),
+                                               ("2.14.0+cu130", None)])
+def test_torch_tensorrt_settings_follow_the_installed_api(version, explicit):
+    cfg = tb.derive_build_config("h100", "fp16", backend="torch_tensorrt", workspace_mib=512, opt_level=2)
+    kw = tb.torch_tensorrt_settings(version, cfg)
+    assert "enabled_precisions" not in kw                      # 2.10-2.12 assert on it, 2.13+ ignore it
+    assert kw.get("use_explicit_typing") is explicit
+    assert kw["workspace_size"] == 512 << 20 and kw["optimization_level"] == 2
+
+
+def test_torch_tensorrt_too_old_or_missing(monkeypatch):
+    cfg = tb.derive_build_config("h100", "fp16", backend="torch_tensorrt")
+    with pytest.raises(VitoptError, match="too old"):
+        tb.torch_tensorrt_settings("2.9.1", cfg)
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)
+    with pytest.raises(VitoptError, match=r"vitopt\[torch-tensorrt\]"):
+        tb.compile_torch_tensorrt(torch.nn.Linear(2, 2), cfg, ".")
+
+
+@pytest.mark.parametrize("stages, match", [
+    ("  - {type: export}\n  - {type: build, target: h100, backend: torch_tensorrt}\n"
+     "  - {type: validate, runtimes: [tensorrt]}\n", "runtime 'tensorrt' needs an earlier build stage with backend "
+                                                    "tensorrt"),
+    ("  - {type: export}\n  - {type: build, target: h100}\n  - {type: validate, runtimes: [torch-tensorrt]}\n",
+     "runtime 'torch-tensorrt' needs an earlier build stage with backend torch_tensorrt"),
+])
+def test_recipe_matches_runtimes_to_build_backends(tmp_path, stages, match):
+    from vitopt.recipe import load_recipe
+    from vitopt.stages import recipe_choices
+
+    with pytest.raises(VitoptError, match=match):
+        load_recipe(_recipe(tmp_path, stages), choices=recipe_choices())
+
+
+def test_extras_pin_the_tensorrt_lines():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    extras = {k: [Requirement(r) for r in v] for k, v in meta["optional-dependencies"].items()}
+    trt = next(r for r in extras["trt"] if r.name == "tensorrt")
+    assert "10.3.0" in trt.specifier and "11.0.0" not in trt.specifier         # 11 needs AutoCast: its own extra
+    trt11 = next(r for r in extras["trt11"] if r.name == "tensorrt")
+    assert "11.4.1" in trt11.specifier and any(r.name == "vitopt" and "quant" in r.extras for r in extras["trt11"])
+    torch_pin = next(Requirement(r) for r in meta["dependencies"] if r.startswith("torch=="))
+    (ttrt,) = extras["torch-tensorrt"]
+    major, minor = (int(v) for v in next(iter(torch_pin.specifier)).version.split(".")[:2])
+    assert ttrt.name == "torch-tensorrt"                                         # its version follows torch's
+    assert f"{major}.{minor}.0" in ttrt.specifier and f"{major}.{minor + 1}.0" not in ttrt.specifier
+
+
+def test_cli_dry_run_of_a_trt11_fp16_build_names_the_autocast_model(tmp_path, tiny_onnx):
+    res = _cli("build", tiny_onnx, "--target", "h200", "--precision", "fp16", "--trt-major", "11", "--out", tmp_path,
+               "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "AutoCast" in res.output
+    script = (tmp_path / "h200_fp16.trtexec.sh").read_text()
+    assert f"--onnx={tmp_path / 'model_fp16.onnx'}" in script and "--fp16" not in script
+    res = _cli("build", tiny_onnx, "--target", "h200", "--precision", "int8", "--trt-major", "11", "--dry-run")
+    assert isinstance(res.exception, VitoptError) and "no Q/DQ nodes" in str(res.exception)

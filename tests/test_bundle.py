@@ -21,7 +21,7 @@ from vitopt.errors import VitoptError
 from vitopt.rundir import bundle as write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "deploy" / "jetson" / "vitopt_jetson.py"
+SCRIPT = KIT_DIR / "vitopt_jetson.py"
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 RECIPE = """name: b
@@ -70,7 +70,8 @@ def test_bundle_contents(run, tmp_path):
     m = write_bundle(run, "orin-agx", out, samples=100)
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "sample.npz", "labels.txt", "bundle.json", "vitopt_jetson.py", "README.md",
-            "build_orin-agx_fp16.sh"} <= names
+            "requirements.txt", "build_orin-agx_fp16.sh"} <= names
+    assert "cuda-python~=12.6" in (out / "requirements.txt").read_text().split()      # JetPack 6: CUDA 12.6
     assert (out / "model.onnx").read_bytes() == (run / "01_export" / "model.onnx").read_bytes()
     assert (out / "vitopt_jetson.py").read_bytes() == (KIT_DIR / "vitopt_jetson.py").read_bytes()
     images, labels = _val(run)
@@ -180,3 +181,105 @@ def test_bad_requests(run, tmp_path):
                                    "--samples", "4"], env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "bundle.json").read_text())["num_images"] == 4
+
+
+# ------------------------------------------------------------------------------------ the kit's TensorRT parts (issue 15)
+def _runner(kit, trt, tmp_path, monkeypatch):
+    """A TrtRunner on the API stand-in; its CUDA helper is made by the runner itself (kit._cuda)."""
+    from fake_tensorrt import KitCuda
+
+    engine = tmp_path / "e.engine"
+    engine.write_bytes(b"e")
+
+    def make_cuda():
+        trt.memory = KitCuda(trt)
+        return trt.memory
+
+    monkeypatch.setattr(kit, "_cuda", make_cuda)
+    return kit.TrtRunner(engine, trt=trt)
+
+
+def test_kit_parses_dla_core_and_moves_the_build_to_dla(kit):
+    args = kit.parse_args(["--dla-core", "1", "--dla-min-fraction", "0.25"])
+    assert args.dla_core == 1 and args.dla_min_fraction == 0.25
+    assert kit.parse_args([]).dla_core is None
+    cfg = {"precision": "fp16", "profile": [1, 8, 32], "builder_flags": ["FP16"], "dla_core": None}
+    dla = kit.dla_build(cfg, 1)
+    assert dla["profile"] == [8, 8, 8] and dla["builder_flags"] == ["FP16", "GPU_FALLBACK"] and dla["dla_core"] == 1
+    with pytest.raises(SystemExit, match="DLA runs fp16 and int8 only"):
+        kit.dla_build({**cfg, "precision": "fp32"}, 0)
+    assert kit.plan_batches([1, 8, 32, 64], (1, 8, 32)) == [1, 8, 32]
+    assert kit.plan_batches([1, 32], (8, 8, 8)) == [8]
+
+
+def test_kit_runner_context_before_engine_and_checked_calls(kit, tmp_path, monkeypatch):
+    from fake_tensorrt import FakeTrt
+
+    trt = FakeTrt()
+    run = _runner(kit, trt, tmp_path, monkeypatch)
+    assert trt.order == ["cuda", "engine"]                           # pycuda's context exists first
+    assert run.profile == (1, 4, 8) and trt.host_code_at_deserialize is True
+    x = np.random.default_rng(0).standard_normal((3, 1, 2, 3)).astype(np.float32)
+    assert np.array_equal(run(x), 2 * x.reshape(3, -1)[:, :4])
+    with pytest.raises(SystemExit, match=r"batch 9 is above the engine's optimization profile \(max 8\)"):
+        run(np.zeros((9, 1, 2, 3), np.float32))
+    trt.fail_execute = True
+    with pytest.raises(SystemExit, match="execute_async_v3 failed"):
+        run(x)
+    trt2 = FakeTrt()
+    trt2.refuse_shapes = True
+    with pytest.raises(SystemExit, match="refused batch 8"):
+        _runner(kit, trt2, tmp_path, monkeypatch)
+
+
+def test_kit_runner_pads_short_batches_of_a_static_profile(kit, tmp_path, monkeypatch):
+    from fake_tensorrt import FakeTrt
+
+    trt = FakeTrt()
+    trt.static, trt.profile = True, (4, 4, 4)
+    run = _runner(kit, trt, tmp_path, monkeypatch)
+    x = np.random.default_rng(1).standard_normal((3, 1, 2, 3)).astype(np.float32)
+    assert run.profile == (4, 4, 4) and np.array_equal(run(x), 2 * x.reshape(3, -1)[:, :4])
+    assert trt.context.shape[0] == 4
+
+
+def test_kit_build_refuses_a_mostly_gpu_dla_engine(kit, tmp_path, monkeypatch):
+    from fake_tensorrt import FakeLayer, FakeTrt
+
+    trt = FakeTrt(layers=[FakeLayer("conv", "CONVOLUTION", True), FakeLayer("ln", "NORMALIZATION", False),
+                          FakeLayer("gelu", "UNARY", False)])
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cfg = kit.dla_build({"precision": "fp16", "profile": [1, 8, 32], "builder_flags": ["FP16"], "strongly_typed": False,
+                         "workspace_mib": 64, "opt_level": 3, "input_chw": [1, 8, 8], "input_name": "input"}, 0)
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"x")
+    with pytest.raises(SystemExit, match="only 1 of 3 layers can run on DLA core 0"):
+        kit.build_engine(onnx_path, tmp_path / "e.engine", cfg, tmp_path / "t.cache")
+    assert trt.built == 0
+    trt.drop_timing_cache = True                                      # get_timing_cache() -> None: no crash
+    rec = kit.build_engine(onnx_path, tmp_path / "e.engine", cfg, tmp_path / "t.cache", dla_min_fraction=0.3)
+    assert rec["dla_layers"] == {"on_dla": 1, "total": 3, "fraction": 0.3333}
+    assert trt.config.profiles == [{"input": ((8, 1, 8, 8),) * 3}] and "GPU_FALLBACK" in trt.config.flags
+    assert not (tmp_path / "t.cache").exists()
+
+
+def test_kit_ships_in_the_wheel(tmp_path):
+    """`vitopt deploy bundle` from a wheel install finds the kit (package data), not only from a checkout."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "vitopt", src / "vitopt", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(tmp_path / "whl"), str(src)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = (tmp_path / "whl").glob("vitopt-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+    code = ("from vitopt.deploy.bundle import KIT_DIR, KIT_FILES; import sys; "
+            "sys.exit(0 if all((KIT_DIR / f).is_file() for f in KIT_FILES) and 'site' in str(KIT_DIR) else 1)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,3 +314,111 @@ def test_cli_measure_lut_uses_first_stage_of_a_run_dir(tmp_path):
 
     res = CliRunner().invoke(app, ["measure-lut", str(tmp_path), "--out", str(out)])
     assert res.exit_code != 0 and isinstance(res.exception, VitoptError)
+
+
+# ------------------------------------------------------------------------------------ TensorRT tables (issue 15)
+def test_target_fields_round_trip_and_version_1_files_still_load(tmp_path):
+    tab = _table(D_GRID, A_GRID, M_GRID, linear_block, linear_stem, precision="fp16", target="orin-agx",
+                 tensorrt_version="10.3.0.30")
+    back = LatencyTable.load(tab.save(tmp_path / "t.json"))
+    assert (back.runtime, back.precision, back.target, back.tensorrt_version) == ("synthetic", "fp16", "orin-agx",
+                                                                                   "10.3.0.30")
+    old = _table(D_GRID, A_GRID, M_GRID, linear_block, linear_stem).to_json()
+    for key in ("precision", "target", "tensorrt_version"):
+        del old[key]
+    (tmp_path / "v1.json").write_text(json.dumps({**old, "format_version": 1}))
+    v1 = LatencyTable.load(tmp_path / "v1.json")
+    assert v1.precision == "fp32" and v1.target is None
+
+
+def test_allocation_refuses_a_table_of_another_target():
+    from vitopt.arch.cost import structure_of
+    from vitopt.pruning.allocation import allocate
+
+    model = _vit(**TINY)
+    st = structure_of(model)
+    scores = {g.name: torch.rand(g.size) for g in st.of_kind("mlp")}
+    D, A, M = grid_values(32, 2, 8), grid_values(32, 2, 16), grid_values(128, 4, 8)
+    orin = _table(D, A, M, linear_block, linear_stem, num_tokens=17, precision="fp16", target="orin-agx")
+    budget = 0.97 * cost_fn(orin, model)({})
+    with pytest.raises(VitoptError, match="measured for target orin-agx .* pruned for h100"):
+        allocate(st, scores, target={"latency_ms": budget, "lut": orin, "deploy_target": "h100"})
+    with pytest.raises(VitoptError, match="measured at fp16 but the model is pruned for int8"):
+        allocate(st, scores, target={"latency_ms": budget, "lut": orin, "deploy_target": "orin-agx",
+                                     "deploy_precision": "int8"})
+    plan = allocate(st, scores, target={"latency_ms": budget, "lut": orin, "deploy_target": "orin-agx",
+                                        "deploy_precision": "fp16"})
+    assert cost_fn(orin, model)(plan.dims(st)) <= budget
+    host = _table(D, A, M, linear_block, linear_stem, num_tokens=17)        # no target recorded: any target
+    allocate(st, scores, target={"latency_ms": budget, "lut": host, "deploy_target": "h100"})
+
+
+def test_tensorrt_table_settings():
+    model = _vit(**TINY)
+    with pytest.raises(VitoptError, match="give target"):
+        measure_lut(model, runtime="tensorrt", progress=False)
+    with pytest.raises(VitoptError, match="does not run fp8"):
+        measure_lut(model, runtime="tensorrt", target="a100", precision="fp8", progress=False)
+    with pytest.raises(VitoptError, match="apply to runtime 'tensorrt'"):
+        measure_lut(model, runtime="onnxruntime", precision="fp16", progress=False)
+    with pytest.raises(VitoptError, match="not 'onnxruntime-cuda'|measured on"):
+        measure_lut(model, runtime="torch-tensorrt", progress=False)
+
+
+def test_tensorrt_table_builds_one_static_engine_per_probe_and_records_the_target(monkeypatch, tmp_path):
+    """The TensorRT path's wiring, with the builder and the engine replaced (no TensorRT here): every probe is
+    built for the target at the precision with a static profile at the table's batch, timed device-only, and
+    the table records runtime, device, precision, target and TensorRT version."""
+    import vitopt.deploy.lut as lut
+
+    builds = []
+
+    def fake_build(onnx_path, cfg, out_dir, **kw):
+        builds.append(cfg)
+        out = tmp_path / f"e{len(builds)}.engine"
+        out.write_bytes(b"e")
+        return {"engine": str(out), "device": "NVIDIA H200", "compute_capability": "9.0",
+                "tensorrt_version": "10.3.0.26"}
+
+    class DeviceRuntime:
+        def __init__(self, engine_path, device):
+            self.d = int(Path(engine_path).stem[1:])          # the n-th engine built
+            self.t = 0.0
+
+        def stage_input(self, x):
+            pass
+
+        def launch(self):
+            self.t += 0.001 * self.d
+
+        def sync(self):
+            pass
+
+        def event(self):
+            rt = self
+
+            class E:
+                def record(self):
+                    self.t = rt.t
+
+                def synchronize(self):
+                    pass
+
+                def elapsed_ms(self, end):
+                    return end.t - self.t
+
+            return E()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(lut, "build_engine", fake_build)
+    monkeypatch.setattr(lut, "make_runtime", lambda kind, engine_path, device: DeviceRuntime(engine_path, device))
+    monkeypatch.setattr(lut, "_check_device", lambda device: None)
+    tab = measure_lut(_vit(**TINY), runtime="tensorrt", target="h200", precision="fp16", batch_size=4,
+                      grid_points=2, warmup=0, repeats=2, progress=False)
+    assert len(builds) == 2 * 2 * 2 + 2 + 1                          # blocks, stems, null probe
+    assert {(c.target, c.precision, c.profile) for c in builds} == {("h200", "fp16", (4, 4, 4))}
+    assert (tab.runtime, tab.target, tab.precision, tab.tensorrt_version) == ("tensorrt", "h200", "fp16", "10.3.0.26")
+    assert tab.device == "NVIDIA H200 (sm 9.0)" and tab.batch_size == 4
+    assert tab.stem_ms_raw == pytest.approx([0.001 * 2, 0.001 * 7])   # stems were the 2nd and 7th engines

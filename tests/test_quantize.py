@@ -185,3 +185,63 @@ def test_fp8_qdq_uses_e4m3_and_builds_only_for_fp8_targets(tmp_path, fp32_onnx):
                               onnx_info(tmp_path / "fp8.onnx"))
     with pytest.raises(VitoptError, match="does not support fp8"):
         derive_build_config("orin-agx", "fp8")
+
+
+# ------------------------------------------------------------------------------------ what vitopt asks ModelOpt for
+class _FakeModelOpt:
+    """Records the arguments of modelopt.onnx.quantization.quantize and writes a tiny Q/DQ graph."""
+
+    def __init__(self):
+        self.kwargs = None
+
+    def install(self, monkeypatch):
+        import types
+
+        quantization = types.ModuleType("modelopt.onnx.quantization")
+        quantization.quantize = self.quantize
+        onnx_mod = types.ModuleType("modelopt.onnx")
+        onnx_mod.quantization = quantization
+        root = types.ModuleType("modelopt")
+        root.onnx = onnx_mod
+        for name, mod in (("modelopt", root), ("modelopt.onnx", onnx_mod), ("modelopt.onnx.quantization", quantization)):
+            monkeypatch.setitem(sys.modules, name, mod)
+
+    def quantize(self, **kwargs):
+        self.kwargs = kwargs
+        h = onnx.helper
+        g = h.make_graph([h.make_node("QuantizeLinear", ["x", "s"], ["q"]), h.make_node("DequantizeLinear", ["q", "s"], ["y"])],
+                         "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 1, 16, 16])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 1, 16, 16])],
+                         [h.make_tensor("s", onnx.TensorProto.FLOAT, [], [0.1])])
+        onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 19)]), kwargs["output_path"])
+
+
+def test_int8_defaults_to_fp16_high_precision_and_static_calibration_batches(tmp_path, fp32_onnx, monkeypatch):
+    mo = _FakeModelOpt()
+    mo.install(monkeypatch)
+    cal = np.random.default_rng(0).standard_normal((70, 1, 16, 16)).astype(np.float32)
+    info = quantize_onnx(fp32_onnx, tmp_path / "q.onnx", "int8", calibration=cal)
+    kw = mo.kwargs
+    assert kw["high_precision_dtype"] == "fp16"                       # ModelOpt's default; strong typing keeps it
+    assert kw["calibration_shapes"] == "input:32x1x16x16"              # one static batch, not one image at a time
+    assert kw["calibration_data"].shape == (64, 1, 16, 16)             # a whole number of batches
+    assert np.array_equal(kw["calibration_data"], cal[:64])
+    assert info["calibration_images"] == 64 and info["high_precision_dtype"] == "fp16"
+    quantize_onnx(fp32_onnx, tmp_path / "q32.onnx", "int8", calibration=cal[:5], high_precision_dtype="fp32",
+                  calibration_batch=8)
+    assert mo.kwargs["high_precision_dtype"] == "fp32" and mo.kwargs["calibration_shapes"] == "input:5x1x16x16"
+    with pytest.raises(VitoptError, match="high_precision_dtype 'fp64'"):
+        quantize_onnx(fp32_onnx, tmp_path / "q.onnx", "int8", calibration=cal, high_precision_dtype="fp64")
+
+
+def test_calibration_plan_for_fixed_batch_graphs(tmp_path):
+    h = onnx.helper
+    g = h.make_graph([h.make_node("Relu", ["images"], ["y"])], "g",
+                     [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [8, 3, 4, 4])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8, 3, 4, 4])])
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    from vitopt.deploy.quantize import calibration_plan
+
+    assert calibration_plan(tmp_path / "f.onnx", 20, 32) == (16, "images:8x3x4x4")   # the graph's own batch
+    with pytest.raises(VitoptError, match="fixed batch of 8 but only 5"):
+        calibration_plan(tmp_path / "f.onnx", 5, 32)

@@ -6,6 +6,7 @@ an interrupted ``run`` keeps its finished stages and says how to resume.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from vitopt import rundir
 from vitopt.arch.config import ArchConfig, load_pruned
 from vitopt.arch.cost import CostModel
 from vitopt.deploy import tensorrt_build as tb
+from vitopt.deploy.doctor import doctor as diagnose_path
 from vitopt.deploy.lut import measure_lut, measure_model_latency
 from vitopt.deploy.onnx_export import export_onnx
 from vitopt.deploy.runtimes import RUNTIMES
@@ -133,23 +135,35 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more run dire
 @app.command("measure-lut")
 def measure_lut_cmd(path: Path = typer.Argument(..., help="Model folder, or run directory (its first stage's model)."),
                     out: Path = typer.Option(..., "--out", "-o", help="Destination JSON file."),
-                    runtime: str = typer.Option("onnxruntime", help="Runtime to time: onnxruntime or pytorch."),
+                    runtime: str = typer.Option("onnxruntime", help="Runtime to time: onnxruntime, pytorch, "
+                                                                     "pytorch-compile or tensorrt (an engine per "
+                                                                     "probe, on this GPU)."),
                     batch_size: int = typer.Option(1, min=1, help="Images per call."),
                     threads: int = typer.Option(2, min=1, help="CPU threads of the runtime."),
                     grid_points: int = typer.Option(4, min=2, help="Grid points per axis (embed, attn, mlp)."),
                     device: str = typer.Option("cpu", help="cpu, or cuda for the PyTorch runtime on a GPU."),
-                    statistic: str = typer.Option("min", help="Timing statistic per probe: min or median.")) -> None:
-    """Measure a latency lookup table for target.latency_ms budgets (NViT / HALP style)."""
+                    statistic: str = typer.Option("min", help="Timing statistic per probe: min, p50 or mean."),
+                    target: str | None = typer.Option(None, "--target", "-t", help="With --runtime tensorrt: the "
+                                                          "target profile the table prices (see `vitopt targets`)."),
+                    precision: str = typer.Option("fp32", "--precision", "-p", help="With --runtime tensorrt: the "
+                                                  "engine precision (fp32, fp16, bf16, int8, fp8)."),
+                    trt_opt_level: int = typer.Option(3, min=0, max=5, help="Builder optimization level of the "
+                                                      "probe engines (lower builds faster).")) -> None:
+    """Measure a latency lookup table for target.latency_ms budgets (NViT / HALP style), on a CPU runtime or in
+    TensorRT milliseconds on the deployment target."""
 
     mdir = rundir.first_model_dir(path)
     arch = ArchConfig.from_json(read_json(mdir / "arch.json", "architecture file"))
     model = load_pruned(mdir)
     opts = dict(runtime=runtime, batch_size=batch_size, threads=threads, device=device, statistic=statistic)
+    if runtime == "tensorrt" or target is not None or precision != "fp32":
+        opts.update(target=target, precision=precision, trt_opt_level=trt_opt_level)
     table = measure_lut(model, grid_points=grid_points, model_name=arch.model_name, model_kwargs=arch.model_kwargs,
                         **opts)
     table.reference_ms = measure_model_latency(model, **opts)
     table.save(out)
-    summary = Table(title=f"latency table for {mdir} ({runtime}, {table.device}, batch {batch_size})")
+    summary = Table(title=f"latency table for {mdir} ({runtime}, {table.device}, {table.precision}, batch {batch_size}"
+                          + (f", target {table.target}" if table.target else "") + ")")
     summary.add_column("whole model", justify="left")
     summary.add_column("ms", justify="right")
     summary.add_row("predicted by the table", f"{table.predicted_model_ms:.3f}")
@@ -193,13 +207,25 @@ def validate(artifact: Path = typer.Argument(..., help="Run directory, model fol
     table = Table(title=f"{artifact} on {res['num_images']} images ({res['data']})")
     for col in ["runtime", "top-1 %", "max |dlogit| vs pytorch", "argmax agree"] + [f"p50/p90/p99 ms @{b}" for b in bss]:
         table.add_column(col, justify="right")
+    notes = []
     for kind, r in res["runtimes"].items():
         par = r.get("vs_pytorch", {})
         lat = [f"{r['latency'][b]['p50_ms']:.3f}/{r['latency'][b]['p90_ms']:.3f}/{r['latency'][b]['p99_ms']:.3f}"
-               for b in bss]
+               if b in r["latency"] else "-" for b in bss]
         table.add_row(kind, f"{r['top1']:.2f}", f"{par['max_abs_diff']:.2e}" if par else "-",
                       f"{par['argmax_agreement']:.4f}" if par else "-", *lat)
+        plan = r.get("batches") or {}
+        if plan.get("capped"):
+            notes.append(f"{kind}: its optimization profile takes batches {plan['profile'][0]}..{plan['profile'][2]}, "
+                         f"so latency was measured at {', '.join(map(str, plan['latency']))} and top-1 in batches of "
+                         f"{plan['eval_batch']}.")
+        extra = [f"@{b}: {v['h2d_p50_ms']:.3f} ms" for b, v in r["latency"].items() if "h2d_p50_ms" in v]
+        if extra:
+            notes.append(f"{kind}: engine-only latency (CUDA events on its stream); host-to-device copy p50 "
+                         + ", ".join(extra) + ".")
     console.print(table)
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
     if out is not None:
         atomic_write_json(out, res)
         console.print(f"wrote {out}")
@@ -215,53 +241,111 @@ def targets() -> None:
         table.add_column(col)
     for key, t in load_targets().items():
         trt = ", ".join(f"{m}.x" for m in t.tensorrt_majors) + (f" (JetPack {t.jetpack})" if t.jetpack else "")
+        dla = str(t.dla_cores) + (f" (TensorRT 11: >= {t.dla_tensorrt11}, JetPack >= {t.dla_tensorrt11_jetpack})"
+                                  if t.dla_tensorrt11 else "")
         table.add_row(key, t.name, t.compute_capability, f"{t.memory_gib:g} GiB", ", ".join(t.precisions),
-                      str(t.dla_cores), trt, "/".join(str(b) for b in t.profile), f"{t.workspace_mib} MiB")
+                      dla, trt, "/".join(str(b) for b in t.profile), f"{t.workspace_mib} MiB")
     console.print(table)
 
 
 @app.command()
-def build(onnx: Path = typer.Argument(..., help="ONNX model (Q/DQ for int8/fp8)."),
+def build(path: Path = typer.Argument(..., help="ONNX model (Q/DQ for int8/fp8); with --backend torch_tensorrt a model "
+                                                "folder or run directory."),
           target: str = typer.Option(..., "--target", "-t", help="Target profile (see `vitopt targets`)."),
           precision: str = typer.Option("fp16", "--precision", "-p", help="fp32, fp16, bf16, int8 or fp8."),
           out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: next to the ONNX)."),
+          backend: str = typer.Option("tensorrt", help="tensorrt (TensorRT Python API from ONNX) or torch_tensorrt "
+                                                       "(Torch-TensorRT from the PyTorch model; a .ep program)."),
           trt_major: int | None = typer.Option(None, help="TensorRT major (10 or 11); default: installed, "
                                                   "else the target's."),
           profile: str | None = typer.Option(None, help="Batch sizes min,opt,max (default: the target's)."),
           workspace_mib: int | None = typer.Option(None, min=1, help="Workspace pool in MiB."),
           opt_level: int = typer.Option(3, min=0, max=5, help="Builder optimization level."),
           sparsity: bool = typer.Option(False, help="Enable 2:4 sparse weights."),
-          dla_core: int | None = typer.Option(None, min=0, help="DLA core with GPU fallback (Orin)."),
+          dla_core: int | None = typer.Option(None, min=0, help="DLA core with GPU fallback (Orin); static profile."),
+          dla_min_fraction: float = typer.Option(tb.DLA_MIN_FRACTION, min=0.0, max=1.0,
+                                                 help="Refuse a DLA engine with fewer layers on DLA than this."),
           version_compatible: bool = typer.Option(False, help="Build a version-compatible engine."),
-          timing_cache: Path | None = typer.Option(None, help="Timing cache file reused across builds."),
+          timing_cache: Path | None = typer.Option(None, help="Timing cache file reused across builds (default: one "
+                                                       "per GPU model and TensorRT version in the output folder)."),
           dry_run: bool = typer.Option(False, help="Only derive the build and write the trtexec command.")) -> None:
-    """Build a TensorRT engine for a target with the Python API and write the equivalent trtexec command."""
+    """Build a TensorRT engine for a target (and write the equivalent trtexec command), or a Torch-TensorRT program."""
     import shlex
 
-
-    info = tb.onnx_info(onnx)
     major = trt_major
-    if major is None and not dry_run and tb.build_backend() == "tensorrt":
+    if major is None and not dry_run and importlib.util.find_spec("tensorrt") is not None:
         major = tb.tensorrt_major(tb.require_tensorrt())
+    opts = dict(trt_major=major, profile=tuple(_int_list(profile, "--profile")) if profile else None,
+                workspace_mib=workspace_mib, opt_level=opt_level, sparsity=sparsity, dla_core=dla_core,
+                version_compatible=version_compatible, backend=backend, dla_min_fraction=dla_min_fraction)
+    if backend == "torch_tensorrt":
+        model = load_pruned(rundir.model_dir(path))
+        cfg = tb.derive_build_config(target, precision, input_chw=input_shape(model), **opts)
+        if dry_run:
+            console.print(f"torch_tensorrt build of {path}: {json.dumps(cfg.to_json())}", highlight=False,
+                          soft_wrap=True)
+            return
+        rec = tb.compile_torch_tensorrt(model, cfg, out or rundir.model_dir(path))
+        console.print(f"wrote {rec['program']} (Torch-TensorRT {rec['torch_tensorrt_version']}, {rec['device']}, "
+                      f"{rec['build_seconds']:.1f} s); validate it with --runtime torch-tensorrt")
+        return
+    info = tb.onnx_info(path)
     cfg = tb.derive_build_config(target, precision, input_name=info.input_name, input_chw=info.input_chw,
-                                 trt_major=major, fixed_batch=info.batch,
-                                 profile=tuple(_int_list(profile, "--profile")) if profile else None,
-                                 workspace_mib=workspace_mib, opt_level=opt_level, sparsity=sparsity,
-                                 dla_core=dla_core, version_compatible=version_compatible)
-    tb.check_graph_precision(cfg, info)
-    out_dir = out or onnx.parent
+                                 fixed_batch=info.batch, **opts)
+    out_dir = out or path.parent
+    source = info.path
+    cast = {"fp16": "FLOAT16", "bf16": "BFLOAT16"}.get(cfg.graph_needs)
+    if dry_run and cast and cast not in info.float_types:
+        source = out_dir / f"model_{precision}.onnx"          # what the real build's AutoCast step writes
+        console.print(f"note: a strongly typed TensorRT {cfg.trt_major} {precision} build first converts {path} with "
+                      f"ModelOpt AutoCast into {source}", highlight=False, soft_wrap=True)
+    else:
+        if not dry_run:
+            info = tb.autocast_for_build(cfg, info, out_dir)
+            source = info.path
+        tb.check_graph_precision(cfg, info)
     paths = tb.build_paths(out_dir, cfg, timing_cache)
-    cmd = shlex.join(tb.trtexec_command(cfg, onnx, paths["engine"], paths["timing_cache"]))
+    cmd = shlex.join(tb.trtexec_command(cfg, source, paths["engine"], paths["timing_cache"], paths["layers_json"]))
     atomic_write_text(paths["trtexec"], "#!/bin/sh\n" + cmd + "\n")
     console.print(f"trtexec equivalent ({paths['trtexec']}):\n  {cmd}", highlight=False, soft_wrap=True)
     if dry_run:
         return
-    if tb.build_backend() != "tensorrt":
+    if importlib.util.find_spec("tensorrt") is None:
         raise VitoptError(f"TensorRT is not installed, so no engine was built; {tb.TRT_EXTRA_HINT}, or run the "
                           f"trtexec command above (--dry-run only writes it).")
-    rec = tb.build_engine(onnx, cfg, out_dir, timing_cache=paths["timing_cache"])
+    rec = tb.build_engine(info.path, cfg, out_dir, timing_cache=timing_cache)
     console.print(f"wrote {rec['engine']} (TensorRT {rec['tensorrt_version']}, {rec['device']}, "
-                  f"{rec['build_seconds']:.1f} s)")
+                  f"{rec['build_seconds']:.1f} s); explain it with `vitopt doctor {out_dir}`")
+
+
+@app.command()
+def doctor(path: Path = typer.Argument(..., help="An engine, its .layers.json, or a build folder.")) -> None:
+    """Explain an engine: fused attention per block, LayerNorm/Softmax/GEMM precisions, 2:4 tactics, Q/DQ fusion,
+    DLA fallback, and a one-line verdict of why an expected speed-up may be missing."""
+
+    for d in diagnose_path(path):
+        asked = d["asked"]
+        title = (f"{d['engine']}: {d['layers']} layers"
+                 + (f", built for {asked['precision']}" if asked["precision"] else "")
+                 + (" with 2:4 sparsity" if asked["sparsity"] else "")
+                 + (f" on DLA core {asked['dla_core']}" if asked["dla_core"] is not None else ""))
+        table = Table(title=title)
+        for col in ("block", "attention", "softmax", "layernorm", "GEMMs"):
+            table.add_column(col, justify="right")
+        for r in d["blocks"]:
+            table.add_row(str(r["block"]), "fused MHA" if r["mha_fused"] else "NOT fused", r["softmax"], r["layernorm"],
+                          r["gemms"])
+        console.print(table)
+        if d["detailed"]:
+            sp, qdq = d["sparse"], d["qdq"]
+            console.print(f"  GEMM layers by precision: {d['gemm_precisions'] or '-'}; 2:4 sparse tactics: "
+                          f"{sp['sparse_layers']} of {sp['gemms']} GEMM and attention layers{' (asked)' if sp['asked'] else ''}; "
+                          f"stand-alone Q/DQ layers: {qdq['standalone']}", highlight=False, soft_wrap=True)
+            if d["dla"] is not None:
+                console.print(f"  DLA: {d['dla']['dla_layers']} DLA subgraphs, {d['dla']['gpu_layers']} layers on the "
+                              f"GPU (fallback: {', '.join(d['dla']['fallback'][:5]) or '-'})", highlight=False,
+                              soft_wrap=True)
+        console.print(f"  verdict: {d['verdict']}", highlight=False, soft_wrap=True)
 
 
 @deploy_app.command("bundle")

@@ -3,8 +3,9 @@ their layout and their recipe.
 
 A run directory (``recipe.yaml`` + ``NN_stage`` folders, each with ``metrics.json`` when finished)
 yields its last saved model (``NN_stage/model``), last exported ONNX (``NN_export/model.onnx``), last
-quantized ONNX per precision and last engine; a model folder (``arch.json``), an ``.onnx`` or an
-``.engine``/``.plan`` file yields itself plus, when it sits inside a run directory, that run's files.
+quantized ONNX per precision, last engine and last Torch-TensorRT program (``.ep``); a model folder
+(``arch.json``), an ``.onnx``, an ``.engine``/``.plan`` or an ``.ep`` file yields itself plus, when it
+sits inside a run directory, that run's files.
 The validation data of a run is rebuilt from its recipe here, so :mod:`vitopt.deploy` only ever
 receives models, paths and arrays.
 
@@ -35,9 +36,11 @@ from vitopt.train.data import load_data, val_arrays
 from vitopt.train.inputs import model_input
 
 __all__ = ["Artifact", "resolve_artifact", "model_dir", "first_model_dir", "load", "run_recipe", "validation_data",
-           "host_numbers", "validate", "bundle", "ENGINE_SUFFIXES"]
+           "host_numbers", "validate", "bundle", "ENGINE_SUFFIXES", "PROGRAM_SUFFIX"]
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+#: a Torch-TensorRT program (ExportedProgram) saved by the torch_tensorrt build backend.
+PROGRAM_SUFFIX = ".ep"
 
 
 @dataclass
@@ -45,13 +48,14 @@ class Artifact:
     """Resolved files of one artifact path.
 
     Attributes:
-        kind: ``"run"``, ``"model"``, ``"onnx"`` or ``"engine"`` (what the path itself is).
+        kind: ``"run"``, ``"model"``, ``"onnx"``, ``"engine"`` or ``"program"`` (what the path itself is).
         path: the path given.
         run_dir: the enclosing run directory (has ``recipe.yaml``), or None.
         model_dir: a model folder (``arch.json`` + weights), or None.
         onnx: an fp32 ONNX file, or None.
         quantized: precision -> quantized ONNX of the run (``int8``, ``fp16``...).
         engine: a TensorRT engine file, or None.
+        program: a Torch-TensorRT program (``.ep``), or None.
     """
 
     kind: str
@@ -61,6 +65,7 @@ class Artifact:
     onnx: Path | None = None
     quantized: dict[str, Path] = field(default_factory=dict)
     engine: Path | None = None
+    program: Path | None = None
 
 
 def _last(paths) -> Path | None:
@@ -79,6 +84,8 @@ def _run_files(run_dir: Path, art: Artifact) -> None:
         art.quantized[p.stem.split("_", 1)[1]] = p
     if art.engine is None and art.kind == "run":
         art.engine = _last(p for s in ENGINE_SUFFIXES for p in run_dir.glob(f"{STAGE_GLOB}/*{s}"))
+    if art.program is None and art.kind == "run":
+        art.program = _last(run_dir.glob(f"{STAGE_GLOB}/*{PROGRAM_SUFFIX}"))
 
 
 def _enclosing_run(path: Path) -> Path | None:
@@ -107,9 +114,11 @@ def resolve_artifact(path: str | os.PathLike) -> Artifact:
         art = Artifact("onnx", p, onnx=p)
     elif p.is_file() and p.suffix in ENGINE_SUFFIXES:
         art = Artifact("engine", p, engine=p)
+    elif p.is_file() and p.suffix == PROGRAM_SUFFIX:
+        art = Artifact("program", p, program=p)
     else:
-        raise VitoptError(f"{p} is not a run directory, a model folder (arch.json), an .onnx file or an engine "
-                          f"({', '.join(ENGINE_SUFFIXES)}).")
+        raise VitoptError(f"{p} is not a run directory, a model folder (arch.json), an .onnx file, an engine "
+                          f"({', '.join(ENGINE_SUFFIXES)}) or a Torch-TensorRT program ({PROGRAM_SUFFIX}).")
     run = _enclosing_run(p.resolve())
     if run is not None:
         _run_files(run, art)
@@ -217,7 +226,7 @@ def validate(artifact: str | os.PathLike, runtimes: Sequence[str] = ("onnxruntim
     """Top-1, agreement with PyTorch and latency of an artifact on one or more runtimes (``vitopt validate``).
 
     Args:
-        artifact: a run directory, model folder, ``.onnx`` or engine file. Inside a run directory the
+        artifact: a run directory, model folder, ``.onnx``, engine or ``.ep`` file. Inside a run directory the
             run's last saved model is the PyTorch reference and its recipe gives the validation data.
         runtimes: runtime kinds (:data:`vitopt.deploy.runtimes.RUNTIMES`); each needs its artifact.
         data: validation images: a sample ``.npz`` (``images`` float32 ``[N, C, H, W]``, model-ready,
@@ -237,7 +246,8 @@ def validate(artifact: str | os.PathLike, runtimes: Sequence[str] = ("onnxruntim
     """
     runtimes = list(dict.fromkeys(runtimes))
     art = resolve_artifact(artifact)
-    check_artifacts(runtimes, {"model": art.model_dir, "onnx": art.onnx, "engine": art.engine}, str(art.path))
+    check_artifacts(runtimes, {"model": art.model_dir, "onnx": art.onnx, "engine": art.engine,
+                               "program": art.program}, str(art.path))
     model = load_pruned(art.model_dir).eval() if art.model_dir is not None else None
     if isinstance(data, tuple):
         images, labels, where = np.asarray(data[0], dtype=np.float32), np.asarray(data[1]), "given arrays"
@@ -250,10 +260,11 @@ def validate(artifact: str | os.PathLike, runtimes: Sequence[str] = ("onnxruntim
         raise VitoptError(f"{art.path} has no validation data: pass --data SAMPLE.npz (images, labels) or give an "
                           "artifact inside a run directory.")
     res = measure_runtimes(runtimes, images, labels, batch_sizes=list(batch_sizes), model=model, onnx_path=art.onnx,
-                           engine_path=art.engine, threads=threads, device=device, warmup=warmup, repeats=repeats)
+                           engine_path=art.engine, program_path=art.program, threads=threads, device=device,
+                           warmup=warmup, repeats=repeats)
     res.update(artifact={k: str(v) if v is not None else None for k, v in
                          (("kind", art.kind), ("run_dir", art.run_dir), ("model_dir", art.model_dir),
-                          ("onnx", art.onnx), ("engine", art.engine))},
+                          ("onnx", art.onnx), ("engine", art.engine), ("program", art.program))},
                data=where, num_images=int(len(labels)), batch_sizes=list(batch_sizes), threads=threads,
                device=device)
     return res

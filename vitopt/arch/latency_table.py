@@ -57,8 +57,10 @@ __all__ = ["LatencyTable", "cost_fn", "make_monotone", "grid_values", "LUT_FORMA
 
 #: ``format`` tag written into every table file.
 LUT_FORMAT = "vitopt-latency-table"
-#: Version of the JSON layout written by :meth:`LatencyTable.save`.
-LUT_FORMAT_VERSION = 1
+#: Version of the JSON layout written by :meth:`LatencyTable.save` (2 added precision, target and
+#: tensorrt_version; version-1 files still load, as fp32 tables of no particular target).
+LUT_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 # ------------------------------------------------------------------------------------ grid helpers
@@ -126,7 +128,7 @@ class LatencyTable:
     ``repeats`` timed calls after ``warmup`` untimed ones).
 
     Attributes:
-        runtime: runtime kind it was measured with (``"onnxruntime"``, ``"pytorch"``).
+        runtime: runtime kind it was measured with (``"onnxruntime"``, ``"pytorch"``, ``"tensorrt"``).
         device: the hardware, in words (CPU model and core count, or the CUDA device name).
         threads: intra-op CPU threads the runtime used.
         batch_size: images per call.
@@ -149,6 +151,9 @@ class LatencyTable:
         statistic: which summary of a probe's timed calls is its latency (``"min"``, ``"p50"``, ``"mean"``).
         measure_seconds: wall time :func:`measure_lut` took.
         date: ISO-8601 UTC time of the measurement.
+        precision: the precision the probes ran in (``"fp32"``, ``"fp16"``...; TensorRT engine precision).
+        target: the deployment target profile it was measured for (``"h100"``), or None (the host).
+        tensorrt_version: TensorRT version of the probe engines (``runtime="tensorrt"``), else None.
     """
 
     runtime: str
@@ -178,6 +183,9 @@ class LatencyTable:
     statistic: str = "min"
     measure_seconds: float = 0.0
     date: str = ""
+    precision: str = "fp32"
+    target: str | None = None
+    tensorrt_version: str | None = None
 
     def __post_init__(self) -> None:
         self._check()
@@ -270,6 +278,25 @@ class LatencyTable:
         """:meth:`latency_ms` at ``model_dims`` (the measured model), or None when those are unknown."""
         return self.latency_ms(self.model_dims) if self.model_dims else None
 
+    def check_for(self, target: str | None, precision: str | None = None, where: str = "the latency table") -> None:
+        """Refuse to price a model for ``target`` / ``precision`` with a table measured for others.
+
+        A table with no recorded target (a host measurement, or a version-1 file) is accepted for any
+        target; a table of one target prices nothing else (TensorRT milliseconds of an Orin say
+        nothing about an H100).
+
+        Raises:
+            VitoptError: the recorded target or precision differs from the one asked for.
+        """
+        if target is not None and self.target is not None and self.target != target:
+            raise VitoptError(f"{where} was measured for target {self.target} ({self.runtime}, {self.device}) but the "
+                              f"model is pruned for {target}; measure one there (vitopt measure-lut --runtime tensorrt "
+                              f"--target {target}).")
+        if (target is not None and precision is not None and self.target is not None
+                and self.precision != precision):
+            raise VitoptError(f"{where} was measured at {self.precision} but the model is pruned for {precision} on "
+                              f"{target}; measure one at that precision (--precision {precision}).")
+
     # ------------------------------------------------------------------------------- files
     def to_json(self) -> dict[str, Any]:
         """The JSON object :meth:`save` writes (``format``, ``format_version`` and every field)."""
@@ -285,9 +312,9 @@ class LatencyTable:
         if not isinstance(obj, dict) or obj.get("format") != LUT_FORMAT:
             raise VitoptError(f"{where} is not a vitopt latency table (no \"format\": \"{LUT_FORMAT}\"); "
                               "write one with `vitopt measure-lut`.")
-        if obj.get("format_version") != LUT_FORMAT_VERSION:
+        if obj.get("format_version") not in _READABLE_VERSIONS:
             raise VitoptError(f"{where} has latency-table format_version {obj.get('format_version')!r}; this vitopt "
-                              f"reads version {LUT_FORMAT_VERSION}.")
+                              f"reads versions {', '.join(map(str, _READABLE_VERSIONS))}.")
         fields = {k: v for k, v in obj.items() if k not in ("format", "format_version")}
         try:
             return cls(**fields)

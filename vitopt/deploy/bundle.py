@@ -1,10 +1,12 @@
 """``vitopt deploy bundle``: a folder to copy to a Jetson (or any TensorRT host) that builds and measures there.
 
-Contents (see ``deploy/jetson/README.md``): the run's fp32 ONNX and its quantized variants, a
+Contents (see ``vitopt/deploy/jetson_kit/README.md``): the run's fp32 ONNX and its quantized variants, a
 validation sample (``sample.npz``: model-ready float32 images and int64 labels), ``labels.txt``, one
 ``build_<target>_<precision>.sh`` trtexec command per precision the target and the graphs allow,
 ``bundle.json`` (target profile, the derived build settings per precision, batch sizes, the host's
-validate numbers) and the standalone ``vitopt_jetson.py`` (Python + NumPy + TensorRT only).
+validate numbers), the standalone ``vitopt_jetson.py`` (Python + NumPy + TensorRT only) and its
+``requirements.txt``. The kit files ship inside the package (package data), so a wheel install finds
+them as well as a source checkout.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from vitopt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["write_bundle", "KIT_DIR", "BUNDLE_FORMAT"]
 
-#: the standalone kit shipped at the repository's top level.
-KIT_DIR = Path(__file__).resolve().parents[2] / "deploy" / "jetson"
-KIT_FILES = ("vitopt_jetson.py", "README.md")
+#: the standalone kit, shipped as package data (``pyproject.toml`` ``[tool.setuptools.package-data]``).
+KIT_DIR = Path(__file__).resolve().parent / "jetson_kit"
+KIT_FILES = ("vitopt_jetson.py", "README.md", "requirements.txt")
 BUNDLE_FORMAT = "vitopt-bundle/1"
 _ORDER = ("fp16", "int8", "fp8", "bf16", "fp32")
 
@@ -100,7 +102,7 @@ def write_bundle(target: str, out_dir: str | os.PathLike, *, onnx: Path, images:
                           "a quantize stage with precision fp16.")
     missing = [f for f in KIT_FILES if not (KIT_DIR / f).is_file()]
     if missing:
-        raise VitoptError(f"the Jetson kit files {missing} are missing from {KIT_DIR}; reinstall vitopt from source.")
+        raise VitoptError(f"the Jetson kit files {missing} are missing from {KIT_DIR}; reinstall vitopt.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_sample(out / "sample.npz", images, labels)

@@ -26,7 +26,18 @@ What is measured
 Every probe is exported to ONNX (:func:`vitopt.deploy.onnx_export.export_onnx` with
 ``simplify=False, verify=False``) for the ``onnxruntime`` runtime, or run eagerly by the
 ``pytorch`` runtime (on CPU, or on CUDA with ``device="cuda"``, synchronised per call), and timed
-with :func:`vitopt.deploy.latency.measure_latency`. A probe's latency is, by default, the **minimum**
+with :func:`vitopt.deploy.latency.measure_latency`.
+
+With ``runtime="tensorrt"`` the table is measured on the deployment target in TensorRT milliseconds:
+each probe's ONNX is built into an engine for ``target`` at ``precision`` with the builder settings
+of :func:`vitopt.deploy.tensorrt_build.derive_build_config` (static profile at the table's batch size;
+fp16/bf16 on TensorRT 11 are AutoCast first; int8/fp8 probes are quantized by ModelOpt with random
+calibration data - the scales do not change kernel timings), loaded by the ``tensorrt`` runtime and
+timed engine-only with CUDA events (:func:`vitopt.deploy.latency.measure_device_latency`). The table
+records the runtime, device, precision, target and TensorRT version, and allocation refuses to price
+a model for another target with it (:meth:`vitopt.arch.latency_table.LatencyTable.check_for`). One
+engine build per probe: ``grid_points**3 + grid_points + 1`` builds (69 at the default 4), so a
+lower ``trt_opt_level`` shortens it. A probe's latency is, by default, the **minimum**
 over its timed calls (``statistic="min"``; ``"p50"`` and ``"mean"`` are available). Interference from
 other processes only ever adds time, so the minimum is the most reproducible estimate of what the
 kernels cost (the advice of Python's ``timeit`` docs) and on a quiet target it is close to the
@@ -69,12 +80,15 @@ from torch import nn
 from vitopt.arch.config import resize_to
 from vitopt.arch.families import family_of
 from vitopt.arch.latency_table import LatencyTable, grid_values, make_monotone
-from vitopt.deploy.latency import measure_latency
+from vitopt.deploy.latency import measure_device_latency, measure_latency
 from vitopt.deploy.onnx_export import export_onnx
+from vitopt.deploy.quantize import quantize_onnx
 from vitopt.deploy.runtimes import known_runtimes, make_runtime
+from vitopt.deploy.targets import get_target
+from vitopt.deploy.tensorrt_build import build_engine, derive_build_config, onnx_info
 from vitopt.errors import VitoptError
 
-__all__ = ["measure_lut", "measure_model_latency", "PROBE_EXPORTERS", "STATISTICS"]
+__all__ = ["measure_lut", "measure_model_latency", "PROBE_EXPORTERS", "STATISTICS", "LUT_RUNTIMES"]
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +195,47 @@ def _quiet_export_logs() -> Iterator[None]:
 
 
 class _Timer:
-    """Times probe modules on one runtime; owns the temp folder for ONNX files."""
+    """Times probe modules on one runtime; owns the temp folder for ONNX files (and engines)."""
 
     def __init__(self, runtime: str, *, device: str, threads: int, batch_size: int, warmup: int, repeats: int,
-                 exporter: str, tmp: Path, statistic: str = "min") -> None:
+                 exporter: str, tmp: Path, statistic: str = "min", target: str | None = None,
+                 precision: str = "fp32", trt_opt_level: int = 3) -> None:
         self.runtime, self.device, self.threads, self.statistic = runtime, device, threads, statistic
         self.batch_size, self.warmup, self.repeats = batch_size, warmup, repeats
         self.exporter, self.tmp, self.count = exporter, tmp, 0
+        self.target, self.precision, self.trt_opt_level = target, precision, trt_opt_level
+        self.build_record: dict[str, Any] | None = None
+
+    def _engine(self, module: nn.Module, input_shape: tuple[int, int, int]) -> Path:
+        """Export ``module`` and build a TensorRT engine of it for the table's target and precision."""
+        path = self.tmp / f"probe{self.count}.onnx"
+        self.count += 1
+        self._export(module, path, input_shape)
+        if self.precision in ("int8", "fp8"):
+            cal = np.random.default_rng(self.count).standard_normal((self.batch_size, *input_shape), dtype=np.float32)
+            qpath = path.with_name(path.stem + f"_{self.precision}.onnx")
+            quantize_onnx(path, qpath, self.precision, calibration=cal, calibration_batch=self.batch_size)
+            path = qpath
+        info = onnx_info(path)
+        b = self.batch_size
+        cfg = derive_build_config(self.target, self.precision, input_name=info.input_name, input_chw=info.input_chw,
+                                  profile=(b, b, b), opt_level=self.trt_opt_level)
+        self.build_record = build_engine(path, cfg, self.tmp / f"engine{self.count}", cache_dir=self.tmp)
+        return Path(self.build_record["engine"])
 
     def __call__(self, module: nn.Module, input_shape: tuple[int, int, int]) -> float:
         """Latency (ms per call, ``statistic``) of ``module`` on ``[batch_size, *input_shape]`` float32 inputs."""
 
         options: dict[str, Any] = {}
+        if self.runtime == "tensorrt":
+            engine = self._engine(module, input_shape)
+            rt = make_runtime("tensorrt", engine_path=engine, device=int(str(self.device).partition(":")[2] or 0))
+            try:
+                res = measure_device_latency(rt, input_shape, [self.batch_size], warmup=self.warmup,
+                                             repeats=self.repeats)
+            finally:
+                rt.close()
+            return float(res[self.batch_size][STATISTICS[self.statistic]])
         if self.runtime == "onnxruntime":
             path = self.tmp / f"probe{self.count}.onnx"
             self.count += 1
@@ -215,7 +258,7 @@ class _Timer:
         return float(res[self.batch_size][STATISTICS[self.statistic]])
 
     def _export(self, module: nn.Module, path: Path, input_shape: tuple[int, int, int]) -> None:
-        kw = dict(simplify=False, verify=False, dynamic_batch=self.batch_size != 1)
+        kw = dict(simplify=False, verify=False, dynamic_batch=self.batch_size != 1 or self.runtime == "tensorrt")
         with _quiet_export_logs():
             try:
                 export_onnx(module, path, input_shape, exporter=self.exporter, **kw)
@@ -227,10 +270,26 @@ class _Timer:
                 export_onnx(module, path, input_shape, exporter="dynamo", **kw)
 
 
+#: runtimes a latency table can be measured on (probes are modules, ONNX files or engines).
+LUT_RUNTIMES = ("onnxruntime", "pytorch", "pytorch-compile", "tensorrt")
+
+
 def _check_settings(runtime: str, batch_size: int, threads: int, grid_points: int, warmup: int, repeats: int,
-                    exporter: str, statistic: str) -> None:
+                    exporter: str, statistic: str, target: str | None = None, precision: str = "fp32") -> None:
     if runtime not in known_runtimes():
         raise VitoptError(f"unknown runtime kind {runtime!r}; known kinds: {', '.join(known_runtimes())}.")
+    if runtime not in LUT_RUNTIMES:
+        raise VitoptError(f"latency tables are measured on {', '.join(LUT_RUNTIMES)}, not {runtime!r}.")
+    if runtime == "tensorrt":
+        if target is None:
+            raise VitoptError("a TensorRT latency table is measured for a target profile: give target (--target), "
+                              "e.g. h100 or orin-agx.")
+        t = get_target(target)
+        if precision not in t.precisions:
+            raise VitoptError(f"target {t.key} does not run {precision}; it runs {', '.join(t.precisions)}.")
+    elif precision != "fp32" or target is not None:
+        raise VitoptError(f"target and precision apply to runtime 'tensorrt'; runtime {runtime!r} measures fp32 on "
+                          "this machine.")
     for name, v, lo in (("batch_size", batch_size, 1), ("threads", threads, 1), ("grid_points", grid_points, 2),
                         ("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -259,7 +318,8 @@ def _progress(enabled: bool):
 def measure_lut(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: int = 1, threads: int = 2,
                 grid_points: int = 4, warmup: int = 5, repeats: int = 20, progress: bool = True,
                 device: str = "cpu", exporter: str = "torchscript", statistic: str = "min",
-                model_name: str | None = None, model_kwargs: dict[str, Any] | None = None) -> LatencyTable:
+                model_name: str | None = None, model_kwargs: dict[str, Any] | None = None,
+                target: str | None = None, precision: str = "fp32", trt_opt_level: int = 3) -> LatencyTable:
     """Measure a latency lookup table for a timm ViT on one runtime (NViT, CVPR 2023; HALP, NeurIPS 2022).
 
     Builds ``nD * nA * nM`` block probes, ``nD`` stem/head probes and one null probe (module
@@ -271,8 +331,10 @@ def measure_lut(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: i
     Args:
         model: a timm ``VisionTransformer`` (dense or pruned); the grids end at its current widths
             (largest ``heads * head_dim`` and ``mlp`` over blocks).
-        runtime: ``"onnxruntime"`` (probes exported to ONNX in a temp folder) or ``"pytorch"``
-            (eager; other registered model-based runtimes also work).
+        runtime: ``"onnxruntime"`` (probes exported to ONNX in a temp folder), ``"pytorch"`` (eager),
+            ``"pytorch-compile"``, or ``"tensorrt"`` (a TensorRT engine per probe, built for
+            ``target`` at ``precision``, timed engine-only with CUDA events; needs TensorRT and the
+            target's GPU).
         batch_size: images per timed call (ONNX graphs get a dynamic batch axis when != 1).
         threads: intra-op CPU threads of the runtime.
         grid_points: grid values per axis (>= 2): ``k / grid_points`` of the current width.
@@ -284,6 +346,9 @@ def measure_lut(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: i
         exporter: ``"torchscript"`` (fast; falls back to dynamo on failure) or ``"dynamo"``.
         model_name, model_kwargs: timm name/kwargs recorded as metadata (default: the model's
             ``pretrained_cfg["architecture"]`` and ``{}``).
+        target: the target profile (``runtime="tensorrt"`` only; required there).
+        precision: the engine precision (``runtime="tensorrt"``; fp32 elsewhere).
+        trt_opt_level: builder optimization level of the probe engines (0-5).
 
     Returns:
         A :class:`LatencyTable` (latencies in ms per call of ``batch_size`` images).
@@ -293,8 +358,8 @@ def measure_lut(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: i
             available, or an export/runtime failure of a probe.
     """
     t_start = time.perf_counter()
-    _check_settings(runtime, batch_size, threads, grid_points, warmup, repeats, exporter, statistic)
-    _check_device(device)
+    _check_settings(runtime, batch_size, threads, grid_points, warmup, repeats, exporter, statistic, target, precision)
+    _check_device("cuda" if runtime == "tensorrt" and device == "cpu" else device)
     fam = family_of(model)
     fam.check_supported(model)
     dims = fam.read_dims(model)
@@ -315,7 +380,8 @@ def measure_lut(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: i
     total = raw.size + len(D_grid) + 1
     with tempfile.TemporaryDirectory(prefix="vitopt-lut-") as tmp, _progress(progress) as bar:
         timer = _Timer(runtime, device=device, threads=threads, batch_size=batch_size, warmup=warmup,
-                       repeats=repeats, exporter=exporter, tmp=Path(tmp), statistic=statistic)
+                       repeats=repeats, exporter=exporter, tmp=Path(tmp), statistic=statistic, target=target,
+                       precision=precision, trt_opt_level=trt_opt_level)
         task = bar.add_task("null probe", total=total)
         overhead = timer(_BlockProbe(None, num_tokens).eval(), (1, 1, D_grid[-1]))
         bar.advance(task)
@@ -328,11 +394,14 @@ def measure_lut(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: i
                     bar.update(task, description=f"block D={D} A={A} M={M}")
                     raw[i, j, k] = timer(_block_probe(skel, D, A // head_dim, head_dim, M, num_tokens), (1, 1, D))
                     bar.advance(task)
-    used_exporter = timer.exporter if runtime == "onnxruntime" else None
+    used_exporter = timer.exporter if runtime in ("onnxruntime", "tensorrt") else None
     if model_name is None:
         model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    rec = timer.build_record or {}
+    dev = (f"{rec.get('device')} (sm {rec.get('compute_capability')})" if runtime == "tensorrt"
+           else _device_string(runtime, device))
     return LatencyTable(
-        runtime=runtime, device=_device_string(runtime, device), threads=threads, batch_size=batch_size,
+        runtime=runtime, device=dev, threads=threads, batch_size=batch_size,
         num_tokens=num_tokens, depth=depth, head_dim=head_dim,
         embed_grid=D_grid, attn_grid=A_grid, mlp_grid=M_grid,
         block_ms=make_monotone(np.maximum(raw - overhead, 0.0)).tolist(),
@@ -342,12 +411,14 @@ def measure_lut(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: i
         torch_version=str(torch.__version__), onnxruntime_version=_ort_version(), exporter=used_exporter,
         warmup=warmup, repeats=repeats, statistic=statistic, measure_seconds=round(time.perf_counter() - t_start, 2),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        precision=precision, target=target, tensorrt_version=rec.get("tensorrt_version"),
     )
 
 
 def measure_model_latency(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: int = 1, threads: int = 2,
                           warmup: int = 5, repeats: int = 20, device: str = "cpu",
-                          exporter: str = "torchscript", statistic: str = "min") -> float:
+                          exporter: str = "torchscript", statistic: str = "min", target: str | None = None,
+                          precision: str = "fp32", trt_opt_level: int = 3) -> float:
     """Measured latency of the whole ``model`` (ms per call of ``batch_size`` images, ``statistic``).
 
     Timed exactly as :func:`measure_lut` times its probes (same export path, runtime settings and
@@ -357,10 +428,11 @@ def measure_model_latency(model: nn.Module, *, runtime: str = "onnxruntime", bat
     Raises:
         VitoptError: bad settings, an unknown runtime, CUDA not available, or an export/runtime failure.
     """
-    _check_settings(runtime, batch_size, threads, 2, warmup, repeats, exporter, statistic)
-    _check_device(device)
+    _check_settings(runtime, batch_size, threads, 2, warmup, repeats, exporter, statistic, target, precision)
+    _check_device("cuda" if runtime == "tensorrt" and device == "cpu" else device)
     module = copy.deepcopy(model).float().cpu().eval()  # the runtime may move it to the device
     with tempfile.TemporaryDirectory(prefix="vitopt-lut-") as tmp:
         timer = _Timer(runtime, device=device, threads=threads, batch_size=batch_size, warmup=warmup,
-                       repeats=repeats, exporter=exporter, tmp=Path(tmp), statistic=statistic)
+                       repeats=repeats, exporter=exporter, tmp=Path(tmp), statistic=statistic, target=target,
+                       precision=precision, trt_opt_level=trt_opt_level)
         return timer(module, _image_shape(model))

@@ -2,7 +2,8 @@
 
 A profile says what a device can run (compute capability, memory, tensor-core precisions, DLA
 cores), which TensorRT line supports it (Jetson / JetPack 6 stays on TensorRT 10.x; TensorRT 11.x is
-strongly typed, see the TensorRT "Migrating from 10.x to 11.x" guide) and the defaults a build uses
+strongly typed, see the TensorRT "Migrating from 10.x to 11.x" guide; TensorRT 11.4.1 runs DLA again on
+Jetson AGX Orin with JetPack >= 7.2.2, per its release notes) and the defaults a build uses
 (optimization-profile batch sizes, workspace). :func:`load_targets` validates the YAML with pydantic,
 so a user-supplied profile file gets the same checks. ``vitopt targets`` prints them.
 """
@@ -43,6 +44,9 @@ class TargetProfile(BaseModel):
         tensorrt_majors: TensorRT major versions that support the device; ``tensorrt_default`` the
             one a build assumes when the installed version is unknown.
         jetpack: JetPack release the profile assumes (Jetson only).
+        dla_tensorrt11: the first TensorRT 11 release that runs this device's DLA (``"11.4.1"`` for AGX
+            Orin, TensorRT 11.4.1 release notes), or None when DLA needs TensorRT 10.x.
+        dla_tensorrt11_jetpack: the JetPack that release needs for DLA (``"7.2.2"``), or None.
         batch_sizes: ascending; the build's optimization profile is (first, middle, last) =
             (min, opt, max) and validation measures latency at each.
         workspace_mib: TensorRT builder workspace memory-pool limit in MiB.
@@ -60,6 +64,8 @@ class TargetProfile(BaseModel):
     tensorrt_majors: list[Literal[10, 11]] = Field(min_length=1)
     tensorrt_default: Literal[10, 11]
     jetpack: str | None = None
+    dla_tensorrt11: str | None = Field(default=None, pattern=r"^11\.\d+\.\d+$")
+    dla_tensorrt11_jetpack: str | None = None
     batch_sizes: list[int] = Field(min_length=1)
     workspace_mib: int = Field(ge=16)
 
@@ -73,6 +79,8 @@ class TargetProfile(BaseModel):
             raise ValueError(f"batch_sizes {self.batch_sizes} must be positive, ascending and unique")
         if "fp8" in self.precisions and self.sm < 89:
             raise ValueError(f"fp8 needs compute capability >= 8.9, not {self.compute_capability}")
+        if self.dla_tensorrt11 is not None and (self.dla_cores == 0 or 11 not in self.tensorrt_majors):
+            raise ValueError("dla_tensorrt11 needs dla_cores > 0 and 11 in tensorrt_majors")
         return self
 
     @property

@@ -7,7 +7,16 @@ directories and their data first, :mod:`vitopt.rundir`) both call it. It receive
 and arrays, never a recipe.
 
 Latency method: :func:`vitopt.deploy.latency.measure_latency` (fixed input, warm-up, timed repeats,
-fixed CPU threads); runtimes on a GPU are synchronised after every call and timed with CUDA events.
+fixed CPU threads); runtimes on a GPU are synchronised after every call and timed with CUDA events;
+runtimes that keep their I/O on the device (the ``tensorrt`` runtime) are timed by
+:func:`vitopt.deploy.latency.measure_device_latency` - the engine alone between CUDA events on its
+stream, the host-to-device copy reported beside it.
+
+Batches and optimization profiles: an engine accepts only the batches of its optimization profile
+(a Jetson profile stops at 32/16/8, a fixed-batch or DLA engine takes one batch). A runtime that
+reports ``max_batch`` (and ``profile``) gets evaluation batches of at most ``max_batch`` (a short last
+batch padded up to the profile's minimum and trimmed back), and latency batches clipped into the
+profile; the result says so under ``"batches"``.
 """
 
 from __future__ import annotations
@@ -18,14 +27,55 @@ from typing import Any
 import numpy as np
 
 from vitopt.deploy.accuracy import compare_logits, evaluate_runtime
-from vitopt.deploy.latency import measure_latency
+from vitopt.deploy.latency import measure_device_latency, measure_latency
 from vitopt.deploy.runtimes import make_runtime, runtime_spec
 from vitopt.errors import VitoptError
 
-__all__ = ["measure_runtimes", "check_artifacts", "ARTIFACT_WORDS"]
+__all__ = ["measure_runtimes", "check_artifacts", "ARTIFACT_WORDS", "batch_plan", "EVAL_BATCH"]
 
 #: how a runtime's artifact is named in messages (``RuntimeSpec.needs`` -> words).
-ARTIFACT_WORDS = {"model": "a model folder (arch.json)", "onnx": "an .onnx file", "engine": "a TensorRT engine"}
+ARTIFACT_WORDS = {"model": "a model folder (arch.json)", "onnx": "an .onnx file", "engine": "a TensorRT engine",
+                  "program": "a Torch-TensorRT program (.ep)"}
+#: images per call when measuring top-1 (capped at a runtime's ``max_batch``).
+EVAL_BATCH = 64
+
+
+def batch_plan(runtime: Any, batch_sizes: list[int], eval_batch: int = EVAL_BATCH) -> dict[str, Any]:
+    """The batches a runtime can take: evaluation batch and latency batches within its profile.
+
+    Args:
+        runtime: any runtime; ``profile`` ``(min, opt, max)`` or ``max_batch`` attributes bound it.
+        batch_sizes: the latency batches asked for.
+        eval_batch: the evaluation batch asked for.
+
+    Returns:
+        ``{"profile": (min, opt, max) | None, "eval_batch", "latency": [clipped, deduplicated],
+        "capped": bool}``; ``capped`` is True when any batch was changed.
+    """
+    prof = getattr(runtime, "profile", None)
+    mx = getattr(runtime, "max_batch", None)
+    lo, hi = (int(prof[0]), int(prof[2])) if prof else (1, int(mx) if mx else None)
+    if hi is None:
+        return {"profile": None, "eval_batch": eval_batch, "latency": list(batch_sizes), "capped": False}
+    latency = list(dict.fromkeys(min(max(int(b), lo), hi) for b in batch_sizes))
+    ev = min(max(eval_batch, lo), hi)
+    return {"profile": tuple(prof) if prof else (1, hi, hi), "eval_batch": ev, "latency": latency,
+            "capped": latency != list(batch_sizes) or ev != eval_batch}
+
+
+class _PadToMin:
+    """Calls ``runtime`` with batches of at least ``minimum`` rows (repeating the last row) and trims the output."""
+
+    def __init__(self, runtime: Any, minimum: int) -> None:
+        self.runtime, self.minimum = runtime, minimum
+        self.name = getattr(runtime, "name", "runtime")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if n >= self.minimum:
+            return self.runtime(x)
+        pad = np.concatenate([x, np.repeat(x[-1:], self.minimum - n, axis=0)])
+        return np.asarray(self.runtime(pad))[:n]
 
 
 def check_artifacts(runtimes: list[str], have: dict[str, Any], where: str) -> None:
@@ -47,8 +97,8 @@ def check_artifacts(runtimes: list[str], have: dict[str, Any], where: str) -> No
 
 def measure_runtimes(kinds: list[str], images: np.ndarray, labels: np.ndarray, *, batch_sizes: list[int],
                      model=None, onnx_path: Path | None = None, engine_path: Path | None = None,
-                     input_chw: tuple[int, int, int] | None = None, threads: int = 2, device: str = "cpu",
-                     warmup: int = 10, repeats: int = 50) -> dict[str, Any]:
+                     program_path: Path | None = None, input_chw: tuple[int, int, int] | None = None,
+                     threads: int = 2, device: str = "cpu", warmup: int = 10, repeats: int = 50) -> dict[str, Any]:
     """Top-1, latency and parity with PyTorch of each runtime kind on the same images.
 
     Args:
@@ -56,14 +106,15 @@ def measure_runtimes(kinds: list[str], images: np.ndarray, labels: np.ndarray, *
         images, labels: float32 ``[N, C, H, W]`` model-ready images and int ``[N]`` labels.
         batch_sizes: latency batch sizes.
         model: the PyTorch model (for ``pytorch``/``pytorch-compile`` and as parity reference).
-        onnx_path, engine_path: artifacts of the ONNX and TensorRT runtimes.
+        onnx_path, engine_path, program_path: artifacts of the ONNX, TensorRT and Torch-TensorRT runtimes.
         input_chw: ``(C, H, W)``; default ``images.shape[1:]``.
-        threads: CPU intra-op threads; device: ``cpu``/``cuda`` for the PyTorch runtimes.
+        threads: CPU intra-op threads; device: ``cpu``/``cuda[:i]`` for the PyTorch runtimes (its
+            index also picks the GPU of the engine runtimes).
         warmup, repeats: latency warm-up and timed calls per batch size.
 
     Returns:
-        ``{"runtimes": {kind: {"top1", "latency": {bs: stats}, "vs_pytorch": {...}?}},
-        "parity": ORT-vs-PyTorch agreement (when both ran)}``; ``vs_pytorch`` is
+        ``{"runtimes": {kind: {"top1", "latency": {bs: stats}, "batches": batch_plan(...),
+        "vs_pytorch": {...}?}}, "parity": ORT-vs-PyTorch agreement (when both ran)}``; ``vs_pytorch`` is
         :func:`compare_logits` of that runtime against the PyTorch reference: the eager runtime in
         ``kinds`` or, when absent, an extra eager pass of ``model``.
 
@@ -78,18 +129,27 @@ def measure_runtimes(kinds: list[str], images: np.ndarray, labels: np.ndarray, *
         spec = runtime_spec(kind)
         if spec.needs == "model":
             opts["device"] = device
-        runtime = make_runtime(kind, model=model, onnx_path=onnx_path, engine_path=engine_path, threads=threads,
-                               **opts)
-        on_gpu = spec.gpu or (spec.needs == "model" and device == "cuda")
+        elif spec.needs in ("engine", "program"):
+            opts["device"] = int(str(device).partition(":")[2] or 0)
+        runtime = make_runtime(kind, model=model, onnx_path=onnx_path, engine_path=engine_path,
+                               program_path=program_path, threads=threads, **opts)
+        on_gpu = spec.gpu or (spec.needs == "model" and str(device).startswith("cuda"))
         try:
-            acc = evaluate_runtime(runtime, images, labels)
-            lat = measure_latency(runtime, shape, batch_sizes, warmup=warmup, repeats=repeats,
-                                  sync=getattr(runtime, "sync", None) if on_gpu else None,
-                                  timer="cuda" if on_gpu else "wall")
+            plan = batch_plan(runtime, list(batch_sizes))
+            lo = plan["profile"][0] if plan["profile"] else 1
+            acc = evaluate_runtime(_PadToMin(runtime, lo) if lo > 1 else runtime, images, labels,
+                                   batch_size=plan["eval_batch"])
+            if all(hasattr(runtime, a) for a in ("stage_input", "launch", "event")):
+                lat = measure_device_latency(runtime, shape, plan["latency"], warmup=warmup, repeats=repeats)
+            else:
+                lat = measure_latency(runtime, shape, plan["latency"], warmup=warmup, repeats=repeats,
+                                      sync=getattr(runtime, "sync", None) if on_gpu else None,
+                                      timer="cuda" if on_gpu else "wall")
         finally:
             runtime.close()
         logits[kind] = acc["logits"]
-        out["runtimes"][kind] = {"top1": acc["top1"], "latency": {str(b): v for b, v in lat.items()}}
+        out["runtimes"][kind] = {"top1": acc["top1"], "latency": {str(b): v for b, v in lat.items()},
+                                 "batches": {**plan, "requested": list(batch_sizes)}}
     ref = logits.get("pytorch")
     if ref is None and model is not None and any(k != "pytorch" for k in kinds):
         rt = make_runtime("pytorch", model=model, threads=threads)

@@ -333,17 +333,22 @@ class Target:
             (latency_ms); None for a shape.
         lut: the latency table pricing ``latency_ms`` (None otherwise).
         shape: group kind -> units to keep in every group of that kind (``shape`` only).
+        deploy_target, deploy_precision: the target profile and precision the model is pruned for
+            (``latency_ms``: a table measured for another target is refused), or None.
     """
 
     metric: str
     value: float | None = None
     lut: LatencyTable | None = None
     shape: dict[str, int] = field(default_factory=dict)
+    deploy_target: str | None = None
+    deploy_precision: str | None = None
 
 
 def parse_target(target: Mapping[str, Any] | Target) -> Target:
     """Read a target mapping: ``{"flops": f}``, ``{"params": f}`` (fractions of the current model, in (0, 1]),
-    ``{"latency_ms": ms, "lut": PATH or LatencyTable}`` or ``{"shape": {"embed": 192, "heads": 3, ...}}``.
+    ``{"latency_ms": ms, "lut": PATH or LatencyTable}`` (optionally with ``"deploy_target"`` and
+    ``"deploy_precision"``) or ``{"shape": {"embed": 192, "heads": 3, ...}}``.
 
     Raises:
         VitoptError: not exactly one metric, a value out of range, a latency target without a table,
@@ -354,7 +359,7 @@ def parse_target(target: Mapping[str, Any] | Target) -> Target:
     if not isinstance(target, Mapping):
         raise VitoptError(f"target must be a mapping such as {{'flops': 0.5}}; got {target!r}.")
     metrics = [k for k in target if k in TARGET_METRICS]
-    unknown = [k for k in target if k not in (*TARGET_METRICS, "lut")]
+    unknown = [k for k in target if k not in (*TARGET_METRICS, "lut", "deploy_target", "deploy_precision")]
     if unknown or len(metrics) != 1:
         raise VitoptError(f"target {dict(target)!r} must name exactly one of {', '.join(TARGET_METRICS)} "
                           "(plus 'lut' for latency_ms).")
@@ -375,7 +380,8 @@ def parse_target(target: Mapping[str, Any] | Target) -> Target:
         if lut is None:
             raise VitoptError("target latency_ms needs 'lut': a latency table (vitopt measure-lut) or its path.")
         table = lut if isinstance(lut, LatencyTable) else LatencyTable.load(os.fspath(lut))
-        return Target("latency_ms", float(value), lut=table)
+        return Target("latency_ms", float(value), lut=table, deploy_target=target.get("deploy_target"),
+                      deploy_precision=target.get("deploy_precision"))
     return Target(metric, float(value))
 
 
@@ -384,7 +390,7 @@ def target_cost(structure: Structure, target: Target) -> tuple[Callable[[dict[st
 
     Raises:
         VitoptError: a shape target (it has no budget), a Structure without a cost model, or a latency
-            table measured for another token count or depth.
+            table measured for another token count, depth, or deployment target/precision.
     """
     if target.metric == "shape":
         raise VitoptError("a shape target has no cost budget.")
@@ -395,6 +401,7 @@ def target_cost(structure: Structure, target: Target) -> tuple[Callable[[dict[st
         if structure.family != "vit":
             raise VitoptError(f"target latency_ms prices units with a ViT block latency table; a {structure.family} "
                               "model is not supported there (allowed targets: flops, params, shape).")
+        target.lut.check_for(target.deploy_target, target.deploy_precision)
         return cost_fn(target.lut, cm.model), float(target.value)
     fn = getattr(cm, target.metric)
     return fn, float(target.value) * float(fn(structure.sizes()))

@@ -66,7 +66,7 @@ class Choices:
 
 #: what the built-in runtimes run, for stage-order checks made without :class:`Choices`.
 _DEFAULT_RUNTIME_NEEDS = {"pytorch": "model", "pytorch-compile": "model", "onnxruntime": "onnx",
-                          "onnxruntime-cuda": "onnx", "tensorrt": "engine"}
+                          "onnxruntime-cuda": "onnx", "tensorrt": "engine", "torch-tensorrt": "program"}
 
 
 def _choices(info: ValidationInfo) -> Choices | None:
@@ -508,9 +508,20 @@ class PruneStage(_StageBase):
                                 "{heads: 0.25, mlp: 0.25}.")
     fill: bool = Field(default=True, description="Re-add removed units that still fit under the budget, so the model "
                                                  "lands just under the target instead of one rounded chunk below it.")
-    round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] = Field(
+    round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] | Annotated[
+        str, Field(pattern="^auto$")] = Field(
         default=8, description="Kept counts are rounded to multiples of this (tensor-core friendly); an integer "
-                               "applies to every group but heads (heads round to 1), a mapping sets it per group.")
+                               "applies to every group but heads (heads round to 1), a mapping sets it per group; "
+                               "'auto' keeps the sizes deploy_target's fused TensorRT kernels accept at "
+                               "deploy_precision (vitopt.deploy.kernel_rules).")
+    # --- issue 15: kernel-friendly sizes for a deployment target (round_to: auto, LUT target check)
+    deploy_target: str | None = Field(
+        default=None, pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Target profile (`vitopt targets`) the pruned model is deployed to; required by round_to: auto, "
+                    "and a latency table measured for another target is refused.")
+    deploy_precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = Field(
+        default="fp16", description="Engine precision on deploy_target (the MHA and GEMM size rules depend on it).")
+    # --- end issue 15
     min_keep: dict[Group, Annotated[int, Field(ge=1)]] = Field(
         default={}, description="Minimum units kept per block for each group (default 1).")
     lut: Path | None = Field(default=None, description="Latency lookup table (JSON from `vitopt measure-lut`); "
@@ -532,14 +543,21 @@ class PruneStage(_StageBase):
                              "(allowed criteria: l1, taylor, hessian, kl)")
         if self.target.shape is not None and self.schedule == "iterative":
             raise ValueError("target.shape is applied in one shot (allowed schedule: one_shot)")
+        if self.round_to == "auto" and self.deploy_target is None:             # issue 15
+            raise ValueError("round_to: auto needs deploy_target: a target profile such as h100 or orin-agx")
         if self.criterion == "search" and self.target.flops is None and self.target.params is None:
             raise ValueError("criterion 'search' trains its gates towards a cost fraction (allowed targets: "
                              "flops, params)")
         return self
 
     def round_for(self, group: str) -> int:
-        """Rounding multiple of ``group``: heads 1 and others ``round_to`` unless a mapping names them."""
+        """Rounding multiple of ``group``: heads 1 and others ``round_to`` unless a mapping names them.
+
+        With ``round_to: auto`` this is the plain default (heads 1, others 8); the prune stage replaces it
+        by the kernel rules of ``deploy_target`` (the recipe package imports no deploy code)."""
         default = 1 if group == "heads" else 8
+        if self.round_to == "auto":
+            return default
         if isinstance(self.round_to, dict):
             return self.round_to.get(group, default)
         return 1 if group == "heads" else self.round_to
@@ -612,11 +630,19 @@ class QuantizeStage(_StageBase):
                                     description="Training images drawn (seeded) to calibrate int8/fp8 scales.")
     calibration_method: Literal["entropy", "max"] = Field(
         default="entropy", description="int8 scale calibration: 'entropy' (KL) or 'max' (fp8 always uses max).")
+    calibration_batch: int = Field(default=32, ge=1, description="Images per calibration batch (a static batch, so "
+                                                                 "a dynamic-batch ONNX is not calibrated one image "
+                                                                 "at a time).")
+    high_precision_dtype: Literal["fp16", "fp32"] = Field(
+        default="fp16", description="Precision of the ops ModelOpt leaves unquantized (LayerNorm, Softmax, GELU, "
+                                    "residual adds): 'fp16' for TensorRT (ModelOpt's default; strong typing keeps it), "
+                                    "'fp32' for a graph meant for an ONNX Runtime CPU check.")
     threads: int = Field(default=2, ge=1, description="CPU threads of the ONNX Runtime accuracy check.")
 
 
 class BuildStage(_StageBase):
-    """A TensorRT engine for a target profile (``vitopt targets``), built with the TensorRT Python API."""
+    """A TensorRT engine for a target profile (``vitopt targets``), built with the TensorRT Python API from the
+    exported ONNX, or a Torch-TensorRT program of the model (``backend: torch_tensorrt``)."""
 
     type: Literal["build"] = Field(default="build", description="Stage type tag.")
     target: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$",
@@ -636,8 +662,15 @@ class BuildStage(_StageBase):
                                  description="Run on this DLA core with GPU fallback (Orin AGX/NX, TensorRT 10).")
     version_compatible: bool = Field(default=False, description="Build a version-compatible engine.")
     timing_cache: Path | None = Field(
-        default=None, description="Timing cache file reused across builds; null: timing_<target>.cache in the "
-                                  "run directory.")
+        default=None, description="Timing cache file reused across builds; null: timing_<device>_<sm>_trt<version>"
+                                  ".cache in the run directory (one per GPU model and TensorRT build).")
+    backend: Literal["tensorrt", "torch_tensorrt"] = Field(
+        default="tensorrt", description="'tensorrt': the TensorRT Python API builds the exported ONNX (extra trt); "
+                                        "'torch_tensorrt': Torch-TensorRT compiles the PyTorch model into a .ep "
+                                        "program for runtime 'torch-tensorrt' (extra torch-tensorrt; fp32/fp16/bf16).")
+    dla_min_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="DLA builds: refuse the engine when fewer than this fraction of its "
+                                             "layers can run on DLA (the rest falls back to the GPU).")
 
 
 StageConfig = Annotated[
@@ -698,7 +731,8 @@ class Recipe(_Config):
         ``onnxruntime`` needs an earlier ``export``; ``finetune`` with ``kd.enabled`` needs an earlier
         ``prune`` (the teacher is the model before pruning); ``quantize`` and ``build`` need an earlier
         ``export``; an int8/fp8 ``build`` needs an earlier ``quantize`` of that precision; ``validate``
-        with ``tensorrt`` needs an earlier ``build``; explicit stage names are unique.
+        with ``tensorrt`` needs an earlier ``build`` with ``backend: tensorrt`` and ``torch-tensorrt`` one with
+        ``backend: torch_tensorrt``; explicit stage names are unique.
         """
         choices = _choices(info)
         needs = dict(choices.runtimes) if choices else _DEFAULT_RUNTIME_NEEDS
@@ -726,9 +760,11 @@ class Recipe(_Config):
                 quant_precisions.add(stage.precision)
             if isinstance(stage, ValidateStage):
                 for rt in stage.runtimes:
-                    if needs.get(rt) == "engine" and "build" not in seen:
+                    if needs.get(rt) in ("engine", "program") and f"build:{needs[rt]}" not in seen:
+                        backend = "tensorrt" if needs[rt] == "engine" else "torch_tensorrt"
                         raise _order_error(i, f"a validate stage with runtime {rt!r} needs an earlier build stage "
-                                              "(allowed: a build stage before it, or other runtimes)")
+                                              f"with backend {backend} (allowed: such a build stage before it, or "
+                                              "other runtimes)")
                     if needs.get(rt) == "onnx" and "export" not in seen:
                         raise _order_error(i, f"a validate stage with runtime {rt!r} needs an earlier export stage "
                                               "(allowed: an export stage before it, or runtimes: [pytorch])")
@@ -737,6 +773,8 @@ class Recipe(_Config):
                                       "teacher is the model before pruning (allowed: a prune stage before it, or "
                                       "kd.enabled: false)")
             seen.add(stage.type)
+            if isinstance(stage, BuildStage):
+                seen.add("build:engine" if stage.backend == "tensorrt" else "build:program")
             if isinstance(stage, SparseTrainStage) and stage.method == "s2vite":
                 seen.add("prune")              # S2ViTE ends with surgery and leaves a KD teacher
         return self

@@ -70,6 +70,17 @@ def _compare_table(val: dict, dense_top1: float | None) -> str:
                                 lambda m, k=kind, b=bs, qq=q: m["runtimes"].get(k, {}).get("latency", {}).get(b, {}).get(qq),
                                 "{:.3f}".format))
     text = _table(header, rows)
+    for kind, rt in final["runtimes"].items():
+        plan = rt.get("batches") or {}
+        if plan.get("capped"):
+            lo, _, hi = plan["profile"]
+            text += (f"\n\n{kind}: its optimization profile takes batches {lo}..{hi}, so latency was measured at "
+                     f"{', '.join(map(str, plan['latency']))} (asked: {', '.join(map(str, plan['requested']))}) and "
+                     f"top-1 in batches of {plan['eval_batch']}.")
+        h2d = {b: v["h2d_p50_ms"] for b, v in rt["latency"].items() if "h2d_p50_ms" in v}
+        if h2d:
+            text += (f"\n\n{kind} latency is the engine alone (CUDA events on its stream); the host-to-device copy "
+                     "p50 is " + ", ".join(f"{v:.3f} ms at batch {b}" for b, v in h2d.items()) + ".")
     if dense_top1 is not None:
         text += f"\n\nDense model trained in this run: val top-1 {dense_top1:.2f}%."
     return text

@@ -1,21 +1,28 @@
-"""``build``: a TensorRT engine of the exported (or quantized) ONNX for a target profile.
+"""``build``: a TensorRT engine (or Torch-TensorRT program) of the model for a target profile.
 
-Picks the ONNX (int8/fp8: the Q/DQ model of the last quantize stage of that precision; fp16/bf16:
-the last AutoCast model of that precision if any, else the export), derives the builder settings
-from the target profile and the recipe (:func:`vitopt.deploy.tensorrt_build.derive_build_config`),
-writes the equivalent trtexec command first (useful even where TensorRT is missing), then builds
-with the TensorRT Python API - or with Torch-TensorRT's dynamo path where only that is installed.
-The timing cache lives in the run directory so every build for a target reuses it.
+``backend: tensorrt`` (default) builds the exported ONNX with the TensorRT Python API: it picks the
+ONNX (int8/fp8: the Q/DQ model of the last quantize stage of that precision; fp16/bf16: the last
+AutoCast model of that precision if any, else the export - AutoCast by the build itself when a
+strongly typed TensorRT 11 build needs it), derives the builder settings from the target profile and
+the recipe (:func:`vitopt.deploy.tensorrt_build.derive_build_config`), writes the equivalent trtexec
+command first (useful even where TensorRT is missing), then builds. The timing cache lives in the run
+directory, one file per GPU model and TensorRT version, so every build there reuses it. The stage
+records the engine under output ``engine``.
+
+``backend: torch_tensorrt`` compiles the PyTorch model with Torch-TensorRT and records the saved
+program (``.ep``) under output ``program``, which the ``torch-tensorrt`` runtime runs (the ``tensorrt``
+runtime cannot load it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 from pathlib import Path
 
 from vitopt.deploy.tensorrt_build import (
     TRT_EXTRA_HINT,
-    build_backend,
+    autocast_for_build,
     build_engine,
     build_paths,
     check_graph_precision,
@@ -29,6 +36,7 @@ from vitopt.deploy.tensorrt_build import (
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_text
 from vitopt.stages.base import StageDir, State, latest_output
+from vitopt.train.inputs import input_shape
 
 __all__ = ["run"]
 
@@ -48,34 +56,44 @@ def _source_onnx(cfg, state: State, run_dir: Path) -> Path:
     return state.onnx_path
 
 
+def _major(cfg) -> int | None:
+    """The recipe's TensorRT major, else the installed one, else None (the target's default)."""
+    if cfg.trt_major is not None:
+        return cfg.trt_major
+    if importlib.util.find_spec("tensorrt") is not None:
+        return tensorrt_major(require_tensorrt())
+    return None
+
+
+def _options(cfg) -> dict:
+    return dict(trt_major=_major(cfg), profile=tuple(cfg.profile) if cfg.profile else None,
+                workspace_mib=cfg.workspace_mib, opt_level=cfg.opt_level, sparsity=cfg.sparsity, dla_core=cfg.dla_core,
+                version_compatible=cfg.version_compatible, backend=cfg.backend, dla_min_fraction=cfg.dla_min_fraction)
+
+
 def run(cfg, state: State, sd: StageDir) -> State:
-    """Build ``<stage>/<target>_<precision>.engine`` (+ ``.trtexec.sh``, ``.build.json``)."""
+    """Build ``<stage>/<target>_<precision>.engine`` (or ``.ep``) plus ``.trtexec.sh`` and ``.build.json``."""
     run_dir = sd.path.parent
+    sd.path.mkdir(parents=True, exist_ok=True)
+    if cfg.backend == "torch_tensorrt":
+        bc = derive_build_config(cfg.target, cfg.precision, input_chw=input_shape(state.model), **_options(cfg))
+        record = compile_torch_tensorrt(state.model, bc, sd.path)
+        rel = Path(record["program"]).relative_to(run_dir).as_posix()
+        state.results[sd.label] = sd.finish(cfg, record, {"program": rel})
+        return state
     onnx = _source_onnx(cfg, state, run_dir)
     info = onnx_info(onnx)
-    backend = build_backend()
-    major = cfg.trt_major
-    if major is None and backend == "tensorrt":
-        major = tensorrt_major(require_tensorrt())
     bc = derive_build_config(cfg.target, cfg.precision, input_name=info.input_name, input_chw=info.input_chw,
-                             trt_major=major, profile=tuple(cfg.profile) if cfg.profile else None,
-                             fixed_batch=info.batch, workspace_mib=cfg.workspace_mib, opt_level=cfg.opt_level,
-                             sparsity=cfg.sparsity, dla_core=cfg.dla_core, version_compatible=cfg.version_compatible)
+                             fixed_batch=info.batch, **_options(cfg))
+    info = autocast_for_build(bc, info, sd.path)
     check_graph_precision(bc, info)
-    cache = cfg.timing_cache or run_dir / f"timing_{bc.target}_trt{bc.trt_major}.cache"
-    paths = build_paths(sd.path, bc, cache)
-    sd.path.mkdir(parents=True, exist_ok=True)
-    cmd = shlex.join(trtexec_command(bc, onnx, paths["engine"], cache))
+    paths = build_paths(sd.path, bc, cfg.timing_cache)
+    cmd = shlex.join(trtexec_command(bc, info.path, paths["engine"], paths["timing_cache"], paths["layers_json"]))
     atomic_write_text(paths["trtexec"], "#!/bin/sh\n" + cmd + "\n")
-    if backend == "tensorrt":
-        record = build_engine(onnx, bc, sd.path, timing_cache=cache)
-    elif backend == "torch_tensorrt":
-        record = compile_torch_tensorrt(state.model, bc, sd.path)
-        state.model.cpu().train()
-    else:
+    if importlib.util.find_spec("tensorrt") is None:
         raise VitoptError(f"TensorRT is not installed, so the build stage cannot run here; {TRT_EXTRA_HINT}, or run "
                           f"the trtexec command written to {paths['trtexec']} on the target.")
-    record["onnx"] = str(onnx)
+    record = build_engine(info.path, bc, sd.path, timing_cache=cfg.timing_cache or None, cache_dir=run_dir)
     rel = Path(record["engine"]).relative_to(run_dir).as_posix()
     state.results[sd.label] = sd.finish(cfg, record, {"engine": rel})
     return state

@@ -15,14 +15,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from vitopt.arch.families import family_of
 from vitopt.arch.structure import GROUP_KINDS
+from vitopt.deploy.kernel_rules import round_rules
 from vitopt.pruning.calibration import calibration_batches
 from vitopt.pruning.prune import kd_recovery, prune_with_report
 from vitopt.stages.base import MODEL_DIR, StageDir, State, embed_widths, structure_table
 from vitopt.train.data import make_loader
 from vitopt.train.loop import evaluate
 
-__all__ = ["run", "stage_target"]
+__all__ = ["run", "stage_target", "round_to_for"]
 
 
 def _print_table(rows: list[dict], embed: tuple, title: str) -> None:
@@ -48,8 +50,23 @@ def stage_target(cfg: Any, state: State) -> dict[str, Any]:
         current = state.cost()[t.metric]
         return {t.metric: min(1.0, getattr(t, t.metric) * state.dense[t.metric] / current)}
     if t.metric == "latency_ms":
-        return {"latency_ms": t.latency_ms, "lut": cfg.lut}
+        out = {"latency_ms": t.latency_ms, "lut": cfg.lut}
+        if cfg.deploy_target is not None:                 # issue 15: refuse a LUT of another target
+            out.update(deploy_target=cfg.deploy_target, deploy_precision=cfg.deploy_precision)
+        return out
     return {"shape": {k: v for k, v in t.shape.model_dump().items() if v is not None}}
+
+
+# --- issue 15: round_to: auto
+def round_to_for(cfg: Any, model: Any) -> dict[str, Any]:
+    """``round_to`` per pruned kind: the recipe's multiples, or with ``round_to: auto`` the sizes the fused
+    TensorRT kernels of ``cfg.deploy_target`` accept at ``cfg.deploy_precision`` (:mod:`vitopt.deploy.kernel_rules`;
+    the model's token count decides the int8/fp8 MHA sequence limits)."""
+    if cfg.round_to != "auto":
+        return {k: cfg.round_for(k) for k in GROUP_KINDS}
+    rules = round_rules(cfg.deploy_target, cfg.deploy_precision, num_tokens=family_of(model).num_tokens(model))
+    return {k: rules.get(k, cfg.round_for(k)) for k in GROUP_KINDS}
+# --- end issue 15
 
 
 def run(cfg, state: State, sd: StageDir) -> State:
@@ -77,7 +94,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
     result = prune_with_report(
         state.model, target=stage_target(cfg, state), criterion=cfg.criterion,
         groups=list(cfg.groups) if cfg.groups else None, data=calib, teacher=teacher, gates=state.gates,
-        scope=cfg.scope, round_to={k: cfg.round_for(k) for k in kinds}, min_keep={k: cfg.min_keep_for(k) for k in kinds},
+        scope=cfg.scope, round_to=round_to_for(cfg, state.model), min_keep={k: cfg.min_keep_for(k) for k in kinds},
         min_fraction=dict(cfg.min_fraction), compare=cfg.compare, fill=cfg.fill, schedule=cfg.schedule,
         rounds=cfg.iterative.rounds, recover=recover, criterion_options=options, inplace=True)
     model = result.model

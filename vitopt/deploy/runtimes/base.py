@@ -4,7 +4,8 @@ A runtime takes a float32 NCHW batch as a NumPy array and returns float32 logits
 as a NumPy array, so accuracy (:func:`vitopt.deploy.accuracy.evaluate_runtime`) and latency
 (:func:`vitopt.deploy.latency.measure_latency`) are measured the same way for PyTorch, ONNX Runtime
 and TensorRT. A :class:`RuntimeSpec` is the one registration of a runtime kind: its name, what
-artifact it runs (a PyTorch model, an ONNX file or a TensorRT engine), whether it runs on a GPU, and
+artifact it runs (a PyTorch model, an ONNX file, a TensorRT engine or a Torch-TensorRT program),
+whether it runs on a GPU, and
 the factory that builds it. Validation, the recipe schema and the CLI read these specs, so a new
 runtime is one module with one spec plus one line in :data:`vitopt.deploy.runtimes.RUNTIMES`.
 """
@@ -31,6 +32,11 @@ class Runtime(Protocol):
 
     ``__call__(x)``: ``x`` is a float32 array ``[B, C, H, W]``; returns float32 logits ``[B, classes]``.
     ``close()``: release sessions/threads settings; the runtime must not be called afterwards.
+
+    Optional: ``max_batch`` (the largest batch it accepts, e.g. an engine's optimization-profile
+    maximum; validation caps its batches there), ``sync()`` (wait for queued device work), and
+    ``stage_input(x)`` / ``launch()`` / ``event()`` (device-resident timing of the compute alone,
+    :func:`vitopt.deploy.latency.measure_device_latency`).
     """
 
     name: str
@@ -53,16 +59,17 @@ class RuntimeSpec:
 
     Attributes:
         name: the kind, as recipes and ``vitopt validate --runtime`` name it (``"onnxruntime"``).
-        needs: the artifact it runs: ``"model"`` (an ``nn.Module``), ``"onnx"`` (an ``.onnx`` file) or
-            ``"engine"`` (a serialized TensorRT engine).
+        needs: the artifact it runs: ``"model"`` (an ``nn.Module``), ``"onnx"`` (an ``.onnx`` file),
+            ``"engine"`` (a serialized TensorRT engine) or ``"program"`` (a Torch-TensorRT ``.ep``).
         gpu: True when it always runs on a CUDA device (latency is then timed with CUDA events).
-        factory: ``factory(*, model, onnx_path, engine_path, threads, **options) -> Runtime``; raises
+        factory: ``factory(*, model, onnx_path, engine_path, threads, **options) -> Runtime`` (program
+            runtimes also receive ``program_path``); raises
             :class:`VitoptError` when its artifact or an optional package is missing.
         description: one line for help texts.
     """
 
     name: str
-    needs: Literal["model", "onnx", "engine"]
+    needs: Literal["model", "onnx", "engine", "program"]
     gpu: bool
     factory: Callable[..., Runtime]
     description: str = ""

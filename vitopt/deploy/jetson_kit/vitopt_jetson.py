@@ -2,20 +2,26 @@
 """Build a TensorRT engine from a vitopt bundle on the device, then measure top-1 and latency.
 
 Needs only Python 3.8+, NumPy and TensorRT's Python API (JetPack: ``python3-libnvinfer``) with
-cuda-python or pycuda for device buffers. ``--runtime onnxruntime`` runs the same measurement with
-ONNX Runtime instead (for a host without TensorRT, or to compare). Writes ``results.json``, which
-``vitopt report RUN_DIR`` shows beside the host's numbers when copied into the run directory (any
+cuda-python or pycuda for device buffers (``requirements.txt``: JetPack 6.x is CUDA 12.6 and Python
+3.10, so ``cuda-python~=12.6``). ``--runtime onnxruntime`` runs the same measurement with ONNX Runtime
+instead (for a host without TensorRT, or to compare). Writes ``results.json``, which ``vitopt report
+RUN_DIR`` shows beside the host's numbers when copied into the run directory (any
 ``RUN_DIR/*/results.json`` or ``RUN_DIR/results.json``).
 
 Usage (inside the bundle folder copied to the device)::
 
     python3 vitopt_jetson.py                      # fp16 engine, batch sizes from bundle.json
     python3 vitopt_jetson.py --precision int8     # the Q/DQ model (explicit quantization)
-    python3 vitopt_jetson.py --dla-core 0         # on DLA core 0 with GPU fallback
+    python3 vitopt_jetson.py --dla-core 0         # on DLA core 0 with GPU fallback (static batch)
 
 Method: the engine is built with the optimization profile, workspace and flags that ``vitopt``
-derived for the target (bundle.json ``builds``); top-1 is the argmax of the logits over the bundled
-validation sample; latency is wall-clock per call (host->device copy, ``execute_async_v3``,
+derived for the target (bundle.json ``builds``); with ``--dla-core`` the profile becomes static
+(min = opt = max, as DLA requires; TensorRT developer guide "Working with DLA") and the build refuses
+an engine in which fewer than ``--dla-min-fraction`` of the layers can run on DLA (the rest would run
+on the GPU under GPU fallback). Batches outside the engine's optimization profile are capped to it
+(and said so in results.json); ``set_input_shape`` and ``execute_async_v3`` results are checked.
+The CUDA context exists before the engine is deserialized. Top-1 is the argmax of the logits over the
+bundled validation sample; latency is wall-clock per call (host->device copy, ``execute_async_v3``,
 device->host copy, stream sync) after warm-up, with p50/p90/p99 by linear interpolation and
 throughput = batch / p50. This file is standalone: it imports nothing from vitopt.
 """
@@ -132,8 +138,23 @@ def _trt():
     return trt
 
 
-def build_engine(onnx_path: Path, engine_path: Path, build: dict, cache_path: Path) -> dict:
-    """Build an engine with the settings vitopt derived (``bundle.json`` ``builds[precision]``)."""
+def dla_build(build: dict, core: int) -> dict:
+    """The build settings of ``build`` (bundle.json ``builds[p]["config"]``) moved to DLA core ``core``.
+
+    DLA runs FP16 and INT8 with static shapes: the profile becomes (opt, opt, opt) and GPU_FALLBACK is
+    set (TensorRT developer guide, "Working with DLA").
+    """
+    if build["precision"] not in ("fp16", "int8"):
+        raise SystemExit(f"error: DLA runs fp16 and int8 only, not {build['precision']}; pick --precision fp16.")
+    opt = int(build["profile"][1])
+    flags = [f for f in build["builder_flags"] if f != "VERSION_COMPATIBLE"]
+    return {**build, "dla_core": int(core), "profile": [opt, opt, opt], "version_compatible": False,
+            "builder_flags": flags + ([] if "GPU_FALLBACK" in flags else ["GPU_FALLBACK"])}
+
+
+def build_engine(onnx_path: Path, engine_path: Path, build: dict, cache_path: Path,
+                 dla_min_fraction: float = 0.5) -> dict:
+    """Build an engine with the settings vitopt derived (``bundle.json`` ``builds[precision]["config"]``)."""
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -150,23 +171,34 @@ def build_engine(onnx_path: Path, engine_path: Path, build: dict, cache_path: Pa
     config.builder_optimization_level = int(build["opt_level"])
     for flag in build["builder_flags"]:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    record = {}
     if build.get("dla_core") is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(build["dla_core"])
+        on_dla = sum(bool(config.can_run_on_DLA(network.get_layer(i))) for i in range(network.num_layers))
+        fraction = on_dla / max(network.num_layers, 1)
+        record["dla_layers"] = {"on_dla": on_dla, "total": network.num_layers, "fraction": round(fraction, 4)}
+        if fraction < dla_min_fraction:
+            raise SystemExit(f"error: only {on_dla} of {network.num_layers} layers can run on DLA core "
+                             f"{build['dla_core']}; the engine would mostly time the GPU (lower --dla-min-fraction "
+                             "to build it anyway).")
     profile = builder.create_optimization_profile()
     chw = tuple(build["input_chw"])
     profile.set_shape(build["input_name"], *((b, *chw) for b in build["profile"]))
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):   # a cache from another device: start empty
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     t0 = time.perf_counter()
     blob = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
     if blob is None:
         raise SystemExit("error: TensorRT could not build the engine; see its log above.")
     engine_path.write_bytes(bytes(blob))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"build_seconds": round(seconds, 3), "tensorrt_version": trt.__version__}
+    saved = config.get_timing_cache()
+    if saved is not None:
+        cache_path.write_bytes(bytes(saved.serialize()))
+    return {"build_seconds": round(seconds, 3), "tensorrt_version": trt.__version__, **record}
 
 
 class _CudaPython:
@@ -241,42 +273,73 @@ def _cuda():
             return cls()
         except ImportError:
             continue
-    raise SystemExit("error: neither cuda-python nor pycuda is importable; `pip install cuda-python` (or pycuda).")
+    raise SystemExit("error: neither cuda-python nor pycuda is importable; `pip install -r requirements.txt` "
+                     "(cuda-python~=12.6 on JetPack 6) or pycuda.")
+
+
+def plan_batches(batch_sizes, profile) -> list:
+    """Latency batch sizes clipped into the engine's ``(min, opt, max)`` profile, duplicates dropped."""
+    lo, hi = int(profile[0]), int(profile[2])
+    return list(dict.fromkeys(min(max(int(b), lo), hi) for b in batch_sizes))
 
 
 class TrtRunner:
-    """Run a serialized engine: buffers sized for the largest batch, name-based I/O, ``execute_async_v3``."""
+    """Run a serialized engine: buffers sized for the profile's largest batch, name-based I/O, ``execute_async_v3``.
 
-    def __init__(self, engine_path: Path, max_batch: int) -> None:
-        trt = _trt()
+    The CUDA helper (and with it pycuda's context) is created before the engine is deserialized, so the
+    engine and its execution context live in that context. ``profile`` is the engine's ``(min, opt, max)``
+    batch; a batch outside it, a refused ``set_input_shape`` or a failed ``execute_async_v3`` ends the
+    script with one sentence instead of reading uninitialised memory. Short batches are padded to the
+    profile's minimum (static DLA profiles) and the padding is dropped from the logits.
+    """
+
+    def __init__(self, engine_path: Path, trt=None, cuda=None) -> None:
+        trt = trt or _trt()
+        self.cuda = cuda or _cuda()                     # the CUDA context first, then the engine
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine_path.read_bytes())
+        runtime = trt.Runtime(self.logger)
+        runtime.engine_host_code_allowed = True         # version-compatible engines carry host code
+        self._runtime = runtime
+        self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise SystemExit(f"error: TensorRT could not load {engine_path} (built for another TensorRT or GPU?).")
         self.context = self.engine.create_execution_context()
-        self.cuda = _cuda()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input)))
         self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output)))
-        chw = tuple(self.engine.get_tensor_shape(self.input))[1:]
-        self.context.set_input_shape(self.input, (max_batch, *chw))
+        self.chw = tuple(int(d) for d in tuple(self.engine.get_tensor_shape(self.input))[1:])
+        static = int(tuple(self.engine.get_tensor_shape(self.input))[0])
+        self.profile = ((static,) * 3 if static > 0 else
+                        tuple(int(tuple(s)[0]) for s in self.engine.get_tensor_profile_shape(self.input, 0)))
+        self._shape(self.profile[2])
         out_shape = tuple(self.context.get_tensor_shape(self.output))
-        self.d_in = self.cuda.malloc(int(np.prod((max_batch, *chw))) * self.in_dtype.itemsize)
+        self.d_in = self.cuda.malloc(int(np.prod((self.profile[2], *self.chw))) * self.in_dtype.itemsize)
         self.d_out = self.cuda.malloc(int(np.prod(out_shape)) * self.out_dtype.itemsize)
         self.context.set_tensor_address(self.input, self.d_in)
         self.context.set_tensor_address(self.output, self.d_out)
 
+    def _shape(self, batch: int) -> None:
+        if not self.context.set_input_shape(self.input, (batch, *self.chw)):
+            raise SystemExit(f"error: the engine refused batch {batch}; its optimization profile takes "
+                             f"{self.profile[0]}..{self.profile[2]}.")
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if n > self.profile[2]:
+            raise SystemExit(f"error: batch {n} is above the engine's optimization profile (max {self.profile[2]}).")
+        if n < self.profile[0]:
+            x = np.concatenate([x, np.repeat(x[-1:], self.profile[0] - n, axis=0)])
         x = np.ascontiguousarray(x, dtype=self.in_dtype)
-        self.context.set_input_shape(self.input, x.shape)
+        self._shape(len(x))
         out = np.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype)
         self.cuda.htod(self.d_in, x)
-        self.context.execute_async_v3(self.cuda.handle)
+        if not self.context.execute_async_v3(self.cuda.handle):
+            raise SystemExit("error: TensorRT's execute_async_v3 failed; see its log above.")
         self.cuda.dtoh(out, self.d_out)
         self.cuda.sync()
-        return out.astype(np.float32)
+        return out[:n].astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -287,6 +350,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--runtime", choices=["tensorrt", "onnxruntime"], default="tensorrt")
     ap.add_argument("--precision", default=None, help="fp16 (default), int8, ... (a key of bundle.json builds)")
     ap.add_argument("--engine", type=Path, default=None, help="use this engine instead of building one")
+    ap.add_argument("--dla-core", type=int, default=None, help="build for this DLA core with GPU fallback "
+                                                                "(static batch: the profile's opt)")
+    ap.add_argument("--dla-min-fraction", type=float, default=0.5, help="refuse a DLA engine with fewer layers "
+                                                                        "on DLA than this fraction")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated; default bundle.json batch_sizes")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=100)
@@ -319,12 +386,22 @@ def main(argv=None) -> dict:
         runner = OrtRunner(onnx_path, args.threads)
         results.update(device=f"CPU, {args.threads} threads", onnxruntime_version=runner.version)
     else:
-        engine = args.engine or bundle / f"{manifest['target']}_{precision}.engine"
+        config = build["config"] if args.dla_core is None else dla_build(build["config"], args.dla_core)
+        suffix = "" if args.dla_core is None else f"_dla{args.dla_core}"
+        engine = args.engine or bundle / f"{manifest['target']}_{precision}{suffix}.engine"
         if args.engine is None:
-            results.update(build_engine(onnx_path, engine, build["config"], bundle / "timing.cache"))
+            results.update(build_engine(onnx_path, engine, config, bundle / "timing.cache", args.dla_min_fraction))
         results["engine"] = engine.name
-        runner = TrtRunner(engine, max(max(batch_sizes), build["config"]["profile"][2]))
+        results["dla_core"] = args.dla_core
+        runner = TrtRunner(engine)
         results["device"] = _device_name()
+        results["profile"] = list(runner.profile)
+        planned = plan_batches(batch_sizes, runner.profile)
+        if planned != batch_sizes:
+            results["batches_capped"] = {"requested": batch_sizes, "measured": planned}
+            print(f"note: the engine's optimization profile takes batches {runner.profile[0]}..{runner.profile[2]}; "
+                  f"measuring {planned} instead of {batch_sizes}")
+        batch_sizes = planned
     eval_batch = min(max(batch_sizes), len(labels))
     results["top1"], _ = evaluate(runner, images, labels, eval_batch)
     chw = images.shape[1:]
