@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from vitopt.cli import main
 from vitopt.errors import VitoptError
+from vitopt.pipeline import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +49,11 @@ def _cli(args, capsys, monkeypatch) -> tuple[int, str]:
 
 def _snapshot(root: Path, recipe: bool = True) -> dict[str, str]:
     """sha256 of every file under ``root``. ``recipe=False`` leaves out ``recipe.yaml``: a valid recipe that
-    appends a stage to a finished run legitimately re-records the resolved recipe before that stage fails."""
+    appends a stage to a finished run legitimately re-records the resolved recipe before that stage fails.
+    The run directory's empty lock file (created by the first run that locks it) is left out too."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and (recipe or p.name != "recipe.yaml")}
+            for p in sorted(root.rglob("*")) if p.is_file() and (recipe or p.name != "recipe.yaml")
+            and p.name != LOCK_FILE}
 
 
 @pytest.fixture(scope="module")

@@ -278,12 +278,29 @@ def deploy_bundle(run_dir: Path = typer.Argument(..., help="A finished run direc
                   f"{m['num_images']} sample images); on the device: python3 vitopt_jetson.py")
 
 
+def _is_click_error(exc: BaseException) -> bool:
+    """True for click's usage and parameter errors, recognised by click's documented ``ClickException`` interface
+    (``show()`` prints the usage line and ``Error: ...``; ``exit_code`` is 2 for usage errors), so it holds whether
+    typer runs on the ``click`` package (typer < 0.22) or on its own copy of click (``typer._click``, typer >= 0.22)."""
+    return callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
 def main() -> None:
-    """Console-script entry point: run the app; VitoptError -> one sentence on stderr, exit 2."""
+    """Console-script entry point: run the app and turn every way it can end into an exit status.
+
+    * bad input (:class:`VitoptError`): one sentence ``error: ...`` on stderr, exit 2;
+    * a command-line usage error (unknown option or command, missing argument, bad value): click's usage line,
+      ``Try '... --help' for help.`` and one ``Error: ...`` line with click's suggestion (``Did you mean`` /
+      ``Possible options``), exit 2 (click's ``UsageError.exit_code``), no traceback;
+    * Ctrl-C / SIGINT: exit 130 (128 + SIGINT, the shell convention), also when a command turned it into
+      ``typer.Exit(130)``: with ``standalone_mode=False`` click *returns* an ``Exit``'s code instead of exiting,
+      so the returned code is passed to ``sys.exit``.
+    """
+    main_rank = os.environ.get("RANK", "0") == "0"           # torchrun: every rank fails alike; rank 0 says so
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except VitoptError as exc:
-        if os.environ.get("RANK", "0") == "0":            # torchrun: every rank fails alike; rank 0 says so
+        if main_rank:
             from rich.markup import escape  # messages may hold brackets, e.g. pip install 'vitopt[trt]'
 
             Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -293,12 +310,12 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if not _is_click_error(exc):
+            raise
+        if main_rank:
             exc.show()
-            sys.exit(2)
-        raise
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,17 @@ That stage (a training stage) continues from its last epoch checkpoint in ``<sta
 the checkpoints of a stage are deleted once its metrics.json is written. Finished stage folders are
 never rewritten.
 
+One run at a time per run directory: ``run_recipe`` holds an exclusive OS file lock on
+``RUN_DIR/.vitopt.lock`` (:mod:`filelock`: ``flock`` on POSIX, ``msvcrt.locking`` on Windows) from
+before it compares the recipe with the finished stages until it returns. A second ``vitopt run`` into
+the same directory stops at once with a VitoptError naming the holder (pid, host, start time from
+``.vitopt.lock.json``), instead of skipping stages that the other run is writing with another config.
+The operating system drops the lock when its process ends in any way (even SIGKILL), so a killed run
+never leaves a stale lock; the empty lock file stays in the run directory.
+
 Under ``torchrun`` (:mod:`vitopt.train.distributed`) every rank runs the training and prune stages
 (:data:`ALL_RANK_STAGES`) in lock-step; other stages run on rank 0 and the rest restore their
-recorded outputs. Only rank 0 writes files and prints.
+recorded outputs. Only rank 0 writes files, holds the lock and prints.
 """
 
 from __future__ import annotations
@@ -19,17 +27,21 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock, Timeout
 from pydantic import ValidationError
 from rich.console import Console
 
 from vitopt.arch.config import create_model, load_pruned
 from vitopt.errors import VitoptError
-from vitopt.io import atomic_write_text, load_weights
+from vitopt.io import atomic_write_json, atomic_write_text, load_weights, read_json
 from vitopt.recipe import Recipe, dump_resolved
 from vitopt.report.summary import write_summary
 from vitopt.stages import STAGES, recipe_choices
@@ -40,11 +52,14 @@ from vitopt.train.inputs import model_input
 from vitopt.train.loop import set_seed
 from vitopt.train.tensorboard import TensorBoardLog
 
-__all__ = ["run_recipe", "stage_dirs", "ALL_RANK_STAGES"]
+__all__ = ["run_recipe", "stage_dirs", "run_lock", "ALL_RANK_STAGES", "LOCK_FILE"]
 
 #: Stage types every rank of a torchrun job runs (training, and prune, which changes the model every
 #: rank trains next). Every other stage (export, validate, ...) runs on rank 0 while the others wait.
 ALL_RANK_STAGES = frozenset({"train", "sparse_train", "finetune", "prune"})
+#: the run directory's lock file (held while a run works in it) and who holds it.
+LOCK_FILE = ".vitopt.lock"
+_LOCK_OWNER = ".vitopt.lock.json"
 
 
 def stage_dirs(recipe: Recipe, run_dir: Path) -> list[StageDir]:
@@ -70,11 +85,62 @@ def _check_resumable(recipe: Recipe, run_dir: Path, dirs: list[StageDir]) -> Non
                               f"{' and '.join(changed)}; use a new name/output_dir or delete the run directory.")
     for sd, cfg in zip(dirs, recipe.stages):
         if sd.done:
-            old = _normalised(type(cfg), sd.read().get("config"))
-            new = cfg.model_dump(mode="json", by_alias=True)
-            if old != new:
-                raise VitoptError(f"run directory {run_dir} holds a finished stage {sd.label} that ran with a "
-                                  "different config; use a new name/output_dir or delete that stage folder.")
+            _check_same_config(sd, cfg, run_dir)
+
+
+def _check_same_config(sd: StageDir, cfg: Any, run_dir: Path) -> None:
+    """Raise VitoptError when finished stage ``sd`` ran with another config than ``cfg``."""
+    old = _normalised(type(cfg), sd.read().get("config"))
+    new = cfg.model_dump(mode="json", by_alias=True)
+    if old != new:
+        raise VitoptError(f"run directory {run_dir} holds a finished stage {sd.label} that ran with a "
+                          "different config; use a new name/output_dir or delete that stage folder.")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold the exclusive lock of ``run_dir`` (created if missing) for the body; see the module docstring.
+
+    Under torchrun rank 0 takes the lock and every rank learns whether it got it (an all-reduce), so all
+    ranks fail together.
+
+    Raises:
+        VitoptError: another process holds the lock (the message names its pid, host and start time).
+    """
+    run_dir = Path(run_dir)
+    lock, busy = None, 0.0
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(run_dir / LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            lock, busy = None, 1.0
+    if is_distributed():
+        busy = all_reduce_sum([busy])[0]
+    if busy:
+        raise VitoptError(f"run directory {run_dir} is in use by another vitopt run ({_lock_owner(run_dir)}); wait "
+                          "for it to finish, or give this run another name or output_dir.")
+    try:
+        if lock is not None:
+            atomic_write_json(run_dir / _LOCK_OWNER, {
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv})
+        yield run_dir
+    finally:
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                (run_dir / _LOCK_OWNER).unlink()
+            lock.release()
+
+
+def _lock_owner(run_dir: Path) -> str:
+    """``pid N on HOST since TIME`` of the lock holder, as far as its owner file tells."""
+    try:
+        info = read_json(run_dir / _LOCK_OWNER, "lock owner file")
+        return f"pid {info['pid']} on {info['host']} since {info['started']}"
+    except (VitoptError, KeyError, TypeError):
+        return f"it holds {run_dir / LOCK_FILE}"
 
 
 def _check_names(recipe: Recipe) -> None:
@@ -187,25 +253,26 @@ def _run_recipe(recipe: Recipe, run_dir: Path | None, console: Console | None) -
     dirs = stage_dirs(recipe, run_dir)
     set_seed(recipe.seed)
     model, kwargs, data = _build(recipe)                 # bad model/data fail before the run dir is touched
-    _check_resumable(recipe, run_dir, dirs)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / RECIPE_FILE, dump_resolved(recipe))
-    state = State(model=model, model_name=recipe.model.name, model_kwargs=kwargs, data=data,
-                  seed=recipe.seed, dense={})
-    state.dense = state.cost()
-    if recipe.log.tensorboard and is_main():
-        state.logger = TensorBoardLog(run_dir / "tensorboard")
-    console.print(f"[bold]vitopt[/] {recipe.name}: {recipe.model.name} on {data.name} "
-                  f"({len(data.train)} train / {len(data.val)} val, {data.num_classes} classes), "
-                  f"{state.dense['flops'] / 1e6:.1f} MFLOPs, {state.dense['params'] / 1e6:.3f} M params -> {run_dir}")
-    try:
-        state = _run_stages(recipe, state, dirs, run_dir, console)
-    finally:
-        if state.logger is not None:
-            state.logger.close()
-    if is_main():
-        summary = write_summary(run_dir)
-        console.print(f"summary: {summary}")
+    with run_lock(run_dir):
+        _check_resumable(recipe, run_dir, dirs)
+        if is_main():
+            atomic_write_text(run_dir / RECIPE_FILE, dump_resolved(recipe))
+        state = State(model=model, model_name=recipe.model.name, model_kwargs=kwargs, data=data,
+                      seed=recipe.seed, dense={})
+        state.dense = state.cost()
+        if recipe.log.tensorboard and is_main():
+            state.logger = TensorBoardLog(run_dir / "tensorboard")
+        console.print(f"[bold]vitopt[/] {recipe.name}: {recipe.model.name} on {data.name} "
+                      f"({len(data.train)} train / {len(data.val)} val, {data.num_classes} classes), "
+                      f"{state.dense['flops'] / 1e6:.1f} MFLOPs, {state.dense['params'] / 1e6:.3f} M params -> {run_dir}")
+        try:
+            state = _run_stages(recipe, state, dirs, run_dir, console)
+        finally:
+            if state.logger is not None:
+                state.logger.close()
+        if is_main():
+            summary = write_summary(run_dir)
+            console.print(f"summary: {summary}")
     return run_dir
 
 
@@ -213,6 +280,7 @@ def _run_stages(recipe: Recipe, state: State, dirs: list[StageDir], run_dir: Pat
     """Run (or restore) each stage in order; returns the final State."""
     for cfg, sd in zip(recipe.stages, dirs):
         if sd.done:
+            _check_same_config(sd, cfg, run_dir)         # it may have finished since the run started
             _restore(state, sd.read(), run_dir)
             _drop_checkpoints(sd)
             console.print(f"[dim]{sd.label}: finished earlier, skipped[/]")
