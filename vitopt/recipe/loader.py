@@ -366,7 +366,9 @@ def _describe(err: dict, path: PathT, data: dict) -> str:
         if kind == "union_tag_not_found":
             return f"missing key 'type' (allowed: {tags})"
         tag = value.get("type") if isinstance(value, dict) else ctx.get("tag")
-        return f"unknown {what} {_show(tag)} (allowed: {tags})"
+        close = difflib.get_close_matches(str(tag), [t.strip() for t in tags.split(",")], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown {what} {_show(tag)} ({hint}allowed: {tags})"
     if kind == "extra_forbidden":
         return _unknown_key(path, data)
     if kind == "missing":
