@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vitopt import rundir
@@ -25,7 +26,7 @@ from vitopt.deploy.runtimes import RUNTIMES
 from vitopt.deploy.targets import load_targets
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_json, atomic_write_text, read_json
-from vitopt.pipeline import run_recipe
+from vitopt.pipeline import preflight, run_recipe
 from vitopt.recipe import load_recipe, recipe_json_schema
 from vitopt.report import write_report
 from vitopt.report.summary import write_summary
@@ -61,11 +62,17 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
 @recipe_app.command("check")
 def recipe_check(recipe: Path = typer.Argument(..., help="YAML recipe."),
                  set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP)) -> None:
-    """Validate a recipe and print its stages."""
+    """Validate a recipe, check its data (layout, image files), and print the preprocessing and augmentation in
+    effect (every "auto" default resolved for the images found) and any warnings."""
 
     r = load_recipe(recipe, set_, choices=recipe_choices())
+    pre = preflight(r, weights=False)               # the model's architecture (no weights) and the data, as a run
     console.print(f"{recipe}: ok - {r.model.name} on {r.data.type}, stages: "
-                  + " -> ".join(s.type for s in r.stages))
+                  + " -> ".join(s.type for s in r.stages), highlight=False, soft_wrap=True)
+    for line in pre.lines(r):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    for w in pre.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}.", highlight=False, soft_wrap=True)
 
 
 @recipe_app.command("schema")
@@ -300,9 +307,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except VitoptError as exc:
-        if main_rank:
-            from rich.markup import escape  # messages may hold brackets, e.g. pip install 'vitopt[trt]'
-
+        if main_rank:  # escape: messages may hold brackets, e.g. pip install 'vitopt[trt]'
             Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(VitoptError.EXIT_CODE)
     except typer.Exit as exc:
