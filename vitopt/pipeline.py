@@ -390,7 +390,6 @@ def _run_recipe(recipe: Recipe, run_dir: Path | None, console: Console | None) -
         _check_resumable(recipe, run_dir, dirs)
         if is_main():
             atomic_write_text(run_dir / RECIPE_FILE, dump_resolved(recipe))
-            _record_run(run_dir, pre, [sd.label for sd in dirs if not sd.done])
         state = State(model=model, model_name=recipe.model.name, model_kwargs=kwargs, data=data,
                       seed=recipe.seed, dense={})
         state.dense = state.cost()
@@ -404,8 +403,12 @@ def _run_recipe(recipe: Recipe, run_dir: Path | None, console: Console | None) -
             console.print(line, highlight=False, markup=False, soft_wrap=True)
         for w in pre.warnings:
             console.print(f"[yellow]warning:[/] {escape(w)}.", highlight=False, soft_wrap=True)
+        def record() -> None:
+            if is_main():
+                _record_run(run_dir, pre, [sd.label for sd in dirs if not sd.done])
+
         try:
-            state = _run_stages(recipe, state, dirs, run_dir, console)
+            state = _run_stages(recipe, state, dirs, run_dir, console, before_first=record)
         finally:
             if state.logger is not None:
                 state.logger.close()
@@ -417,15 +420,16 @@ def _run_recipe(recipe: Recipe, run_dir: Path | None, console: Console | None) -
 
 
 def _record_run(run_dir: Path, pre: Preflight, to_run: list[str]) -> None:
-    """Write ``data.json`` (data check, augmentation, preprocessing, warnings) and, when stages will run,
-    ``environment.json`` (this machine and its software: the one that trains and measures them)."""
+    """Write ``data.json`` (data check, augmentation, preprocessing, warnings) and ``environment.json`` (this
+    machine and its software: the one that trains and measures the stages about to run, ``to_run``).
+    Called right before the first stage that runs, so a re-run that only restores finished stages (or
+    fails while restoring them) leaves both as the run that made those stages wrote them."""
     aug = pre.data.augment
     atomic_write_json(run_dir / DATA_FILE, {
         "check": pre.data.check.to_json() if pre.data.check is not None else None,
         "augment": ({**asdict(aug), "scale": list(aug.scale)} if aug is not None else None),
         "preprocessing": pre.preprocessing(), "warnings": pre.warnings})
-    if to_run:
-        atomic_write_json(run_dir / ENVIRONMENT_FILE, {**collect_environment(), "stages_run_here": to_run})
+    atomic_write_json(run_dir / ENVIRONMENT_FILE, {**collect_environment(), "stages_run_here": to_run})
 
 
 def _print_final(console: Console, run_dir: Path) -> None:
@@ -439,8 +443,10 @@ def _print_final(console: Console, run_dir: Path) -> None:
         console.print(table)
 
 
-def _run_stages(recipe: Recipe, state: State, dirs: list[StageDir], run_dir: Path, console: Console) -> State:
-    """Run (or restore) each stage in order; returns the final State."""
+def _run_stages(recipe: Recipe, state: State, dirs: list[StageDir], run_dir: Path, console: Console,
+                before_first: Any = None) -> State:
+    """Run (or restore) each stage in order; returns the final State. ``before_first()`` is called once, right
+    before the first stage that runs (not when every stage is restored)."""
     for cfg, sd in zip(recipe.stages, dirs):
         if sd.done:
             _check_same_config(sd, cfg, run_dir)         # it may have finished since the run started
@@ -448,6 +454,9 @@ def _run_stages(recipe: Recipe, state: State, dirs: list[StageDir], run_dir: Pat
             _drop_checkpoints(sd)
             console.print(f"[dim]{sd.label}: finished earlier, skipped[/]")
             continue
+        if before_first is not None:
+            before_first()
+            before_first = None
         console.rule(f"{sd.label}")
         set_seed(recipe.seed + sd.index)
         sd.path.mkdir(parents=True, exist_ok=True)
