@@ -17,6 +17,14 @@ the same directory stops at once with a VitoptError naming the holder (pid, host
 The operating system drops the lock when its process ends in any way (even SIGKILL), so a killed run
 never leaves a stale lock; the empty lock file stays in the run directory.
 
+Before anything is written, :func:`preflight` builds the model and loads the data (the data check:
+layout, image files, augmentation defaults resolved for the images) and records the input
+preprocessing on the model (:func:`vitopt.arch.config.set_preprocessing`, so every saved ``arch.json``
+and exported ONNX carries it). Right before the first stage that runs, ``data.json`` (what the check
+found, the augmentation in effect, the warnings) and ``environment.json`` (this machine and software)
+are written into the run directory. The console gets a line per finished stage and, at the end of
+every run, the stages and final-vs-dense tables of ``summary.md``.
+
 Under ``torchrun`` (:mod:`vitopt.train.distributed`) every rank runs the training and prune stages
 (:data:`ALL_RANK_STAGES`) in lock-step; other stages run on rank 0 and the rest restore their
 recorded outputs. Only rank 0 writes files, holds the lock and prints.
@@ -403,6 +411,7 @@ def _run_recipe(recipe: Recipe, run_dir: Path | None, console: Console | None) -
             console.print(line, highlight=False, markup=False, soft_wrap=True)
         for w in pre.warnings:
             console.print(f"[yellow]warning:[/] {escape(w)}.", highlight=False, soft_wrap=True)
+
         def record() -> None:
             if is_main():
                 _record_run(run_dir, pre, [sd.label for sd in dirs if not sd.done])
@@ -433,14 +442,16 @@ def _record_run(run_dir: Path, pre: Preflight, to_run: list[str]) -> None:
 
 
 def _print_final(console: Console, run_dir: Path) -> None:
-    """The run's final tables (stages; final vs dense when a validate stage ran), as in summary.md."""
+    """The run's final tables (stages; final vs dense when a validate stage ran), as in summary.md. Off a
+    terminal (a log file) they are drawn at least 120 columns wide, so their rows stay on one line."""
+    width = None if console.is_terminal else max(console.width, 120)
     for title, header, rows in summary_tables(run_dir):
         table = Table(title=title, title_justify="left")
         for i, col in enumerate(header):
             table.add_column(col, justify="left" if i == 0 else "right")
         for row in rows:
             table.add_row(*(str(c) for c in row))
-        console.print(table)
+        console.print(table, width=width)
 
 
 def _run_stages(recipe: Recipe, state: State, dirs: list[StageDir], run_dir: Path, console: Console,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,7 +284,7 @@ def _check_images(root: Path, samples: dict[str, list[tuple[str, int]]], classes
         raise VitoptError(f"{len(unreadable)} of the {checked} image files opened under {root} cannot be read as "
                           f"images (first: {path}: {why}); replace or delete them, or set data.skip_corrupt: true "
                           "to leave them out.")
-    size = max(set(sizes), key=sizes.count) if sizes else None
+    size = Counter(sizes).most_common(1)[0][0] if sizes else None
     check = DataCheck(root.name or str(root), list(classes), {k: len(v) for k, v in kept.items()},
                       unreadable=[p for p, _ in unreadable], checked=checked, gray=bool(gray) and all(gray),
                       image_side=int(statistics.median(min(s) for s in sizes)) if sizes else None,
