@@ -192,9 +192,11 @@ def test_recipe_check_refuses_an_imagefolder_without_val(tmp_path, capsys, monke
     import shutil
 
     shutil.rmtree(root / "val")
-    code, out = _main(["recipe", "check", _recipe(tmp_path, {"type": "imagefolder", "root": str(root)},
-                                                 [{"type": "train", "epochs": 1}])], capsys, monkeypatch)
+    recipe = _recipe(tmp_path, {"type": "imagefolder", "root": str(root)}, [{"type": "train", "epochs": 1}])
+    code, out = _main(["recipe", "check", recipe], capsys, monkeypatch)
     assert code == 2 and f"data.root {root} has no val/ subfolder" in " ".join(out.split()), out
+    code, out = _main(["recipe", "check", recipe, "--no-data"], capsys, monkeypatch)   # the recipe alone is fine
+    assert code == 0 and ": ok - " in out, out
 
 
 def test_non_image_in_val_is_caught_by_recipe_check_and_before_training(tmp_path, capsys, monkeypatch):

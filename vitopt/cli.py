@@ -61,14 +61,18 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
 
 @recipe_app.command("check")
 def recipe_check(recipe: Path = typer.Argument(..., help="YAML recipe."),
-                 set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP)) -> None:
+                 set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+                 no_data: bool = typer.Option(False, "--no-data", help="Validate the recipe only: build no model "
+                                              "and open no data (on a machine without the dataset).")) -> None:
     """Validate a recipe, check its data (layout, image files), and print the preprocessing and augmentation in
     effect (every "auto" default resolved for the images found) and any warnings."""
 
     r = load_recipe(recipe, set_, choices=recipe_choices())
-    pre = preflight(r, weights=False)               # the model's architecture (no weights) and the data, as a run
+    pre = None if no_data else preflight(r, weights=False)   # the model's architecture and the data, as a run
     console.print(f"{recipe}: ok - {r.model.name} on {r.data.type}, stages: "
                   + " -> ".join(s.type for s in r.stages), highlight=False, soft_wrap=True)
+    if pre is None:
+        return
     for line in pre.lines(r):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     for w in pre.warnings:

@@ -444,14 +444,19 @@ def _record_run(run_dir: Path, pre: Preflight, to_run: list[str]) -> None:
 def _print_final(console: Console, run_dir: Path) -> None:
     """The run's final tables (stages; final vs dense when a validate stage ran), as in summary.md. Off a
     terminal (a log file) they are drawn at least 120 columns wide, so their rows stay on one line."""
-    width = None if console.is_terminal else max(console.width, 120)
-    for title, header, rows in summary_tables(run_dir):
-        table = Table(title=title, title_justify="left")
-        for i, col in enumerate(header):
-            table.add_column(col, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*(str(c) for c in row))
-        console.print(table, width=width)
+    saved = console.width
+    if not console.is_terminal:
+        console.width = max(saved, 120)
+    try:
+        for title, header, rows in summary_tables(run_dir):
+            table = Table(title=title, title_justify="left")
+            for i, col in enumerate(header):
+                table.add_column(col, justify="left" if i == 0 else "right")
+            for row in rows:
+                table.add_row(*(str(c) for c in row))
+            console.print(table)
+    finally:
+        console.width = saved
 
 
 def _run_stages(recipe: Recipe, state: State, dirs: list[StageDir], run_dir: Path, console: Console,
