@@ -8,7 +8,7 @@ import functools
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from vitopt.arch.config import load_pruned, save_pruned
 from vitopt.arch.cost import CostModel
@@ -123,25 +123,52 @@ def test_repeated_prunes_compose():
         assert (twice(x) - ref).abs().max().item() <= 1e-5
 
 
-def _counted_flops(model, x) -> int:
-    with FlopCounterMode(display=False) as counter:
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch.utils.flop_counter's own SDPA formula (2 matmuls: q k^T and attn v), for the CPU kernel it lacks."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: On CPU, timm's fused attention (F.scaled_dot_product_attention) runs
+#: aten._scaled_dot_product_flash_attention_for_cpu, which torch.utils.flop_counter has no formula for (it counts
+#: the CUDA flash / efficient / cuDNN kernels): map it to the counter's SDPA formula so fused models count fully.
+SDPA_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def _counted_flops(model, x, mapping=SDPA_CPU) -> int:
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         with torch.no_grad():
             model(x)
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager_attention", "fused_sdpa"])
 @pytest.mark.parametrize("variant", ["vit_cls", "deit_distilled", "registers_avgpool"])
-def test_analytic_flops_match_counter(variant):
+def test_analytic_flops_match_counter(variant, fused):
+    """FLOPs = 2 x MACs in closed form equal torch.utils.flop_counter (1%) with timm's fused attention off and on."""
     model = make(variant)
-    set_fused(model, False)
+    set_fused(model, fused)
     pruned = apply_plan(model, random_plan(model, ("embed", "heads", "head_dim", "mlp"), 5))
-    set_fused(pruned, False)
+    set_fused(pruned, fused)
     x = torch.randn(1, 3, 32, 32)
     for m in (model, pruned):
         fam = family_of(m)
         analytic = 2 * fam.macs(m, fam.read_dims(m))["total"]
         counted = _counted_flops(m, x)
         assert abs(analytic - counted) / counted <= 0.01, (analytic, counted)
+
+
+def test_plain_flop_counter_misses_fused_attention_on_cpu():
+    """What README says about the counter: without the SDPA mapping it misses exactly the attention matmuls
+    (2 x 2 x tokens^2 x heads x head_dim per block) of a fused model on CPU; with fused attention off it does not."""
+    model = make("vit_cls")
+    set_fused(model, True)
+    x = torch.randn(1, 3, 32, 32)
+    missed = _counted_flops(model, x) - _counted_flops(model, x, mapping={})
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    attn = [b.attn for b in model.blocks]
+    assert missed == sum(2 * 2 * n * n * a.num_heads * a.head_dim for a in attn) > 0
+    set_fused(model, False)
+    assert _counted_flops(model, x, mapping={}) == _counted_flops(model, x)
 
 
 def test_deit_small_flops_match_published():

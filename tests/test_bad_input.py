@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from vitopt.cli import main
 from vitopt.errors import VitoptError
+from vitopt.pipeline import DATA_FILE, ENVIRONMENT_FILE, LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,10 +48,14 @@ def _cli(args, capsys, monkeypatch) -> tuple[int, str]:
 
 
 def _snapshot(root: Path, recipe: bool = True) -> dict[str, str]:
-    """sha256 of every file under ``root``. ``recipe=False`` leaves out ``recipe.yaml``: a valid recipe that
-    appends a stage to a finished run legitimately re-records the resolved recipe before that stage fails."""
+    """sha256 of every file under ``root``. ``recipe=False`` leaves out the run's records (``recipe.yaml``,
+    ``data.json``, ``environment.json``): a valid recipe that appends a stage to a finished run legitimately
+    re-records them before that stage starts and fails. The run directory's empty lock file (created by the
+    first run that locks it) is left out too."""
+    records = {"recipe.yaml", DATA_FILE, ENVIRONMENT_FILE}
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and (recipe or p.name != "recipe.yaml")}
+            for p in sorted(root.rglob("*")) if p.is_file() and (recipe or p.name not in records)
+            and p.name != LOCK_FILE}
 
 
 @pytest.fixture(scope="module")

@@ -182,8 +182,12 @@ def test_unknown_key_without_close_match_lists_keys(tmp_path):
 
 
 def test_unknown_stage_type_lists_known_types(tmp_path):
+    """Issue 17 item 12: a misspelt stage type gets a did-you-mean, like a misspelt key; no close match, none."""
     path = edit(tmp_path, "type: export", "type: exprot")
     assert error_of(path) == (f"{path}:19: stages[4]: unknown stage type 'exprot' "
+                              f"(did you mean 'export'? allowed: {', '.join(STAGE_TYPES)}).")
+    path = edit(tmp_path, "type: export", "type: compile")
+    assert error_of(path) == (f"{path}:19: stages[4]: unknown stage type 'compile' "
                               f"(allowed: {', '.join(STAGE_TYPES)}).")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vitopt import rundir
@@ -27,7 +28,7 @@ from vitopt.deploy.runtimes import RUNTIMES
 from vitopt.deploy.targets import load_targets
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_json, atomic_write_text, read_json
-from vitopt.pipeline import run_recipe
+from vitopt.pipeline import preflight, run_recipe
 from vitopt.recipe import load_recipe, recipe_json_schema
 from vitopt.report import write_report
 from vitopt.report.summary import write_summary
@@ -62,12 +63,22 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe."),
 
 @recipe_app.command("check")
 def recipe_check(recipe: Path = typer.Argument(..., help="YAML recipe."),
-                 set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP)) -> None:
-    """Validate a recipe and print its stages."""
+                 set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+                 no_data: bool = typer.Option(False, "--no-data", help="Validate the recipe only: build no model "
+                                              "and open no data (on a machine without the dataset).")) -> None:
+    """Validate a recipe, check its data (layout, image files), and print the preprocessing and augmentation in
+    effect (every "auto" default resolved for the images found) and any warnings."""
 
     r = load_recipe(recipe, set_, choices=recipe_choices())
+    pre = None if no_data else preflight(r, weights=False)   # the model's architecture and the data, as a run
     console.print(f"{recipe}: ok - {r.model.name} on {r.data.type}, stages: "
-                  + " -> ".join(s.type for s in r.stages))
+                  + " -> ".join(s.type for s in r.stages), highlight=False, soft_wrap=True)
+    if pre is None:
+        return
+    for line in pre.lines(r):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    for w in pre.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}.", highlight=False, soft_wrap=True)
 
 
 @recipe_app.command("schema")
@@ -362,14 +373,29 @@ def deploy_bundle(run_dir: Path = typer.Argument(..., help="A finished run direc
                   f"{m['num_images']} sample images); on the device: python3 vitopt_jetson.py")
 
 
-def main() -> None:
-    """Console-script entry point: run the app; VitoptError -> one sentence on stderr, exit 2."""
-    try:
-        app(standalone_mode=False)
-    except VitoptError as exc:
-        if os.environ.get("RANK", "0") == "0":            # torchrun: every rank fails alike; rank 0 says so
-            from rich.markup import escape  # messages may hold brackets, e.g. pip install 'vitopt[trt]'
+def _is_click_error(exc: BaseException) -> bool:
+    """True for click's usage and parameter errors, recognised by click's documented ``ClickException`` interface
+    (``show()`` prints the usage line and ``Error: ...``; ``exit_code`` is 2 for usage errors), so it holds whether
+    typer runs on the ``click`` package (typer < 0.22) or on its own copy of click (``typer._click``, typer >= 0.22)."""
+    return callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
+
+def main() -> None:
+    """Console-script entry point: run the app and turn every way it can end into an exit status.
+
+    * bad input (:class:`VitoptError`): one sentence ``error: ...`` on stderr, exit 2;
+    * a command-line usage error (unknown option or command, missing argument, bad value): click's usage line,
+      ``Try '... --help' for help.`` and one ``Error: ...`` line with click's suggestion (``Did you mean`` /
+      ``Possible options``), exit 2 (click's ``UsageError.exit_code``), no traceback;
+    * Ctrl-C / SIGINT: exit 130 (128 + SIGINT, the shell convention), also when a command turned it into
+      ``typer.Exit(130)``: with ``standalone_mode=False`` click *returns* an ``Exit``'s code instead of exiting,
+      so the returned code is passed to ``sys.exit``.
+    """
+    main_rank = os.environ.get("RANK", "0") == "0"           # torchrun: every rank fails alike; rank 0 says so
+    try:
+        code = app(standalone_mode=False)
+    except VitoptError as exc:
+        if main_rank:  # escape: messages may hold brackets, e.g. pip install 'vitopt[trt]'
             Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(VitoptError.EXIT_CODE)
     except typer.Exit as exc:
@@ -377,12 +403,12 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if not _is_click_error(exc):
+            raise
+        if main_rank:
             exc.show()
-            sys.exit(2)
-        raise
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":

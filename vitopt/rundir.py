@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from vitopt.arch.config import ARCH_FILE, load_pruned
+from vitopt.arch.config import ARCH_FILE, load_pruned, preprocessing_of
 from vitopt.deploy.bundle import write_bundle
 from vitopt.deploy.sample import load_sample
 from vitopt.deploy.validation import check_artifacts, measure_runtimes
@@ -275,8 +275,8 @@ def bundle(run_dir: str | os.PathLike, target: str, out_dir: str | os.PathLike |
            profile: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Write a deployment bundle for ``target`` from a finished run (``vitopt deploy bundle``).
 
-    Gathers the run's ONNX (and quantized variants), the first ``samples`` validation images and the
-    host's validate numbers, then calls :func:`vitopt.deploy.bundle.write_bundle`.
+    Gathers the run's ONNX (and quantized variants), the first ``samples`` validation images, the
+    host's validate numbers and the model's preprocessing record (from its ``arch.json``), then calls :func:`vitopt.deploy.bundle.write_bundle`.
 
     Args:
         run_dir: a run directory with an export stage.
@@ -298,8 +298,10 @@ def bundle(run_dir: str | os.PathLike, target: str, out_dir: str | os.PathLike |
         raise VitoptError(f"run {run_dir} has no exported ONNX model; add an export stage and run it again.")
     if not isinstance(samples, int) or samples < 1:
         raise VitoptError(f"samples must be a positive integer; got {samples!r}.")
-    images, labels, names, _ = validation_data(art.run_dir, load_pruned(art.model_dir), samples)
+    model = load_pruned(art.model_dir)
+    images, labels, names, _ = validation_data(art.run_dir, model, samples)
     out = Path(out_dir) if out_dir else art.run_dir / f"bundle-{target}"
     return write_bundle(target, out, onnx=art.onnx, quantized=art.quantized, images=images, labels=labels,
                         class_names=names, model_name=art.run_dir.name, host=host_numbers(art.run_dir),
-                        precision=precision, trt_major=trt_major, profile=profile)
+                        precision=precision, trt_major=trt_major, profile=profile,
+                        preprocessing=preprocessing_of(model))

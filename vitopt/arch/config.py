@@ -5,10 +5,16 @@
 coupled parameter to the stored dims through the family's Structure, updates the module attributes,
 then loads the weights strictly. The model is still the timm class, with ``forward_features`` and
 ``forward_head`` intact.
+
+``arch.json`` also records the input preprocessing the model was trained and validated with (when
+it was made by ``vitopt run``): :func:`set_preprocessing` writes it into the model's timm
+``pretrained_cfg`` so that ``timm.data.resolve_data_config({}, model=model)`` returns it, and
+:func:`load_pruned` puts it back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +28,17 @@ from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_json, load_weights, read_json, save_weights
 
 __all__ = ["ArchConfig", "create_model", "arch_of", "resize_to", "save", "save_pruned", "load_pruned", "set_param",
-           "ARCH_FILE", "WEIGHTS_FILE"]
+           "set_preprocessing", "preprocessing_of", "PREPROCESSING_KEYS", "ARCH_FILE", "WEIGHTS_FILE"]
 
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+#: keys of a preprocessing record: timm's data-config keys (``timm.data.resolve_data_config``) plus the PIL
+#: mode images are converted to first (``image_mode``, timm ``train.py``'s ``input_img_mode``) and the class names.
+PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "image_mode",
+                      "class_names")
+#: where the record sits in ``model.pretrained_cfg`` besides timm's own keys.
+_CFG_KEY = "vitopt_preprocessing"
 
 
 @dataclass
@@ -46,11 +58,14 @@ class ArchConfig:
     dims: dict[str, int] = field(default_factory=dict)
     #: SViTE+ token selector config (:meth:`vitopt.sparsity.token_selector.TokenSelector.config`), or None.
     token_selector: dict[str, int] | None = None
+    #: input preprocessing and class names (:data:`PREPROCESSING_KEYS`, see :func:`set_preprocessing`), or None.
+    preprocessing: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {"format_version": FORMAT_VERSION, **asdict(self)}
-        if out["token_selector"] is None:       # files without a selector stay as before
-            del out["token_selector"]
+        for key in ("token_selector", "preprocessing"):
+            if out[key] is None:                # files without them stay as before
+                del out[key]
         return out
 
     @classmethod
@@ -61,9 +76,73 @@ class ArchConfig:
                        model_kwargs=dict(obj.get("model_kwargs", {})),
                        dims={str(k): int(v) for k, v in obj["dims"].items()},
                        token_selector=({str(k): int(v) for k, v in obj["token_selector"].items()}
-                                       if obj.get("token_selector") is not None else None))
+                                       if obj.get("token_selector") is not None else None),
+                       preprocessing=(_check_preprocessing(obj["preprocessing"])
+                                      if obj.get("preprocessing") is not None else None))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise VitoptError(f"{where} is not a vitopt architecture file (missing or bad field: {exc}).") from None
+
+
+def _check_preprocessing(prep: Any) -> dict[str, Any]:
+    """``prep`` as a plain dict with the known keys, lists for tuples; raises ValueError / TypeError if malformed."""
+    if not isinstance(prep, dict):
+        raise TypeError(f"preprocessing is {type(prep).__name__}, not an object")
+    out = {k: prep[k] for k in PREPROCESSING_KEYS if k in prep}
+    missing = [k for k in ("input_size", "mean", "std") if k not in out]
+    if missing:
+        raise KeyError(f"preprocessing.{missing[0]}")
+    for k in ("input_size", "mean", "std", "class_names"):
+        if k in out:
+            out[k] = list(out[k])
+    if len(out["input_size"]) != 3 or not len(out["mean"]) == len(out["std"]) == out["input_size"][0]:
+        raise ValueError("preprocessing needs input_size [C, H, W] and C values of mean and std")
+    return out
+
+
+def set_preprocessing(model: nn.Module, preprocessing: dict[str, Any],
+                      class_names: Sequence[str] | None = None) -> nn.Module:
+    """Record the input preprocessing (and class names) on ``model`` where timm looks for it, in place.
+
+    ``model.pretrained_cfg`` gets timm's keys ``input_size`` (C, H, W), ``interpolation``, ``mean``, ``std``,
+    ``crop_pct``, ``crop_mode``, ``num_classes`` and ``label_names`` (timm ``PretrainedCfg`` fields), so
+    ``timm.data.resolve_data_config({}, model=model)`` returns the record and
+    ``timm.data.create_transform(**that, is_training=False)`` builds vitopt's eval transform; ``test_*`` sizes
+    are dropped (they described the original weights). Images go through it after conversion to
+    ``image_mode`` (``L`` for a 1-channel model: timm ``train.py``'s ``input_img_mode`` rule). The whole record
+    is also kept under ``pretrained_cfg["vitopt_preprocessing"]`` for :func:`preprocessing_of`, so
+    :func:`save_pruned` writes it to ``arch.json`` and copies and pruned versions of the model carry it.
+
+    Args:
+        model: a timm model.
+        preprocessing: keys of :data:`PREPROCESSING_KEYS` (``input_size``, ``mean``, ``std`` required).
+        class_names: class names, index = label (override ``preprocessing["class_names"]``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        VitoptError: a malformed record.
+    """
+    try:
+        prep = _check_preprocessing({**preprocessing, **({"class_names": list(class_names)} if class_names else {})})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VitoptError(f"preprocessing record is malformed ({exc}).") from None
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    for key in ("test_input_size", "test_crop_pct", "test_crop_mode"):
+        cfg.pop(key, None)
+    cfg.update(input_size=tuple(prep["input_size"]), mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    cfg.update({k: prep[k] for k in ("interpolation", "crop_pct", "crop_mode") if k in prep})
+    if "class_names" in prep:
+        cfg.update(label_names=tuple(prep["class_names"]), num_classes=len(prep["class_names"]))
+    cfg[_CFG_KEY] = prep
+    model.pretrained_cfg = cfg
+    return model
+
+
+def preprocessing_of(model: nn.Module) -> dict[str, Any] | None:
+    """The record :func:`set_preprocessing` left on ``model`` (a copy), or None."""
+    prep = (getattr(model, "pretrained_cfg", None) or {}).get(_CFG_KEY)
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in prep.items()} if prep else None
 
 
 def create_model(name: str, kwargs: dict[str, Any] | None = None, *, pretrained: bool = False,
@@ -134,7 +213,7 @@ def arch_of(model: nn.Module, model_name: str, model_kwargs: dict[str, Any] | No
     fam = family_of(model)
     selector = getattr(model, "token_selector", None)
     return ArchConfig(fam.name, model_name, dict(model_kwargs or {}), fam.read_dims(model),
-                      selector.config() if selector is not None else None)
+                      selector.config() if selector is not None else None, preprocessing_of(model))
 
 
 def resize_to(model: nn.Module, dims: dict[str, int]) -> nn.Module:
@@ -172,6 +251,7 @@ def save_pruned(model: nn.Module, directory: str | Path, model_name: str,
                 model_kwargs: dict[str, Any] | None = None) -> ArchConfig:
     """Write ``arch.json`` and ``model.safetensors`` for ``model`` into ``directory`` (atomically).
 
+    ``arch.json`` includes the model's preprocessing record (:func:`preprocessing_of`) when it has one.
     Returns the ArchConfig written.
     """
     directory = Path(directory)
@@ -228,7 +308,8 @@ def load_pruned(path: str | Path) -> nn.Module:
         path: the directory, or the path of its ``arch.json``.
 
     Returns:
-        The timm model in eval mode, on CPU, with the stored weights.
+        The timm model in eval mode, on CPU, with the stored weights, and the recorded preprocessing in its
+        ``pretrained_cfg`` (:func:`set_preprocessing`) when ``arch.json`` has one.
 
     Raises:
         VitoptError: missing/malformed files, unknown family or model, or weights that do not match
@@ -250,4 +331,6 @@ def load_pruned(path: str | Path) -> nn.Module:
     except RuntimeError as exc:
         first = " ".join(str(exc).strip().splitlines()[:2])
         raise VitoptError(f"{directory / WEIGHTS_FILE} does not match {directory / ARCH_FILE}: {first}") from None
+    if arch.preprocessing is not None:
+        set_preprocessing(model, arch.preprocessing)
     return model.eval()

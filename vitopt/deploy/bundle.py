@@ -4,9 +4,9 @@ Contents (see ``vitopt/deploy/jetson_kit/README.md``): the run's fp32 ONNX and i
 validation sample (``sample.npz``: model-ready float32 images and int64 labels), ``labels.txt``, one
 ``build_<target>_<precision>.sh`` trtexec command per precision the target and the graphs allow,
 ``bundle.json`` (target profile, the derived build settings per precision, batch sizes, the host's
-validate numbers), the standalone ``vitopt_jetson.py`` (Python + NumPy + TensorRT only) and its
-``requirements.txt``. The kit files ship inside the package (package data), so a wheel install finds
-them as well as a source checkout.
+validate numbers, the model's input preprocessing and class names), the standalone ``vitopt_jetson.py``
+(Python + NumPy + TensorRT only) and its ``requirements.txt``. The kit files ship inside the package (package
+data), so a wheel install finds them as well as a source checkout.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def _builds(target, onnx: Path, quantized: dict[str, Path], trt_major: int | Non
 def write_bundle(target: str, out_dir: str | os.PathLike, *, onnx: Path, images: np.ndarray, labels: np.ndarray,
                  class_names: list[str], quantized: dict[str, Path] | None = None, model_name: str = "model",
                  host: dict[str, Any] | None = None, precision: str | None = None,
-                 trt_major: int | None = None, profile: tuple[int, int, int] | None = None) -> dict[str, Any]:
+                 trt_major: int | None = None, profile: tuple[int, int, int] | None = None,
+                 preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a deployment bundle for ``target`` into ``out_dir``.
 
     Args:
@@ -81,6 +82,9 @@ def write_bundle(target: str, out_dir: str | os.PathLike, *, onnx: Path, images:
             not buildable from the graphs).
         trt_major: TensorRT line; default the target's (Jetson: 10).
         profile: ``(min, opt, max)`` batch; default the target's.
+        preprocessing: the model's input preprocessing record (:func:`vitopt.arch.config.set_preprocessing`:
+            input_size, mean, std, crop_pct, interpolation, image_mode, class_names), recorded in
+            ``bundle.json`` so images on the device can be prepared as ``sample.npz`` was; or None.
 
     Returns:
         the ``bundle.json`` manifest plus ``"path"`` (the folder).
@@ -118,6 +122,6 @@ def write_bundle(target: str, out_dir: str | os.PathLike, *, onnx: Path, images:
     manifest = {"format": BUNDLE_FORMAT, "target": t.key, "target_profile": t.model_dump(mode="json"),
                 "model": model_name, "default_precision": default, "builds": manifest_builds,
                 "batch_sizes": list(t.batch_sizes), "sample": "sample.npz", "num_images": int(len(labels)),
-                "labels": "labels.txt", "host": host}
+                "labels": "labels.txt", "host": host, "preprocessing": preprocessing}
     atomic_write_json(out / "bundle.json", manifest)
     return {**manifest, "path": str(out)}

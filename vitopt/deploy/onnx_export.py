@@ -41,6 +41,7 @@ with the PyTorch model's (original flags, eval mode); a mismatch raises :class:`
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -58,11 +59,12 @@ import onnx
 import torch
 from torch import nn
 
+from vitopt.arch.config import preprocessing_of
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_bytes
 
 __all__ = ["export_onnx", "check_onnx", "eager_attention", "export_mode", "op_counts", "MIN_OPSET",
-           "EXPORTERS", "ONNXSIM_SKIPPED_PASSES"]
+           "EXPORTERS", "ONNXSIM_SKIPPED_PASSES", "PREPROCESSING_METADATA_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,10 @@ _PROTO_LIMIT = 2**31 - 2**26
 #: leaves fewer nodes and the plain MatMul inputs that Q/DQ quantizers annotate. Unknown names
 #: are ignored by older onnxsim versions.
 ONNXSIM_SKIPPED_PASSES = ("fuse_matmul_add_bias_into_gemm", "fuse_matmul_add_bias_into_gemm_batched")
+#: ONNX ``metadata_props`` key holding the model's preprocessing record as JSON
+#: (:func:`vitopt.arch.config.set_preprocessing`: input_size, mean, std, crop_pct, interpolation, image_mode,
+#: class_names), read back with ``onnx.load(path).metadata_props`` or ORT's ``get_modelmeta().custom_metadata_map``.
+PREPROCESSING_METADATA_KEY = "vitopt.preprocessing"
 
 
 # ------------------------------------------------------------------------------------ contexts
@@ -266,6 +272,18 @@ def _write_model(model: onnx.ModelProto, path: Path) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _set_metadata(proto: onnx.ModelProto, model: nn.Module) -> None:
+    """Write ``model``'s preprocessing record (if it has one) into ``metadata_props`` under
+    :data:`PREPROCESSING_METADATA_KEY` (ONNX IR ``ModelProto.metadata_props``: string key/value pairs)."""
+    prep = preprocessing_of(model)
+    if prep is None:
+        return
+    kept = [p for p in proto.metadata_props if p.key != PREPROCESSING_METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key=PREPROCESSING_METADATA_KEY, value=json.dumps(prep, sort_keys=True))
+
+
 def _ort_logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -294,7 +312,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     Steps: export into a temp folder -> optional onnxsim, without the MatMul+Add -> Gemm passes
     (:data:`ONNXSIM_SKIPPED_PASSES`; on failure: keep the unsimplified graph, log a warning, record
     ``simplify_error``) -> ``onnx.checker.check_model`` -> optional
-    verification with onnxruntime against the PyTorch logits -> atomic write (temp file + rename)
+    verification with onnxruntime against the PyTorch logits -> the model's preprocessing record as
+    metadata (:data:`PREPROCESSING_METADATA_KEY`) -> atomic write (temp file + rename)
     to ``path``. Models over 2 GiB are written with ONNX external data in ``<path>.data``.
 
     Args:
@@ -399,6 +418,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
                               f"{max_abs_diff:.3g} > {tol:.3g}, output shapes {got.shape} vs {ref.shape}); "
                               "nothing was written.")
 
+    _set_metadata(proto, model)
     try:
         size = _write_model(proto, path)
     except OSError as exc:

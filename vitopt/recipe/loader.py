@@ -292,8 +292,19 @@ def _clean(errors: list[dict], data: dict) -> list[tuple[PathT, dict]]:
             path = path[:-1]  # a bad mapping key: point at the mapping, the message names the key
         out.append((path, union_at, err))
     specific = {u for _, u, e in out if u is not None and not e["type"].endswith("_type")}
-    return [(path, err) for path, union_at, err in out
-            if not (union_at in specific and err["type"].endswith("_type"))]
+    out = [(path, union_at, err) for path, union_at, err in out
+           if not (union_at in specific and err["type"].endswith("_type"))]
+    # a value-or-keyword union (``0.5`` or ``'auto'``): one error for both members
+    keyword = {u: e for _, u, e in out if u is not None and e["type"] == "literal_error"}
+    cleaned = []
+    for path, union_at, err in out:
+        other = union_at in keyword and err is not keyword[union_at]
+        if err["type"] == "literal_error" and any(u == union_at and e is not err for _, u, e in out):
+            continue                               # the other member's error says more
+        if other and err["type"] in _KIND_TEXT:    # wrong kind for both members: name both
+            err = {**err, "or_literal": keyword[union_at].get("ctx", {}).get("expected")}
+        cleaned.append((path, err))
+    return cleaned
 
 
 def _key_path(loc: tuple, data: Any) -> tuple[PathT, PathT | None]:
@@ -366,7 +377,9 @@ def _describe(err: dict, path: PathT, data: dict) -> str:
         if kind == "union_tag_not_found":
             return f"missing key 'type' (allowed: {tags})"
         tag = value.get("type") if isinstance(value, dict) else ctx.get("tag")
-        return f"unknown {what} {_show(tag)} (allowed: {tags})"
+        close = difflib.get_close_matches(str(tag), [t.strip() for t in tags.split(",")], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown {what} {_show(tag)} ({hint}allowed: {tags})"
     if kind == "extra_forbidden":
         return _unknown_key(path, data)
     if kind == "missing":
@@ -391,7 +404,8 @@ def _describe(err: dict, path: PathT, data: dict) -> str:
     if kind in _KIND_TEXT and "[key]" in err["loc"]:
         return f"key {_show(value)} is not allowed ({_KIND_TEXT[kind].replace('expected', 'allowed:')})"
     if kind in _KIND_TEXT:
-        return f"{_KIND_TEXT[kind]}, got {_show(value)}"
+        alternative = f" or {err['or_literal']}" if err.get("or_literal") else ""
+        return f"{_KIND_TEXT[kind]}{alternative}, got {_show(value)}"
     msg = err["msg"][:1].lower() + err["msg"][1:]
     return f"{msg.rstrip('.')} (got {_show(value)})"
 

@@ -34,6 +34,7 @@ __all__ = [
     "KeptUnits", "kept_units", "TrainingCurves", "training_curves", "GateStats", "gate_stats",
     "ParetoPoint", "pareto_points", "TRAINING_TYPES",
     "draw_kept_units", "draw_training_curves", "draw_gate_stats", "draw_accuracy_vs_flops", "draw_latency",
+    "latency_figure",
 ]
 
 #: stage types that train and record a per-epoch ``history``.
@@ -171,6 +172,9 @@ def _validate_source(run: RunData) -> list[ModelMeasurement]:
     rec = recs[-1]
     m = rec["metrics"]
     device = f"CPU, {m['threads']} threads" if m.get("threads") else None
+    env = run.environment or {}
+    if device and env.get("cpu") and m.get("device", "cpu") == "cpu":   # the machine that measured (environment.json)
+        device = f"{env['cpu']} ({env.get('cpu_cores_usable', '?')} cores), {m['threads']} threads"
     out = []
     for model, key in (("dense", "reference"), ("final", "final")):
         d = m.get(key)
@@ -259,8 +263,10 @@ class TrainingCurves:
     """The training stages of a run laid end to end on one epoch axis.
 
     Attributes:
-        segments: per training stage ``{"stage", "type", "x", "train_loss", "val_loss", "val_top1"}``
-            (x: global epoch positions 1, 2, ...; missing values are None).
+        segments: per training stage ``{"stage", "type", "x", "train_loss", "train_kd_loss", "val_loss",
+            "val_top1"}`` (x: global epoch positions 1, 2, ...; missing values are None). ``train_loss`` is the
+            cross-entropy (for a KD stage the student's CE, ``train_ce_loss``); ``train_kd_loss`` is a KD
+            stage's objective (None elsewhere).
         boundaries: ``(x, label)`` of every boundary between stages (x is half-way between epochs).
         prunes: ``(x, val_top1_before_finetune, stage)`` of each prune stage, at its boundary.
     """
@@ -282,7 +288,11 @@ def training_curves(run: RunData) -> TrainingCurves | None:
                 boundaries.append((cursor + 0.5, rec["stage"]))
             segments.append({"stage": rec["stage"], "type": typ,
                              "x": [cursor + i + 1 for i in range(len(hist))],
-                             **{k: [h.get(k) for h in hist] for k in ("train_loss", "val_loss", "val_top1")}})
+                             **{k: [h.get(k) for h in hist] for k in ("val_loss", "val_top1")},
+                             # a KD stage's train_loss is its KD objective: plot its CE part beside the other CEs
+                             "train_loss": [h.get("train_ce_loss", h.get("train_loss")) for h in hist],
+                             "train_kd_loss": [h.get("train_loss") if h.get("train_loss_kind") else None
+                                               for h in hist]})
             cursor += len(hist)
         elif typ == "prune" and segments:
             prunes.append((cursor + 0.5, m.get("val_top1_before_finetune"), rec["stage"]))
@@ -499,6 +509,9 @@ def _plot_series(ax, x, y, **kw):
 def draw_training_curves(curves: TrainingCurves, title: str) -> bytes:
     """Loss (train and val) and val top-1 (%) per epoch over all training stages, end to end.
 
+    The train loss is the cross-entropy in every stage (a KD stage's CE part); a KD stage's objective
+    (alpha tau^2 KL + (1 - alpha) CE, not comparable with a CE) is drawn dotted beside it.
+
     Stage boundaries are dashed lines with the stage names along the top axis; a prune stage is a
     red boundary with the val top-1 right after pruning marked. Returns PNG bytes.
     """
@@ -506,11 +519,16 @@ def draw_training_curves(curves: TrainingCurves, title: str) -> bytes:
     ax_loss, ax_acc = fig.subplots(1, 2)
     colors = {"train_loss": "C0", "val_loss": "C1", "val_top1": "C2"}
     ms_all = 4 if curves.segments[-1]["x"][-1] <= 60 else 0  # markers only while epochs stay apart
+    kd_labelled = False
     for i, seg in enumerate(curves.segments):
         first = i == 0
         ms = ms_all if ms_all or len(seg["x"]) > 2 else 4     # a 1-2 epoch stage stays visible
         _plot_series(ax_loss, seg["x"], seg["train_loss"], color=colors["train_loss"], marker="o", ms=ms,
-                     label="train loss (objective)" if first else None)
+                     label="train loss (cross-entropy)" if first else None)
+        if any(v is not None for v in seg.get("train_kd_loss", ())):
+            _plot_series(ax_loss, seg["x"], seg["train_kd_loss"], color=colors["train_loss"], marker="^", ms=ms,
+                         ls=":", label="train KD objective (not a CE)" if not kd_labelled else None)
+            kd_labelled = True
         _plot_series(ax_loss, seg["x"], seg["val_loss"], color=colors["val_loss"], marker="s", ms=ms, ls="--",
                      label="val loss" if first else None)
         _plot_series(ax_acc, seg["x"], seg["val_top1"], color=colors["val_top1"], marker="o", ms=ms,
@@ -539,7 +557,7 @@ def draw_training_curves(curves: TrainingCurves, title: str) -> bytes:
             ax_acc.annotate(f"{stage}\n{top1:.1f}%", (x, top1), textcoords="offset points", xytext=(6, -4),
                             fontsize=8, color="C3", va="top")
             first_prune = False
-    ax_loss.set_ylabel("loss (cross-entropy)")
+    ax_loss.set_ylabel("loss (nats)")
     ax_acc.set_ylabel("val top-1 (%)")
     ax_loss.set_title("loss", loc="left")
     ax_acc.set_title("val top-1", loc="left")
@@ -646,18 +664,33 @@ def draw_accuracy_vs_flops(points: list[ParetoPoint]) -> bytes:
     return _png(fig)
 
 
+#: horizontal offset (a factor on the batch size) of the dense and final points, so their error bars do not overlap.
+_DODGE = {"dense": 0.92, "final": 1.08}
+
+
 @_styled
 def draw_latency(ms: list[ModelMeasurement], title: str) -> bytes:
-    """Latency per batch (p50, error bar up to p90) against batch size, one panel per runtime.
+    """Latency per batch (p50, error bar up to p90) against batch size, one panel per runtime (PNG bytes).
 
-    ``ms`` are the measurements of one run from one source (dense and final). Axes are logarithmic
-    when the values span more than a factor 8; final points carry the speed-up over dense
-    (dense p50 / final p50). Returns PNG bytes.
+    See :func:`latency_figure`.
+    """
+    return _png(latency_figure(ms, title))
+
+
+def latency_figure(ms: list[ModelMeasurement], title: str):
+    """The matplotlib figure of :func:`draw_latency`.
+
+    ``ms`` are the measurements of one run from one source (dense and final). Every panel has the same
+    y axis (shared limits; logarithmic when the values of all panels together span more than a factor
+    8), so PyTorch and ONNX Runtime panels compare at a glance. Points are separate measurements: no
+    line joins them (neither across batch sizes nor between the dense and the final model). Final
+    points carry the speed-up over dense (dense p50 / final p50).
     """
     runtimes = list(dict.fromkeys(rt for m in ms for rt in m.latency))
     fig = _figure(max(6.0, 5.6 * len(runtimes)), 4.2)
-    axes = fig.subplots(1, len(runtimes), squeeze=False)[0]
-    style = {"dense": dict(color="0.45", marker="s", ls="--", mfc="white"), "final": dict(color="C0", marker="o")}
+    axes = fig.subplots(1, len(runtimes), squeeze=False, sharey=True)[0]
+    style = {"dense": dict(color="0.45", marker="s", mfc="white"), "final": dict(color="C0", marker="o")}
+    every: list[float] = []
     for ax, rt in zip(axes, runtimes):
         series = {}
         for m in sorted(ms, key=lambda m: m.model != "dense"):
@@ -668,32 +701,35 @@ def draw_latency(ms: list[ModelMeasurement], title: str) -> bytes:
             p50 = [lat[b]["p50_ms"] for b in bs]
             p90 = [lat[b].get("p90_ms", lat[b]["p50_ms"]) for b in bs]
             series[m.model] = dict(zip(bs, p50))
-            ax.errorbar(bs, p50, yerr=[[0] * len(bs), [max(0.0, hi - lo) for lo, hi in zip(p50, p90)]], capsize=4,
-                        ms=6, lw=1.5, label=f"{m.model} model: p50, bar up to p90", **style.get(m.model, {}))
-        every = [v for s in series.values() for v in s.values()]
+            every += p50 + p90
+            ax.errorbar([b * _DODGE.get(m.model, 1.0) for b in bs], p50, yerr=[[0] * len(bs), [max(0.0, hi - lo) for lo, hi in zip(p50, p90)]], capsize=4,
+                        ms=7, ls="none", elinewidth=1.5, label=f"{m.model} model: p50, bar up to p90",
+                        **style.get(m.model, {}))
         batches = sorted({b for s in series.values() for b in s})
         if len(batches) > 1:
             ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.minorticks_off()
-        if every and min(every) > 0 and max(every) / min(every) > 8:
-            ax.set_yscale("log")
         if len(batches) == 1:
             ax.set_xlim(batches[0] * 0.5, batches[0] * 1.5)
         if "dense" in series and "final" in series:
             for b, v in series["final"].items():
                 d = series["dense"].get(b)
                 if d and v:
-                    ax.annotate(f"{d / v:.2f}x faster" if d >= v else f"{v / d:.2f}x slower", (b, v),
+                    ax.annotate(f"{d / v:.2f}x faster" if d >= v else f"{v / d:.2f}x slower", (b * _DODGE["final"], v),
                                 textcoords="offset points", xytext=(6, -8), fontsize=8.5, color="C0",
                                 fontweight="bold", va="top", ha="left",
                                 bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
         ax.margins(x=0.25, y=0.15)
         ax.set_xlabel("batch size (images)")
-        ax.set_ylabel("latency per batch (ms)")
         ax.set_title(f"runtime: {rt}", loc="left")
+        ax.tick_params(labelleft=True)
+    positive = [v for v in every if v > 0]
+    if positive and max(positive) / min(positive) > 8:
+        axes[0].set_yscale("log")                            # shared: every panel
+    axes[0].set_ylabel("latency per batch (ms)")
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), frameon=False)
     fig.suptitle(title, x=0.01, ha="left")
-    return _png(fig)
+    return fig

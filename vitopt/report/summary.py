@@ -13,7 +13,7 @@ from typing import Any
 
 from vitopt.io import atomic_write_text, read_json
 
-__all__ = ["write_summary", "load_stage_records", "render_summary"]
+__all__ = ["write_summary", "load_stage_records", "render_summary", "summary_tables", "stage_line"]
 
 SUMMARY_FILE = "summary.md"
 
@@ -34,17 +34,17 @@ def _mflops(v: float | None) -> str:
     return "" if v is None else f"{v / 1e6:.2f}"
 
 
-def _stages_table(records: list[dict]) -> str:
+def _stages_rows(records: list[dict]) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for r in records:
         m = r["metrics"]
         top1 = m.get("val_top1", m.get("val_top1_before_finetune"))
         rows.append([r["stage"], r["type"], "" if top1 is None else f"{top1:.2f}", _mflops(m.get("flops")),
                      "" if m.get("params") is None else f"{m['params'] / 1e6:.4f}", f"{r.get('seconds', 0):.1f}"])
-    return _table(["stage", "type", "val top-1 (%)", "MFLOPs", "params (M)", "seconds"], rows)
+    return ["stage", "type", "val top-1 (%)", "MFLOPs", "params (M)", "seconds"], rows
 
 
-def _compare_table(val: dict, dense_top1: float | None) -> str:
+def _compare_rows(val: dict) -> tuple[list[str], list[list[Any]]]:
     final, ref = val["final"], val.get("reference")
     cols = [("final (pruned)", final)] + ([("dense reference", ref)] if ref else [])
     header = ["metric"] + [c for c, _ in cols] + (["ratio (final / dense)"] if ref else [])
@@ -69,7 +69,16 @@ def _compare_table(val: dict, dense_top1: float | None) -> str:
                 rows.append(row(f"{kind} latency batch {bs} {q[:3]} (ms)",
                                 lambda m, k=kind, b=bs, qq=q: m["runtimes"].get(k, {}).get("latency", {}).get(b, {}).get(qq),
                                 "{:.3f}".format))
-    text = _table(header, rows)
+    return header, rows
+
+
+def _stages_table(records: list[dict]) -> str:
+    return _table(*_stages_rows(records))
+
+
+def _compare_table(val: dict, dense_top1: float | None) -> str:
+    text = _table(*_compare_rows(val))
+    final = val["final"]
     for kind, rt in final["runtimes"].items():
         plan = rt.get("batches") or {}
         if plan.get("capped"):
@@ -84,6 +93,45 @@ def _compare_table(val: dict, dense_top1: float | None) -> str:
     if dense_top1 is not None:
         text += f"\n\nDense model trained in this run: val top-1 {dense_top1:.2f}%."
     return text
+
+
+def summary_tables(run_dir: str | Path) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """``(title, header, rows)`` of the stages table and, when a validate stage finished, the final-vs-dense
+    table of ``summary.md`` (the console prints them at the end of every run)."""
+    records = load_stage_records(run_dir)
+    out = [("Stages", *_stages_rows(records))]
+    validate = [r for r in records if r["type"] == "validate"]
+    if validate:
+        v = validate[-1]["metrics"]
+        out.append((f"Final vs dense ({validate[-1]['stage']}: {v['num_images']} validation images, "
+                    f"latency with {v['threads']} CPU threads)", *_compare_rows(v)))
+    return out
+
+
+def stage_line(record: dict[str, Any]) -> str:
+    """One line on what a finished stage recorded (printed by the pipeline when the stage ends)."""
+    m, typ, head = record.get("metrics", {}), record.get("type"), f"{record.get('stage')}: done in {record.get('seconds', 0):.1f} s"
+    parts = []
+    if m.get("val_top1") is not None:
+        parts.append(f"val top-1 {m['val_top1']:.2f}%")
+    if typ == "prune":
+        parts.append(f"FLOPs ratio {m['flops_ratio']:.3f}, params ratio {m['params_ratio']:.3f}, val top-1 before "
+                     f"finetune {m['val_top1_before_finetune']:.2f}%")
+    elif m.get("flops") is not None:
+        parts.append(f"{m['flops'] / 1e6:.2f} MFLOPs, {m['params'] / 1e6:.4f} M params")
+    if typ == "export":
+        diff = m.get("max_abs_diff")
+        parts.append(f"wrote {record.get('outputs', {}).get('onnx')} (opset {m.get('opset')}, {m.get('num_nodes')} "
+                     f"nodes" + (f", max abs logit diff vs PyTorch {diff:.1e})" if diff is not None else ")"))
+    if typ == "validate":
+        for model in ("final", "reference"):
+            for kind, rt in (m.get(model) or {}).get("runtimes", {}).items():
+                lat = ", ".join(f"p50 {s['p50_ms']:.3f} ms @ batch {b}" for b, s in rt.get("latency", {}).items())
+                parts.append(f"{'dense' if model == 'reference' else 'final'} {kind} top-1 {rt.get('top1', 0):.2f}%"
+                             + (f", {lat}" if lat else ""))
+    if m.get("skipped_images"):
+        parts.append(f"{m['skipped_images']} unreadable images skipped")
+    return head + (": " + "; ".join(parts) if parts else "")
 
 
 def _blocks_table(record: dict) -> str:

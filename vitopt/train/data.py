@@ -12,6 +12,9 @@ for RGB -> grayscale.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 
 from vitopt.errors import VitoptError
 from vitopt.train.distributed import rank, world_size
-from vitopt.train.images import ArrayImages, ImageFiles, SkipCounter, make_transforms, read_cifar
+from vitopt.train.images import (
+    EVAL_CROP_MODE,
+    EVAL_INTERPOLATION,
+    ArrayImages,
+    ImageFiles,
+    SkipCounter,
+    image_mode,
+    make_transforms,
+    read_cifar,
+    resolve_augment,
+)
 from vitopt.train.inputs import LUMA_601, ModelInput, model_input, to_model_input
 
 __all__ = [
@@ -30,6 +43,7 @@ __all__ = [
     "model_input",
     "to_model_input",
     "DataBundle",
+    "DataCheck",
     "load_data",
     "val_arrays",
     "make_loader",
@@ -41,6 +55,52 @@ __all__ = [
 
 #: File suffixes (lower case) that the imagefolder dataset treats as images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+#: PIL modes with one colour channel (``LA``: gray + alpha).
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+@dataclass
+class DataCheck:
+    """What loading the data found out about it (printed by ``vitopt recipe check`` and at the start of a run).
+
+    Attributes:
+        name: dataset name (``digits``, ``cifar10``, the image folder's name).
+        class_names: class names, index = label.
+        counts: split -> number of images used (``train``, ``val``).
+        unreadable: image files PIL cannot open, in path order (left out with ``skip_corrupt``).
+        checked: image files whose header was read (imagefolder; 0 for in-memory data).
+        gray: every image looked at has one channel.
+        image_side: median shorter side of the images looked at, in pixels (None if none was).
+        image_size: the most common ``(width, height)`` of those images (None if none was).
+        seconds: wall time of the check.
+    """
+
+    name: str
+    class_names: list[str]
+    counts: dict[str, int]
+    unreadable: list[str] = field(default_factory=list)
+    checked: int = 0
+    gray: bool = False
+    image_side: int | None = None
+    image_size: tuple[int, int] | None = None
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        """One line: classes, images per split, image size and mode, unreadable files."""
+        size = f"{self.image_size[0]}x{self.image_size[1]}" if self.image_size else "?"
+        parts = [f"{len(self.class_names)} classes", f"{self.counts.get('train', 0)} train / "
+                 f"{self.counts.get('val', 0)} val images", f"mostly {size} px {'gray' if self.gray else 'colour'}"]
+        if self.checked:
+            parts.append(f"{self.checked} files opened in {self.seconds:.1f} s, "
+                         + (f"{len(self.unreadable)} unreadable left out" if self.unreadable else "all readable"))
+        return ", ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "class_names": list(self.class_names), "counts": dict(self.counts),
+                "unreadable": list(self.unreadable), "checked": self.checked, "gray": self.gray,
+                "image_side": self.image_side, "image_size": list(self.image_size) if self.image_size else None,
+                "seconds": round(self.seconds, 3)}
+
 
 @dataclass
 class DataBundle:
@@ -58,6 +118,11 @@ class DataBundle:
         augment: the data config's ``augment`` (for :func:`~vitopt.train.images.make_mixup`), or None.
         skipped: (train, val) :class:`~vitopt.train.images.SkipCounter` of unreadable images skipped
             (``skip_corrupt``), or None for in-memory data.
+        check: what the data check found (:class:`DataCheck`).
+        preprocessing: the eval preprocessing the validation split gets, in timm's data-config keys
+            (``input_size`` [C, H, W], ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``) plus
+            ``image_mode`` (the PIL mode images are converted to first: ``L`` or ``RGB``); see
+            :func:`vitopt.arch.config.set_preprocessing`.
     """
 
     train: Dataset
@@ -69,6 +134,8 @@ class DataBundle:
     meta: dict[str, Any] = field(default_factory=dict)
     augment: Any = None
     skipped: Any = None
+    check: DataCheck | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def skipped_images(self) -> int:
         """Unreadable images skipped so far (0 without ``skip_corrupt``)."""
@@ -91,14 +158,24 @@ def _load_digits(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
     tr_idx, va_idx = np.sort(tr_idx), np.sort(va_idx)
     xm = to_model_input(x, mi)
     yt = torch.from_numpy(y)
+    names = [str(i) for i in range(10)]
     return DataBundle(
         train=TensorDataset(xm[tr_idx], yt[tr_idx]),
         val=TensorDataset(xm[va_idx], yt[va_idx]),
         num_classes=10,
-        class_names=[str(i) for i in range(10)],
+        class_names=names,
         name="digits",
         meta={"train_indices": tr_idx, "val_indices": va_idx},
+        check=DataCheck("digits", names, {"train": len(tr_idx), "val": len(va_idx)}, gray=True, image_side=8,
+                        image_size=(8, 8)),
+        preprocessing=_preprocessing(mi, 1.0),
     )
+
+
+def _preprocessing(mi: ModelInput, crop_pct: float) -> dict[str, Any]:
+    """The eval preprocessing record of :attr:`DataBundle.preprocessing`."""
+    return {"input_size": [mi.in_chans, *mi.img_size], "interpolation": EVAL_INTERPOLATION, "mean": list(mi.mean),
+            "std": list(mi.std), "crop_pct": float(crop_pct), "crop_mode": EVAL_CROP_MODE, "image_mode": image_mode(mi)}
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -110,10 +187,15 @@ def _is_image(p: str | Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _load_imagefolder(cfg: Any, mi: ModelInput) -> DataBundle:
+def _imagefolder_layout(raw_root: Any) -> tuple[Path, dict[str, list[tuple[str, int]]], list[str]]:
+    """Check an ImageNet-layout folder and index it: ``(root, split -> [(file, label)], class names)``.
+
+    Raises:
+        VitoptError: no root, a missing split, a split without class folders, a class folder without image
+            files, or train and val class lists that differ.
+    """
     from torchvision.datasets import ImageFolder
 
-    raw_root = getattr(cfg, "root", None)
     if raw_root is None:
         raise VitoptError("data.root is required for an imagefolder dataset (a folder holding train/ and val/).")
     root = Path(raw_root).expanduser()
@@ -143,24 +225,92 @@ def _load_imagefolder(cfg: Any, mi: ModelInput) -> DataBundle:
             f"(only in train: {only_t or 'none'}; only in val: {only_v or 'none'}); both must list the same classes."
         )
     try:
-        train_idx = ImageFolder(str(root / "train"), is_valid_file=_is_image)
-        val_idx = ImageFolder(str(root / "val"), is_valid_file=_is_image)
+        index = {split: ImageFolder(str(root / split), is_valid_file=_is_image).samples for split in ("train", "val")}
     except (FileNotFoundError, OSError) as e:  # pragma: no cover - guarded by the checks above
         raise VitoptError(f"cannot read the image folders under {root}: {e}.") from e
-    augment = getattr(cfg, "augment", None)
-    train_tf, val_tf = make_transforms(mi, augment)
+    return root, index, classes["train"]
+
+
+def _open_header(path: str) -> tuple[tuple[int, int], str] | str:
+    """``((width, height), PIL mode)`` from the file's header, or why PIL cannot open it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return tuple(im.size), im.mode
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:   # UnidentifiedImageError is an OSError
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _check_images(root: Path, samples: dict[str, list[tuple[str, int]]], classes: list[str], how: str,
+                  skip_corrupt: bool) -> tuple[dict[str, list[tuple[str, int]]], DataCheck]:
+    """Open image headers (every file of a split with ``how="all"``, of val with ``"val"``, else until one per
+    class opens); returns the samples to use (unreadable ones left out) and the :class:`DataCheck`.
+
+    Raises:
+        VitoptError: a class folder where no file opens, or unreadable files without ``skip_corrupt``.
+    """
+    t0 = time.perf_counter()
+    unreadable: list[tuple[str, str]] = []
+    sizes: list[tuple[int, int]] = []
+    gray: list[bool] = []
+    kept: dict[str, list[tuple[str, int]]] = {}
+    for split, items in samples.items():
+        full = how == "all" or (how == "val" and split == "val")
+        readable: set[int] = set()
+        keep = []
+        for path, label in items:
+            if not full and label in readable:
+                keep.append((path, label))
+                continue
+            got = _open_header(path)
+            if isinstance(got, str):
+                unreadable.append((path, got))
+                continue
+            readable.add(label)
+            sizes.append(got[0])
+            gray.append(got[1] in GRAY_MODES)
+            keep.append((path, label))
+        missing = [c for c in range(len(classes)) if c not in readable]
+        if missing:
+            folder = root / split / classes[missing[0]]
+            bad = next((f"{p} ({why})" for p, why in unreadable if Path(p).parent == folder), "")
+            raise VitoptError(f"{folder} has no image PIL can open (e.g. {bad}); add readable images to it or remove "
+                              f"the class folder from train/ and val/.")
+        kept[split] = keep
+    checked = len(sizes) + len(unreadable)
+    if unreadable and not skip_corrupt:
+        path, why = unreadable[0]
+        raise VitoptError(f"{len(unreadable)} of the {checked} image files opened under {root} cannot be read as "
+                          f"images (first: {path}: {why}); replace or delete them, or set data.skip_corrupt: true "
+                          "to leave them out.")
+    size = Counter(sizes).most_common(1)[0][0] if sizes else None
+    check = DataCheck(root.name or str(root), list(classes), {k: len(v) for k, v in kept.items()},
+                      unreadable=[p for p, _ in unreadable], checked=checked, gray=bool(gray) and all(gray),
+                      image_side=int(statistics.median(min(s) for s in sizes)) if sizes else None,
+                      image_size=size, seconds=time.perf_counter() - t0)
+    return kept, check
+
+
+def _load_imagefolder(cfg: Any, mi: ModelInput) -> DataBundle:
+    root, samples, classes = _imagefolder_layout(getattr(cfg, "root", None))
     skip = bool(getattr(cfg, "skip_corrupt", False))
-    train_skips, val_skips = SkipCounter(len(train_idx.samples)), SkipCounter(len(val_idx.samples))
+    samples, check = _check_images(root, samples, classes, getattr(cfg, "check_images", None) or "all", skip)
+    augment = resolve_augment(getattr(cfg, "augment", None), mi, gray=check.gray, image_side=check.image_side)
+    train_tf, val_tf = make_transforms(mi, augment)
+    train_skips, val_skips = SkipCounter(len(samples["train"])), SkipCounter(len(samples["val"]))
     return DataBundle(
-        train=ImageFiles(train_idx.samples, train_tf, skip, train_skips),
-        val=ImageFiles(val_idx.samples, val_tf, skip, val_skips),
-        num_classes=len(train_idx.classes),
-        class_names=list(train_idx.classes),
-        name=root.name or str(root),
+        train=ImageFiles(samples["train"], train_tf, skip, train_skips),
+        val=ImageFiles(samples["val"], val_tf, skip, val_skips),
+        num_classes=len(classes),
+        class_names=list(classes),
+        name=check.name,
         num_workers=int(getattr(cfg, "num_workers", 0) or 0),
         meta={"root": str(root)},
         augment=augment,
         skipped=(train_skips, val_skips),
+        check=check,
+        preprocessing=_preprocessing(mi, augment.crop_pct if augment is not None else 1.0),
     )
 
 
@@ -169,7 +319,7 @@ def _load_cifar(cfg: Any, mi: ModelInput) -> DataBundle:
     if raw_root is None:
         raise VitoptError(f"data.root is required for a {cfg.type} dataset (the folder holding the python batches).")
     xtr, ytr, xte, yte, names = read_cifar(cfg.type, Path(raw_root))
-    augment = getattr(cfg, "augment", None)
+    augment = resolve_augment(getattr(cfg, "augment", None), mi, gray=False, image_side=32)
     train_tf, val_tf = make_transforms(mi, augment)
     return DataBundle(
         train=ArrayImages(xtr, ytr, train_tf),
@@ -180,6 +330,8 @@ def _load_cifar(cfg: Any, mi: ModelInput) -> DataBundle:
         num_workers=int(getattr(cfg, "num_workers", 0) or 0),
         meta={"root": str(raw_root)},
         augment=augment,
+        check=DataCheck(cfg.type, names, {"train": len(ytr), "val": len(yte)}, image_side=32, image_size=(32, 32)),
+        preprocessing=_preprocessing(mi, augment.crop_pct if augment is not None else 1.0),
     )
 
 
@@ -193,11 +345,16 @@ def load_data(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
             test_size=cfg.val_fraction)`` (default 0.2 -> 1,437 train / 360 val), preprocessed once
             into in-memory ``TensorDataset`` s.
             ``"imagefolder"``: ``cfg.root/train/<class>/*`` and ``cfg.root/val/<class>/*`` (ImageNet
-            layout) indexed with torchvision ``ImageFolder``; each file decoded by PIL
-            (:class:`~vitopt.train.images.ImageFiles`: an unreadable file raises with its name, or is
-            skipped and counted with ``cfg.skip_corrupt``). With ``cfg.augment`` the transforms come
+            layout) indexed with torchvision ``ImageFolder``. Before anything is trained, the header of
+            every image file (``cfg.check_images: "all"``; ``"val"``: every val file, train files until one
+            per class opens; ``"one_per_class"``) is opened with PIL: a class folder where none opens is an
+            error; other unreadable files are an error naming the first, or with ``cfg.skip_corrupt`` are
+            left out and listed in :attr:`DataBundle.check`. Each file is decoded by PIL when loaded
+            (:class:`~vitopt.train.images.ImageFiles`: a file broken after its header raises with its
+            name, or is skipped and counted with ``cfg.skip_corrupt``). With ``cfg.augment`` the transforms come
             from timm's factory (train: RandomResizedCrop, flip, RandAugment, random erasing; eval:
-            resize + center crop, model mean/std); without it, each image is converted to RGB, scaled
+            resize + center crop, model mean/std), its ``"auto"`` settings resolved for the images found
+            (:func:`~vitopt.train.images.resolve_augment`); without it, each image is converted to RGB, scaled
             to [0, 1] and passed through :func:`to_model_input`. ``cfg.num_workers`` is kept in
             :attr:`DataBundle.num_workers` for :func:`make_loader`.
             ``"cifar10"`` / ``"cifar100"``: the python-pickle batches under ``cfg.root``
@@ -211,8 +368,9 @@ def load_data(cfg: Any, mi: ModelInput, seed: int) -> DataBundle:
 
     Raises:
         VitoptError: unknown type; bad val_fraction; CIFAR files missing or corrupt; imagefolder
-            root missing, no train/ or val/ subfolder, a split without class folders, a class folder without images, or train and
-            val class lists that differ.
+            root missing, no train/ or val/ subfolder, a split without class folders, a class folder without images
+            (or none PIL can open), train and val class lists that differ, or unreadable image files without
+            ``skip_corrupt``.
     """
     kind = getattr(cfg, "type", None)
     if kind == "digits":

@@ -5,6 +5,8 @@
   random erasing; eval = resize to ``size / crop_pct`` + center crop + normalize, with the model's
   ``pretrained_cfg`` mean/std (:class:`~vitopt.train.data.ModelInput`). Without an ``augment`` config
   the eval-free legacy path (convert, resize, normalize: :func:`~vitopt.train.data.to_model_input`) is used.
+  :func:`resolve_augment` turns the ``"auto"`` settings into values that fit the data (small or
+  single-channel images get no flip, RandAugment, random erasing or eval crop).
 * :class:`ImageFiles` decodes files with PIL; an unreadable file stops with its name, or with
   ``skip_corrupt`` is replaced by the next readable sample and counted (:class:`SkipCounter`, shared
   with DataLoader workers through fork-inherited shared memory).
@@ -23,6 +25,7 @@ import multiprocessing as mp
 import pickle
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +36,126 @@ from torch.utils.data import Dataset
 from vitopt.errors import VitoptError
 from vitopt.train.inputs import ImageTransform
 
-__all__ = ["make_transforms", "make_mixup", "SkipCounter", "ImageFiles", "ArrayImages", "read_cifar"]
+__all__ = ["make_transforms", "resolve_augment", "ResolvedAugment", "image_mode", "make_mixup", "SkipCounter",
+           "ImageFiles", "ArrayImages", "read_cifar", "IMAGENET_AUGMENT", "SMALL_AUGMENT", "SMALL_SIDE",
+           "EVAL_INTERPOLATION", "EVAL_CROP_MODE"]
 
 
-def make_transforms(mi: Any, augment: Any | None) -> tuple[Callable, Callable]:
+#: timm / DeiT ImageNet training augmentation: what an ``"auto"`` setting becomes for larger colour images
+#: (Touvron et al. 2021, DeiT, table 9: RandAugment m9-mstd0.5, random erasing 0.25; timm's
+#: RandomResizedCrop scale (0.08, 1) and horizontal flip 0.5).
+IMAGENET_AUGMENT: dict[str, Any] = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "scale": (0.08, 1.0),
+                                    "hflip": 0.5}
+#: vitopt's choice for small or single-channel images (``"auto"`` settings): no RandAugment (its colour
+#: and shear operations are tuned for ImageNet photos), no random erasing on small images (a 16 x 16
+#: erased patch is a third of a 28 px digit), no horizontal flip (it changes the class of digits and
+#: characters, and scans are rarely mirror-symmetric), crops of at least half the image, no eval crop.
+SMALL_AUGMENT: dict[str, Any] = {"auto_augment": None, "re_prob": 0.0, "scale": (0.5, 1.0), "hflip": 0.0}
+#: images (or model inputs) whose shorter side is at most this many pixels count as small.
+SMALL_SIDE = 64
+#: the eval transform vitopt builds (and records): resize, then center crop, bilinear interpolation.
+EVAL_INTERPOLATION = "bilinear"
+EVAL_CROP_MODE = "center"
+
+
+@dataclass(frozen=True)
+class ResolvedAugment:
+    """An ``augment`` config with every ``"auto"`` replaced by the value used, and why.
+
+    Attributes:
+        auto_augment, re_prob, scale, hflip, mixup, cutmix: as :class:`vitopt.recipe.schema.Augment`.
+        crop_pct: eval center-crop fraction actually used.
+        reasons: field -> why it has its value (``"auto: 28 px single-channel images"``); fields the
+            recipe set explicitly are absent.
+    """
+
+    auto_augment: str | None
+    re_prob: float
+    scale: tuple[float, float]
+    hflip: float
+    crop_pct: float
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line: the values, then which of them are ``"auto"`` and why (``RandomResizedCrop scale (0.5, 1.0),
+        hflip 0.0, ... (scale, hflip, ...: auto: 28 px small single-channel images)``)."""
+        text = (f"RandomResizedCrop scale {tuple(self.scale)}, hflip {self.hflip:g}, auto_augment "
+                f"{self.auto_augment or 'none'}, re_prob {self.re_prob:g}, mixup {self.mixup:g}, cutmix {self.cutmix:g}, "
+                f"eval crop_pct {self.crop_pct:g}")
+        why: dict[str, list[str]] = {}
+        for key, reason in self.reasons.items():
+            why.setdefault(reason, []).append(key)
+        return text + "".join(f" ({', '.join(keys)}: {reason})" for reason, keys in why.items())
+
+
+def resolve_augment(augment: Any | None, mi: Any, *, gray: bool = False,
+                    image_side: int | None = None) -> ResolvedAugment | None:
+    """Replace the ``"auto"`` fields of ``augment`` by values that fit the data (None stays None: no augmentation).
+
+    Small means the model input's or the images' (median) shorter side is <= :data:`SMALL_SIDE` pixels.
+    ``"auto"`` gives :data:`SMALL_AUGMENT` to small images, and for single-channel (gray) images no
+    RandAugment and no flip; other images get :data:`IMAGENET_AUGMENT`. ``crop_pct: "auto"`` is 1.0 (no
+    eval crop) for small images, else the model's ``pretrained_cfg`` crop (``mi.crop_pct``); ``crop_pct:
+    null`` is always the model's.
+
+    Args:
+        augment: an object with ``auto_augment``, ``re_prob``, ``scale``, ``hflip``, ``crop_pct``, ``mixup``,
+            ``cutmix`` (:class:`vitopt.recipe.schema.Augment`), each a value or ``"auto"``; or None.
+        mi: :class:`~vitopt.train.inputs.ModelInput` (``img_size``, ``crop_pct``).
+        gray: every checked image has one channel.
+        image_side: median shorter side of the images in pixels, or None when unknown.
+    """
+    if augment is None:
+        return None
+    model_side = min(mi.img_size)
+    small = model_side <= SMALL_SIDE or (image_side is not None and image_side <= SMALL_SIDE)
+    what = (f"{image_side} px" if image_side is not None else f"{model_side} px model input")
+    facts = ("small " if small else "") + ("single-channel " if gray else "") + "images"
+    reasons: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for key in ("auto_augment", "re_prob", "scale", "hflip"):
+        value = getattr(augment, key)
+        if isinstance(value, str) and value == "auto":
+            no_color_ops = key in ("auto_augment", "hflip") and gray
+            value = SMALL_AUGMENT[key] if small or no_color_ops else IMAGENET_AUGMENT[key]
+            reasons[key] = f"auto: {what} {facts}" if small or no_color_ops else f"auto: ImageNet default ({what})"
+        values[key] = value
+    crop = getattr(augment, "crop_pct", None)
+    if isinstance(crop, str) and crop == "auto":
+        crop = 1.0 if small else mi.crop_pct
+        reasons["crop_pct"] = f"auto: {what} {facts}" if small else "auto: the model's pretrained_cfg"
+    elif crop is None:
+        crop = mi.crop_pct
+        reasons["crop_pct"] = "the model's pretrained_cfg"
+    return ResolvedAugment(auto_augment=values["auto_augment"], re_prob=float(values["re_prob"]),
+                           scale=tuple(float(v) for v in values["scale"]), hflip=float(values["hflip"]),
+                           crop_pct=float(crop), mixup=float(getattr(augment, "mixup", 0.0) or 0.0),
+                           cutmix=float(getattr(augment, "cutmix", 0.0) or 0.0), reasons=reasons)
+
+
+def image_mode(mi: Any) -> str:
+    """The PIL mode images are converted to before the transforms: ``"L"`` for a 1-channel model, else ``"RGB"``
+    (timm's ``train.py`` convention for ``input_img_mode``)."""
+    return "L" if mi.in_chans == 1 else "RGB"
+
+
+def make_transforms(mi: Any, augment: Any | None, *, gray: bool = False,
+                    image_side: int | None = None) -> tuple[Callable, Callable]:
     """``(train_transform, eval_transform)``: PIL image -> float tensor [in_chans, H, W], normalized.
+
+    The image is converted to :func:`image_mode` first (PIL's ITU-R 601-2 luma for RGB -> L), then:
+    train = RandomResizedCrop + flip + RandAugment + normalize + random erasing; eval = resize to
+    ``size / crop_pct`` + center crop (bilinear) + normalize, exactly ``timm.data.create_transform(input_size,
+    crop_pct=, interpolation="bilinear", crop_mode="center", mean=, std=)``, which is what
+    :func:`~vitopt.arch.config.set_preprocessing` records for timm's ``resolve_data_config``.
 
     Args:
         mi: :class:`~vitopt.train.data.ModelInput` (channels, size, mean/std, crop_pct).
-        augment: an object with ``auto_augment``, ``re_prob``, ``scale``, ``hflip``, ``crop_pct`` (see
-            :class:`vitopt.recipe.schema.Augment`), or None for the plain path (no augmentation, no crop).
+        augment: an ``augment`` config (``"auto"`` fields resolved by :func:`resolve_augment` with ``gray`` and
+            ``image_side``), a :class:`ResolvedAugment`, or None for the plain path (convert, bilinear
+            antialiased resize to the model size, normalize: :func:`~vitopt.train.inputs.to_model_input`).
 
     Raises:
         VitoptError: timm rejects the ``auto_augment`` policy string.
@@ -52,17 +165,19 @@ def make_transforms(mi: Any, augment: Any | None) -> tuple[Callable, Callable]:
         return plain, plain
     from timm.data import create_transform
 
+    if not isinstance(augment, ResolvedAugment):
+        augment = resolve_augment(augment, mi, gray=gray, image_side=image_side)
     size = tuple(mi.img_size)
-    crop_pct = getattr(augment, "crop_pct", None) or mi.crop_pct
     try:
         train = create_transform(size, is_training=True, auto_augment=augment.auto_augment,
                                  re_prob=augment.re_prob, re_mode="pixel", scale=tuple(augment.scale),
                                  hflip=augment.hflip, color_jitter=None, mean=mi.mean, std=mi.std)
     except (AssertionError, ValueError, KeyError) as exc:
         raise VitoptError(f"data.augment.auto_augment {augment.auto_augment!r} is not a timm policy ({exc}); "
-                          "allowed e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', 'original' or null.") from None
-    val = create_transform(size, is_training=False, crop_pct=crop_pct, mean=mi.mean, std=mi.std)
-    mode = "L" if mi.in_chans == 1 else "RGB"
+                          "allowed e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', 'original', 'auto' or null.") from None
+    val = create_transform(size, is_training=False, crop_pct=augment.crop_pct, interpolation=EVAL_INTERPOLATION,
+                           crop_mode=EVAL_CROP_MODE, mean=mi.mean, std=mi.std)
+    mode = image_mode(mi)
     return _Converted(train, mode), _Converted(val, mode)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -50,7 +51,26 @@ __all__ = [
     "fit",
     "evaluate",
     "set_seed",
+    "progress_interval",
 ]
+
+#: environment variable: seconds between plain progress lines when stdout is not a terminal (default 30).
+PROGRESS_ENV = "VITOPT_PROGRESS_SECONDS"
+
+
+def progress_interval() -> float | None:
+    """Seconds between plain-text progress lines, or None when stdout is a terminal (a live bar is drawn).
+
+    When stdout is a file or pipe (a log, ``nohup``, a batch job) the rich progress bar is off, so
+    :func:`fit` prints ``<desc> epoch e/E step i/n (p%): loss L, r img/s, ~s s left in the epoch`` at most
+    every ``$VITOPT_PROGRESS_SECONDS`` seconds (default 30; 0 prints every step).
+    """
+    if sys.stdout.isatty():
+        return None
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_ENV, "30")))
+    except ValueError:
+        return 30.0
 
 
 @dataclass
@@ -262,6 +282,9 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` in place and return one record per epoch; checkpoint and resume at epoch ends.
 
+    Output (rank 0): one line per epoch; when stdout is not a terminal, also a progress line at most every
+    :func:`progress_interval` seconds (default 30) within an epoch.
+
     Per step: forward (under ``torch.autocast`` with ``hp.amp``), loss = label-smoothed CE (Szegedy
     et al. 2016) or, with ``teacher``, :func:`~vitopt.train.losses.kd_loss` (Hinton et al. 2015; the
     teacher runs in eval mode under ``no_grad``), plus ``extra_loss()`` and the callbacks' ``loss()``;
@@ -312,7 +335,10 @@ def fit(
 
     Returns:
         list of per-epoch dicts: ``epoch`` (1-based), ``train_loss`` (mean total loss per sample,
-        nats, including extra terms), ``train_extra_loss`` (mean of the extra terms, when any),
+        nats, including extra terms; with a ``teacher`` it is the KD objective, so the record also has
+        ``train_loss_kind`` ``"kd(alpha=..., tau=...)"`` and ``train_ce_loss``, the student's label-smoothed
+        cross-entropy, comparable with a training stage's ``train_loss``; the epoch line prints them as
+        ``train_kd_loss`` and ``train_ce_loss``), ``train_extra_loss`` (mean of the extra terms, when any),
         ``val_loss`` (nats, no smoothing), ``val_top1`` (percent), ``val_top1_ema`` (with EMA),
         ``lr`` (of group 0 at the last step of the epoch), ``seconds`` (wall time of the epoch incl.
         validation), plus what ``on_epoch_end`` adds. ``val_*`` are None without ``val_loader``.
@@ -366,6 +392,9 @@ def fit(
         sums = step.run_epoch(train_loader, epoch, prog)
         n_seen = max(1.0, sums["n"])
         record: dict[str, Any] = {"epoch": epoch, "train_loss": sums["loss"] / n_seen}
+        if teacher is not None:                 # train_loss is the KD objective: label it, keep the CE part
+            record["train_loss_kind"] = f"kd(alpha={kd_alpha:g}, tau={kd_tau:g})"
+            record["train_ce_loss"] = sums["ce"] / n_seen
         if has_extra:
             record["train_extra_loss"] = sums["extra"] / n_seen
         if val_loader is not None:
@@ -423,36 +452,41 @@ class _Step:
     desc: str
     mixup: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None
 
-    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None, float | None]:
+        """``(total loss, extra terms, the student's cross-entropy when distilling)``."""
         smoothing = self.hp.label_smoothing
         if self.mixup is not None:
             x, y = self.mixup(x, y)
             smoothing = 0.0
+        ce = None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
             out = self.net(x)
             if self.teacher is not None:
                 with torch.no_grad():
                     t_out = self.teacher(x)
+                    ce = float(F.cross_entropy(merge_heads(out).float(), y, label_smoothing=smoothing))
                 loss = kd_loss(out, t_out, y, alpha=self.kd_alpha, tau=self.kd_tau, label_smoothing=smoothing)
             else:
                 loss = F.cross_entropy(merge_heads(out).float(), y, label_smoothing=smoothing)
         terms = [self.extra_loss()] if self.extra_loss is not None else []
         terms += [t for t in (cb.loss() for cb in self.callbacks) if t is not None]
         extra = torch.stack([t.reshape(()).float() for t in terms]).sum() if terms else None
-        return (loss.float() + extra if extra is not None else loss.float()), extra
+        return (loss.float() + extra if extra is not None else loss.float()), extra, ce
 
     def run_epoch(self, loader: DataLoader, epoch: int, prog: dict) -> dict[str, float]:
-        """Train one epoch; returns rank-summed ``loss``/``extra`` (x samples), ``n`` and the last ``lr``."""
-        sum_loss, sum_extra, n_seen = 0.0, 0.0, 0
+        """Train one epoch; returns rank-summed ``loss``/``extra``/``ce`` (x samples), ``n`` and the last ``lr``."""
+        sum_loss, sum_extra, sum_ce, n_seen = 0.0, 0.0, 0.0, 0
         lr_now = self.optimizer.param_groups[0]["lr"]
+        interval, t0 = progress_interval(), time.perf_counter()
+        last_line = t0
         with _progress(len(loader), self.desc) as progress:
             task = progress.add_task(f"{self.desc} {epoch}/{self.hp.epochs}", total=len(loader), loss="-")
             for i, (x, y) in enumerate(loader, start=1):
                 x = x.to(self.device, non_blocking=True)
                 y = torch.as_tensor(y).to(self.device, non_blocking=True)
                 lr_now = self.optimizer.param_groups[0]["lr"]
-                loss, extra = self._loss(x, y)
+                loss, extra, ce = self._loss(x, y)
                 loss_value = float(loss.detach())
                 _check_finite(loss_value, epoch, i, self.desc)
                 self._update(loss, prog["global_step"])
@@ -460,10 +494,24 @@ class _Step:
                 self.scheduler.step_update(num_updates=prog["global_step"])
                 sum_loss += loss_value * len(y)
                 sum_extra += float(extra.detach()) * len(y) if extra is not None else 0.0
+                sum_ce += float(ce) * len(y) if ce is not None else 0.0
                 n_seen += len(y)
                 progress.update(task, advance=1, loss=f"{loss_value:.4f}")
-        loss_sum, extra_sum, n = all_reduce_sum([sum_loss, sum_extra, n_seen])
-        return {"loss": loss_sum, "extra": extra_sum, "n": n, "lr": lr_now}
+                now = time.perf_counter()
+                if interval is not None and now - last_line >= interval and i < len(loader) and is_main():
+                    last_line = now
+                    rate = n_seen / max(now - t0, 1e-9)
+                    print(f"{self.desc} epoch {epoch}/{self.hp.epochs} step {i}/{len(loader)} "
+                          f"({100 * i / len(loader):.0f}%): {self.loss_name} {sum_loss / n_seen:.4f}, "
+                          f"{rate * world_size():.1f} img/s, ~{(now - t0) * (len(loader) - i) / i:.0f} s left in "
+                          "the epoch", flush=True)
+        loss_sum, extra_sum, ce_sum, n = all_reduce_sum([sum_loss, sum_extra, sum_ce, n_seen])
+        return {"loss": loss_sum, "extra": extra_sum, "ce": ce_sum, "n": n, "lr": lr_now}
+
+    @property
+    def loss_name(self) -> str:
+        """``train_kd_loss`` with a teacher (the KD objective), else ``train_loss`` (cross-entropy)."""
+        return "train_kd_loss" if self.teacher is not None else "train_loss"
 
     def _update(self, loss: Tensor, global_step: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -635,7 +683,12 @@ def _resume(ckpt, checkpoint_dir, hp, steps_per_epoch, model, optimizer, schedul
 
 
 def _epoch_line(desc: str, epoch: int, epochs: int, r: dict) -> str:
-    parts = [f"{desc} epoch {epoch}/{epochs}", f"train_loss {r['train_loss']:.4f}"]
+    parts = [f"{desc} epoch {epoch}/{epochs}"]
+    if r.get("train_loss_kind", "").startswith("kd"):   # not comparable with a CE train_loss: say what it is
+        parts += [f"train_kd_loss {r['train_loss']:.4f} ({r['train_loss_kind']})",
+                  f"train_ce_loss {r['train_ce_loss']:.4f}"]
+    else:
+        parts.append(f"train_loss {r['train_loss']:.4f}")
     if r.get("val_loss") is not None:
         parts.append(f"val_loss {r['val_loss']:.4f}")
         parts.append(f"val_top1 {r['val_top1']:.2f}%")
