@@ -4,7 +4,8 @@ Per seed: train a small DeiT densely (digits: the quickstart model, width 128, d
 folder such as ``benchmarks/shapes.py``'s: width 128, depth 2, 32 px), then for each FLOPs target and
 each method prune a copy of that dense model and fine-tune it with the same budget (``--finetune-epochs``,
 lr 3e-4, KD from the dense model, alpha 0.7, tau 2, the same seed and batch order for every method).
-Every method gets the same calibration batches (``vitopt.pruning.calibration.calibration_batches``).
+Every method gets the same calibration data (``vitopt.pruning.calibration.calibration_batches``: 8 shuffled
+batches, or for ``kl`` UP-ViTs' proxy set of 5 images per class, as the prune stage draws them).
 
 Methods:
 
@@ -145,7 +146,7 @@ def prune(args, method: str, dense, data, calib, target: float, seed: int, teach
     ft_epochs = args.finetune_epochs
     if method in TP_METHODS:
         imp, bottleneck, iso = TP_METHODS[method]
-        extra = {"grad_batches": calib} if imp == "taylor" else {}
+        extra = {"grad_batches": calib["taylor"]} if imp == "taylor" else {}
         res = V.tp_prune_to_flops(model, target, tol=args.tp_tol, max_iter=args.tp_max_iter, grid=args.tp_grid,
                                   bottleneck=bottleneck, importance=imp, isomorphic=iso, **extra)
         return res.model, res.info, ft_epochs
@@ -161,7 +162,10 @@ def prune(args, method: str, dense, data, calib, target: float, seed: int, teach
         recover = vitopt.kd_recovery(train, steps=max(1, recovery_epochs * steps_per_epoch // (args.iterative_rounds - 1)),
                                      lr=args.ft_lr, kd_alpha=args.kd_alpha, kd_tau=args.kd_tau)
     t0 = time.perf_counter()
-    res = vitopt.prune_with_report(model, target={"flops": target}, data=calib, teacher=None, recover=recover,
+    # the prune stage's calibration: a per-class proxy set for criteria that calibrate per class (kl),
+    # shuffled batches otherwise
+    data_for = calib["kl"] if cfg.get("criterion") == "kl" else calib["taylor"]
+    res = vitopt.prune_with_report(model, target={"flops": target}, data=data_for, teacher=None, recover=recover,
                                    inplace=True, **cfg)
     info = {"config": {k: v for k, v in cfg.items() if k != "round_to"}, "seconds": time.perf_counter() - t0,
             "rounds": [{k: r[k] for k in ("budget", "achieved") if k in r} for r in res.rounds],
@@ -210,8 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dense_runs.append({"seed": seed, "top1": evaluate(model, val)["top1"], **dense_cost,
                            "seconds": time.perf_counter() - t0})
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        calib = calibration_batches(data.train, "taylor", batches=args.calib_batches, batch_size=args.batch_size,
-                                    seed=seed * 1000 + 7)
+        calib = {c: calibration_batches(data.train, c, batches=args.calib_batches, batch_size=args.batch_size,
+                                        seed=seed * 1000 + 7, always=True) for c in ("taylor", "kl")}
         for target in args.targets:
             for method in methods:
                 set_seed(seed)
