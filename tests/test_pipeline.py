@@ -215,3 +215,53 @@ stages:
     top1 = [e.value for e in acc.Scalars("00_train/val_top1")]
     history = json.loads((run / "00_train" / "metrics.json").read_text())["metrics"]["history"]
     assert top1 == pytest.approx([h["val_top1"] for h in history])
+
+
+TEACHER_RECIPE = """
+name: kd
+seed: 1
+output_dir: {out}
+model:
+  name: deit_tiny_patch16_224
+  kwargs: {{img_size: 8, patch_size: 2, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2}}
+data: {{type: digits}}
+stages:
+  - {{type: train, epochs: 1, lr: 3.0e-3, batch_size: 128}}
+  - {{type: prune, criterion: l1, target: {{flops: 0.6}}, round_to: {{heads: 1, head_dim: 8, mlp: 16}}}}
+  - {{type: finetune, epochs: 1, lr: 1.0e-3, batch_size: 128, kd: {{alpha: 0.5, tau: 2.0}}}}
+"""
+
+
+@pytest.mark.slow
+def test_finetune_distills_from_the_model_before_prune(tmp_path, monkeypatch):
+    """The finetune stage's KD teacher is the model as it entered prune (the trained dense model), both in
+    the run that pruned it and in a run resumed after prune, never a copy of the pruned student."""
+    import vitopt.stages.finetune as finetune_stage
+
+    seen = []
+    real_fit = finetune_stage.fit
+
+    def spy(model, *args, teacher=None, **kwargs):
+        seen.append(teacher)
+        return real_fit(model, *args, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr(finetune_stage, "fit", spy)
+    path = tmp_path / "kd.yaml"
+    path.write_text(TEACHER_RECIPE.format(out=tmp_path))
+    run = run_recipe(load_recipe(path))
+    (run / "02_finetune" / "metrics.json").unlink()              # resume: the teacher comes back from disk
+    run_recipe(load_recipe(path))
+    assert len(seen) == 2
+    dense = vitopt.load(run / "00_train" / "model").eval()
+    pruned = vitopt.load(run / "01_prune" / "model").eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        want, student = dense(x), pruned(x)
+    assert vitopt.structure(pruned).sizes() != vitopt.structure(dense).sizes()
+    for teacher in seen:
+        assert teacher is not None and not teacher.training
+        assert vitopt.structure(teacher).sizes() == vitopt.structure(dense).sizes()
+        with torch.no_grad():
+            got = teacher(x)
+        assert torch.allclose(got, want, rtol=0, atol=1e-6), (got - want).abs().max()
+        assert not torch.allclose(got, student, atol=1e-3)
