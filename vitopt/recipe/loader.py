@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vitopt.errors import VitoptError
-from vitopt.recipe.schema import Choices, Recipe
+from vitopt.recipe.schema import _VTP_KEYS, Choices, Recipe
 
 __all__ = ["load_recipe", "apply_overrides", "recipe_json_schema", "dump_resolved", "format_path"]
 
@@ -122,6 +122,10 @@ def dump_resolved(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json", by_alias=True)
     data["data"] = _type_first(data["data"])
     data["stages"] = [_type_first(s) for s in data["stages"]]
+    for stage in data["stages"]:            # vtp's flat keys are an error under any other method
+        if stage.get("type") == "sparse_train" and stage.get("method") != "vtp":
+            for key in _VTP_KEYS.values():
+                stage.pop(key, None)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
