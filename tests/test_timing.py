@@ -65,6 +65,7 @@ def test_per_round_ratio_cancels_a_drifting_load(machine, monkeypatch):
     assert r["rounds"] == pytest.approx([2.0] * 8, rel=1e-12)
     assert (r["median"], r["min"], r["max"], r["q1"], r["q3"]) == pytest.approx((2.0,) * 5, rel=1e-12)
     assert res.ratio("A")["median"] == 1.0 and res.reference == "A"
+    assert res.pair_ratio("A", "B")["rounds"] == pytest.approx([0.5] * 8, rel=1e-12)
     # the per-candidate times do drift with the load; their median is over rounds
     assert res.candidates["A"]["rounds_ms"] == pytest.approx([1.0, 3.0, 0.5, 5.0, 1.5, 2.0, 1.0, 4.0])
     assert res.candidates["A"]["ms"] == pytest.approx(np.median([1.0, 3.0, 0.5, 5.0, 1.5, 2.0, 1.0, 4.0]))

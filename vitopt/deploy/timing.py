@@ -47,7 +47,7 @@ import torch
 
 from vitopt.errors import VitoptError
 
-__all__ = ["Candidate", "Comparison", "LoadWarning", "compare", "compare_runtimes", "machine_load",
+__all__ = ["Candidate", "Comparison", "LoadWarning", "compare", "compare_runtimes", "machine_load", "spread",
            "format_ratio", "METHOD"]
 
 #: One line naming the method, stored with every result.
@@ -134,6 +134,10 @@ class Comparison:
         """The ratio summary of candidate ``name`` against the reference."""
         return self.candidates[name]["ratio"]
 
+    def pair_ratio(self, a: str, b: str) -> dict[str, Any]:
+        """Median and spread over rounds of ``t_a / t_b`` (two candidates timed in the same rounds)."""
+        return spread(np.asarray(self.candidates[a]["rounds_ms"]) / np.asarray(self.candidates[b]["rounds_ms"]))
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of everything above."""
         return {"method": self.method, "reference": self.reference, "rounds": self.rounds, "warmup": self.warmup,
@@ -141,7 +145,8 @@ class Comparison:
                 "load_warning": self.load_warning, "seconds": round(self.seconds, 3), "candidates": self.candidates}
 
 
-def _spread(values: Sequence[float]) -> dict[str, Any]:
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """``{"median", "min", "max", "q1", "q3", "rounds"}`` of per-round values (``numpy.percentile``, linear)."""
     v = np.asarray(values, dtype=np.float64)
     q1, med, q3 = (float(x) for x in np.percentile(v, [25, 50, 75]))
     return {"median": med, "min": float(v.min()), "max": float(v.max()), "q1": q1, "q3": q3,
@@ -247,7 +252,7 @@ def compare(candidates: Mapping[str, Candidate | Callable[[], Any]], *, rounds: 
         t = np.asarray(per_round[name])
         out[name] = {"ms": float(np.median(t)), "rounds_ms": [float(x) for x in t], "calls": n_calls[name],
                      "cpu_ms": float(np.median(cpu_round[name])), **_per_call(samples[name]),
-                     "ratio": _spread(t / ref)}
+                     "ratio": spread(t / ref)}
     loads = [lo["loadavg"][0] for lo in (load_before, load_after) if lo["loadavg"]]
     cores = load_before["cpu_count"]
     load_warning = None
