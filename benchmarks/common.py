@@ -258,6 +258,12 @@ def add_timing_args(ap: argparse.ArgumentParser, *, warmup: bool = True) -> None
         ap.add_argument("--warmup", type=int, help="untimed calls per candidate before the rounds")
 
 
+def _timing_opts(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(rounds=getattr(args, "rounds", None) or 10, warmup=getattr(args, "warmup", None) or 0,
+                round_ms=getattr(args, "round_ms", None) or 50.0, threads=getattr(args, "threads", None),
+                warn_load=False)
+
+
 def _report(res: Comparison, what: str) -> Comparison:
     if res.load_warning:
         console.print(f"[yellow]warning ({what}): {res.load_warning}[/]")
@@ -268,8 +274,7 @@ def timed(candidates: Mapping[str, Candidate | Callable[[], Any]], args: argpars
           **kwargs: Any) -> Comparison:
     """:func:`vitopt.deploy.timing.compare` with the script's ``--rounds/--warmup/--round-ms/--threads``;
     prints the load warning, if any. ``kwargs`` override (e.g. ``calls=1``, ``reference=...``)."""
-    opts = dict(rounds=args.rounds, warmup=args.warmup, round_ms=args.round_ms, threads=getattr(args, "threads", None),
-                warn_load=False)
+    opts = _timing_opts(args)
     opts.update(kwargs)
     return _report(compare(candidates, **opts), what)
 
@@ -277,8 +282,7 @@ def timed(candidates: Mapping[str, Candidate | Callable[[], Any]], args: argpars
 def timed_runtimes(runtimes: Mapping[str, Callable[[np.ndarray], Any]], input_shape: Sequence[int], batch: int,
                    args: argparse.Namespace, *, what: str = "", **kwargs: Any) -> Comparison:
     """:func:`vitopt.deploy.timing.compare_runtimes` with the script's timing options (see :func:`timed`)."""
-    opts = dict(rounds=args.rounds, warmup=args.warmup, round_ms=args.round_ms, threads=getattr(args, "threads", None),
-                warn_load=False)
+    opts = _timing_opts(args)
     opts.update(kwargs)
     return _report(compare_runtimes(runtimes, input_shape, batch, **opts), what)
 

@@ -623,5 +623,8 @@ def test_gpu_latency_skips_cleanly_without_cuda(tmp_path):
     rows = [{"model": "dense", "runtime": "r", "batch": 1, "p50_ms": 2.0, "p90_ms": 3.0, "throughput_img_s": 500},
             {"model": "pruned", "runtime": "r", "batch": 1, "p50_ms": 1.0, "p90_ms": 1.5, "throughput_img_s": 1000}]
     assert g.format_table(rows).splitlines()[-1].endswith("| 2.00x |")
-    s = g.stats([1.0, 2.0, 3.0, 4.0], batch=2)
-    assert s["p50_ms"] == 2.5 and s["throughput_img_s"] == pytest.approx(800.0)
+    # rows timed interleaved with dense carry the per-round ratio: speed-up = 1 / ratio, range from its min-max
+    rows[1]["ratio"] = {"median": 0.5, "min": 0.4, "max": 0.8, "q1": 0.45, "q3": 0.6}
+    assert g.format_table(rows).splitlines()[-1].endswith("| 2.00x (1.25-2.50) |")
+    assert saved["command"] == f"python benchmarks/gpu_latency.py --no-cuda --out {tmp_path / 'g.json'}"
+    assert saved["load"]["cpu_count"] >= 1 and saved["date"]

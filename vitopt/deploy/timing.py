@@ -110,7 +110,8 @@ class Comparison:
         reference: name of the candidate the ratios are taken against.
         candidates: name -> ``{"ms": median over rounds of the per-call time, "rounds_ms": [per round],
             "calls": calls per round, "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms",
-            "max_ms": over every timed call, "cpu_ms": median over rounds of process CPU time per call,
+            "max_ms": over every timed call, "cpu_ms": median over rounds of process CPU time per call
+            (``time.process_time``, all threads of this process), "cpu_rounds_ms": per round,
             "ratio": {"median", "min", "max", "q1", "q3", "rounds": [per-round ratios]}}``
             (``ratio`` to the reference; 1.0 for the reference itself).
         rounds, warmup, threads: the settings used (threads: torch's intra-op count during timing).
@@ -251,7 +252,8 @@ def compare(candidates: Mapping[str, Candidate | Callable[[], Any]], *, rounds: 
     for name in cands:
         t = np.asarray(per_round[name])
         out[name] = {"ms": float(np.median(t)), "rounds_ms": [float(x) for x in t], "calls": n_calls[name],
-                     "cpu_ms": float(np.median(cpu_round[name])), **_per_call(samples[name]),
+                     "cpu_ms": float(np.median(cpu_round[name])), "cpu_rounds_ms": [float(x) for x in cpu_round[name]],
+                     **_per_call(samples[name]),
                      "ratio": spread(t / ref)}
     loads = [lo["loadavg"][0] for lo in (load_before, load_after) if lo["loadavg"]]
     cores = load_before["cpu_count"]
