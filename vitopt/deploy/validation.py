@@ -114,7 +114,7 @@ def measure_runtimes(kinds: list[str], images: np.ndarray, labels: np.ndarray, *
 
 def compare_models(kinds: list[str], models: dict[str, dict[str, Any]], *, batch_sizes: list[int],
                    input_chw: tuple[int, int, int], reference: str, threads: int = 2, device: str = "cpu",
-                   warmup: int = 10, rounds: int = 10, round_ms: float = 50.0) -> dict[str, dict[str, Any]]:
+                   warmup: int = 10, rounds: int = 10, round_ms: float = 100.0) -> dict[str, dict[str, Any]]:
     """Latency of several models on each runtime kind, timed against each other in interleaved rounds.
 
     For every kind and batch size, one runtime per model is opened and all are timed together with

@@ -585,7 +585,7 @@ class ValidateStage(_StageBase):
     rounds: int = Field(default=10, ge=1, description="Interleaved rounds (final, dense, final, dense, ...) when the "
                                                       "final model is timed against the dense reference; the report "
                                                       "gives the median of per-round ratios with its min-max.")
-    round_ms: float = Field(default=50.0, gt=0, description="Target milliseconds of one model's block of calls in a "
+    round_ms: float = Field(default=100.0, gt=0, description="Target milliseconds of one model's block of calls in a "
                                                             "round of the interleaved comparison.")
     threads: int = Field(default=2, ge=1, description="CPU threads for the CPU runtimes.")
 
