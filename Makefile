@@ -1,9 +1,9 @@
-# The two entry points of README.md. Each creates .venv and installs vitopt when missing.
+# The entry points of README.md. Each creates .venv and installs vitopt when missing.
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: quickstart test
+.PHONY: quickstart test readme-numbers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,3 +19,9 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+## readme-numbers: print the README's result tables from benchmarks/results/*.json (each with its marker line),
+## then check the marked tables of README.md against those files.
+readme-numbers: $(STAMP)
+	$(VENV)/bin/python benchmarks/readme_numbers.py
+	$(VENV)/bin/python benchmarks/readme_numbers.py --check README.md
