@@ -20,7 +20,7 @@ Data-driven criteria get the same calibration data: ``--calib-batches`` shuffled
 (taylor, hessian, tp-taylor) or ``--kl-per-class`` images per class (kl). The validation split is
 fixed across seeds (``--split-seed``); seeds change initialisation and batch order.
 
-    python benchmarks/accuracy.py [--quick] [--seeds 3] [--imagefolder PATH] [--out results/accuracy.json]
+    python benchmarks/accuracy.py [--quick] [--seeds 3] [--imagefolder PATH] [--out benchmarks/results/accuracy.json]
 """
 
 from __future__ import annotations

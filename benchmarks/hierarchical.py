@@ -10,7 +10,7 @@ of a model timed together with the one method of :mod:`vitopt.deploy.timing`: wa
 rounds, ms per call = median over rounds, latency ratio = median of per-round ratios to dense with
 min-max), the kept dims per stage, and the pruned multi-scale backbone's channels.
 
-    OMP_NUM_THREADS=1 python benchmarks/hierarchical.py [--quick] [--out results/hierarchical.json]
+    OMP_NUM_THREADS=1 python benchmarks/hierarchical.py [--quick] [--out benchmarks/results/hierarchical.json]
 
 Numbers from a shared 2-core CPU are noisy; the JSON records the environment.
 """

@@ -14,7 +14,7 @@ median of per-round ratios with min-max):
    heads/head_dim/mlp and with embed; Torch-Pruning (dependency-graph build + pruning) at the ratio its
    FLOPs search found, and the FLOPs search itself (which Torch-Pruning needs to hit a FLOPs target).
 
-    python benchmarks/overhead.py [--quick] [--out results/overhead.json]
+    python benchmarks/overhead.py [--quick] [--out benchmarks/results/overhead.json]
 """
 
 from __future__ import annotations

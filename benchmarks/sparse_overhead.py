@@ -23,7 +23,7 @@ over rounds of each block's mean step time (wall clock, and process CPU time, wh
 a shared machine disturb much less) and the median of per-round ratios to dense with min-max. Run with
 ``OMP_NUM_THREADS=1`` (and ``--threads 1``) on a quiet machine for stable numbers.
 
-    python benchmarks/sparse_overhead.py [--quick] [--out results/sparse_overhead.json]
+    python benchmarks/sparse_overhead.py [--quick] [--out benchmarks/results/sparse_overhead.json]
 """
 
 from __future__ import annotations

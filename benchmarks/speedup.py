@@ -20,7 +20,7 @@ min-max); ``latency ratio / FLOPs ratio`` (1.0 = the whole FLOPs saving became s
 like-for-like pair the per-round ratio vitopt / Torch-Pruning. A pair whose achieved FLOPs differ by
 more than 0.5% is compared by latency per FLOP instead, and the table says so.
 
-    python benchmarks/speedup.py [--quick] [--models deit_s deit_b] [--out results/speedup.json]
+    python benchmarks/speedup.py [--quick] [--models deit_s deit_b] [--out benchmarks/results/speedup.json]
 """
 
 from __future__ import annotations
