@@ -19,7 +19,7 @@ the trained model, ``l1`` for the random one) over heads, head_dim and MLP hidde
    *same measured latency*: first the ``f`` whose table-predicted latency equals the latency-aware
    model's, then up to ``--match-steps`` corrections from interleaved measurements of the two models
    (stop when the median per-round ratio is within ``--match-tol`` of 1);
-4. (trained model) both fine-tuned with the same budget: ``--finetune-epochs`` of KD from the dense
+4. (trained model) both fine-tuned with the same budget: ``--finetune-epochs`` (10) of KD from the dense
    model (alpha 0.7, tau 2, lr 3e-4, the quickstart's fine-tune), same seed and batch order;
 5. dense, latency-aware and FLOPs-aware timed together (:mod:`vitopt.deploy.timing`, ``--final-rounds``
    interleaved rounds, ONNX Runtime CPU at batch 1, the table's batch): ms per call and the per-round
@@ -61,7 +61,7 @@ MODELS: dict[str, tuple[str, dict[str, Any], bool, str]] = {
 }
 GROUPS = ["heads", "head_dim", "mlp"]
 ROUND_TO = {"heads": 1, "head_dim": 8, "mlp": 16}
-DEFAULTS = dict(models=["quickstart", "deit_s"], dense_epochs=20, finetune_epochs=15, grid_points=4, lut_repeats=20,
+DEFAULTS = dict(models=["quickstart", "deit_s"], dense_epochs=20, finetune_epochs=10, grid_points=4, lut_repeats=20,
                 match_steps=3, rounds=7, final_rounds=15, round_ms=100.0, warmup=3)
 QUICK = dict(models=["tiny"], dense_epochs=1, finetune_epochs=1, grid_points=2, lut_repeats=3, match_steps=1,
              rounds=2, final_rounds=3, round_ms=5.0, warmup=1)
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--latency", type=float, default=0.6,
                     help="latency target as a fraction of the table's predicted dense latency (default 0.6)")
     ap.add_argument("--dense-epochs", type=int, help="dense training on digits (trained models; default 20)")
-    ap.add_argument("--finetune-epochs", type=int, help="KD fine-tune of each pruned model (default 15)")
+    ap.add_argument("--finetune-epochs", type=int, help="KD fine-tune of each pruned model (default 10)")
     ap.add_argument("--grid-points", type=int, help="LUT grid points per axis (default 4)")
     ap.add_argument("--lut-repeats", type=int, help="timed calls per LUT probe (default 20)")
     ap.add_argument("--match-steps", type=int, help="measured corrections of the FLOPs target (default 3)")

@@ -7,8 +7,9 @@ of one model) timed that way should give a ratio of 1; how far the median and th
 on this machine is the noise floor that every claimed speed-up must exceed.
 
 Models: the quickstart's ViT (``recipes/quickstart.yaml``: 16x16 digits, width 128, depth 6; random
-init, which does not change dense kernel timings) and DeiT-S/16-224 (random init), at batch 1 and 32,
-on ONNX Runtime CPU and PyTorch eager CPU, with the validate stage's defaults (10 rounds, 100 ms blocks)
+init, which does not change dense kernel timings) at batch 1 and 32, and DeiT-S/16-224 (random init)
+at batch 1 (a batch of 32 takes seconds per call on 2 shared cores), on ONNX Runtime CPU and PyTorch
+eager CPU, with the validate stage's defaults (10 rounds, 100 ms blocks)
 unless told otherwise.
 
     python benchmarks/noise_floor.py [--quick] [--threads 2] [--out benchmarks/results/noise_floor.json]
@@ -32,7 +33,9 @@ SCRIPT = "noise_floor"
 QUICKSTART = ("deit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 128, "depth": 6,
                                         "num_heads": 4, "num_classes": 10})
 MODELS = {"quickstart": QUICKSTART, "deit_s": ("deit_small_patch16_224", {})}
-DEFAULTS = dict(models=["quickstart", "deit_s"], batches=[1, 32], rounds=10, round_ms=100.0, warmup=5)
+#: default batch sizes per model (``--batches`` sets them for every model)
+BATCHES = {"quickstart": [1, 32], "deit_s": [1]}
+DEFAULTS = dict(models=["quickstart", "deit_s"], rounds=10, round_ms=100.0, warmup=5)
 QUICK = dict(models=["quickstart"], batches=[1], rounds=3, round_ms=5.0, warmup=1)
 
 
@@ -40,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quickstart model at batch 1, 3 short rounds")
     ap.add_argument("--models", nargs="+", choices=list(MODELS))
-    ap.add_argument("--batches", nargs="+", type=int)
+    ap.add_argument("--batches", nargs="+", type=int, help="batch sizes for every model (default: quickstart 1 32, "
+                                                           "deit_s 1)")
     ap.add_argument("--runtimes", nargs="+", default=["onnxruntime", "pytorch"], choices=["onnxruntime", "pytorch"])
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (the validate stage's default: 2)")
     common.add_timing_args(ap)
@@ -68,7 +72,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             if "onnxruntime" in args.runtimes:
                 export_onnx(model, onnx, shape, exporter="torchscript")
             for kind in args.runtimes:
-                for b in args.batches:
+                for b in args.batches or BATCHES[name]:
                     if kind == "onnxruntime":
                         rts = {"A": OrtRuntime(onnx, threads=args.threads), "A again": OrtRuntime(onnx, threads=args.threads)}
                     else:

@@ -223,3 +223,47 @@ def test_torch_pruning_ratio_search_reaches_the_flops_target():
     assert abs(cache[info["ratio"]] - info["achieved"]) < 1e-12
     assert min(abs(a / 0.6 - 1) for _, a in info["trials"]) == pytest.approx(abs(info["achieved"] / 0.6 - 1))
     assert V.cost(dense)["flops"] == base                                   # the dense model is untouched
+
+
+# ---------------------------------------------------------------------------------- latency-aware, noise floor
+import latency_aware  # noqa: E402
+import noise_floor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def latency_aware_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "latency_aware.json"
+    latency_aware.main(["--quick", "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_latency_aware_quick(latency_aware_json):
+    doc = latency_aware_json
+    (res,) = doc["results"]
+    rows = res["rows"]
+    assert set(rows) == {"dense", "latency-aware", "flops-aware"}
+    # the latency-aware plan meets its table-priced target; the FLOPs-aware one its FLOPs target
+    assert rows["latency-aware"]["predicted_ms"] <= res["target_ms"] * (1 + 1e-9)
+    assert rows["flops-aware"]["flops_ratio"] <= res["flops_target"] + 1e-9
+    assert rows["dense"]["predicted_ms"] == pytest.approx(res["lut"]["predicted_dense_ms"])
+    # one final comparison of the three; the pair ratio is the median of its per-round ratios
+    cands = res["final_timing"]["candidates"]
+    per_round = [a / b for a, b in zip(cands["flops-aware"]["rounds_ms"], cands["latency-aware"]["rounds_ms"])]
+    assert res["flops_over_latency_aware"]["median"] == pytest.approx(statistics.median(per_round))
+    assert len(per_round) == doc["config"]["final_rounds"]
+    # both pruned models were fine-tuned with the same budget and evaluated
+    assert rows["latency-aware"]["flops_ratio"] < 1
+    for label in ("latency-aware", "flops-aware"):
+        assert "top1" in rows[label] and "top1_one_shot" in rows[label]
+    assert f"{rows['latency-aware']['top1']:.2f}%" in res["verdict"]
+
+
+def test_noise_floor_quick(tmp_path):
+    out = tmp_path / "nf.json"
+    doc = noise_floor.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(doc["rows"]))
+    for r in doc["rows"]:
+        rounds = r["comparison"]["candidates"]["A again"]["ratio"]["rounds"]
+        assert len(rounds) == 3 and r["ratio"]["median"] == pytest.approx(statistics.median(rounds))
+        assert r["median_off_by"] == pytest.approx(abs(r["ratio"]["median"] - 1))
+    assert doc["worst"]["max"] == max(r["ratio"]["max"] for r in doc["rows"])
