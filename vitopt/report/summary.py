@@ -68,13 +68,15 @@ def _compare_table(val: dict, dense_top1: float | None) -> str:
     if "parity" in final:
         rows.append(row("max abs logit diff ORT vs PyTorch", lambda m: m.get("parity", {}).get("max_abs_diff"), "{:.2e}".format, False))
         rows.append(row("argmax agreement ORT vs PyTorch", lambda m: m.get("parity", {}).get("argmax_agreement"), "{:.4f}".format, False))
+    # runs timed final vs dense in interleaved rounds give the ratio in its own row (median, min-max);
+    # older runs, whose models were timed one after the other, keep the ratio of the two p50s
     interleaved = val.get("latency_vs_reference", {})
     for kind, rt in final["runtimes"].items():
         for bs in rt["latency"]:
             for q in ("p50_ms", "p90_ms"):
                 rows.append(row(f"{kind} latency batch {bs} {q[:3]} (ms)",
                                 lambda m, k=kind, b=bs, qq=q: m["runtimes"].get(k, {}).get("latency", {}).get(b, {}).get(qq),
-                                "{:.3f}".format, ratio=False))
+                                "{:.3f}".format, ratio=kind not in interleaved))
             r = interleaved.get(kind, {}).get(bs)
             if r is not None:
                 rows.append([f"{kind} latency batch {bs}, final / dense per round (min-max)"] + [""] * len(cols)
