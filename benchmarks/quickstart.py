@@ -7,13 +7,18 @@ final / dense latency ratio, wall time). Those figures come from the run's ``sum
 so that ``benchmarks/readme_numbers.py`` can print the README's table from it.
 
     python benchmarks/quickstart.py                       # runs the recipe into a fresh temp folder
+    python benchmarks/quickstart.py --threads 1           # OMP_NUM_THREADS=1 and validate threads 1
     python benchmarks/quickstart.py --from runs/quickstart  # a run made by `make quickstart`
+
+On a shared machine whose load exceeds its cores, OpenMP threads spin on busy cores: one thread is
+then several times faster than two (``benchmarks/results/noise_floor*.json``), hence ``--threads``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--from", dest="run_dir", type=Path, help="a finished quickstart run directory to read")
     ap.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe to run (default: the shipped one)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE passed to vitopt run")
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the run and threads of its validate stages")
     ap.add_argument("--out", type=Path, default=common.default_out(SCRIPT))
     return ap
 
@@ -49,10 +55,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vitopt-quickstart-") as tmp:
         run_dir = args.run_dir
         if run_dir is None:
+            overrides = list(args.overrides)
+            env = dict(os.environ)
+            if args.threads is not None:
+                env["OMP_NUM_THREADS"] = str(args.threads)
+                from vitopt.recipe import load_recipe
+
+                overrides += [f"stages[{i}].threads={args.threads}"
+                              for i, st in enumerate(load_recipe(args.recipe).stages) if st.type == "validate"]
+            payload["overrides"] = overrides
+            payload["omp_num_threads"] = env.get("OMP_NUM_THREADS")
             cmd = [sys.executable, "-m", "vitopt", "run", str(args.recipe), "--set", f"output_dir={tmp}",
-                   *[x for kv in args.overrides for x in ("--set", kv)]]
+                   *[x for kv in overrides for x in ("--set", kv)]]
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
             payload["wall_seconds"] = round(time.perf_counter() - t0, 1)
             run_dir = next(p for p in Path(tmp).iterdir() if p.is_dir())
         payload["run_dir"] = str(run_dir)
