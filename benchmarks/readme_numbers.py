@@ -157,7 +157,7 @@ def render_quickstart(doc: dict) -> list[str]:
     lat = [[kind, b, _r(r, 2)] for kind, per in (v.get("latency_ratio") or {}).items() for b, r in per.items()]
     if lat:
         out.append(_md(["runtime", "batch", "latency final / dense (median, min-max)"], lat))
-    out.append(_md(["stages (s)", "wall with install (s)"], [[_f(s.get("seconds_total"), 0), _f(doc.get("wall_seconds"), 0)]]))
+    out.append(_md(["stages (s)", "run, wall clock (s)"], [[_f(s.get("seconds_total"), 0), _f(doc.get("wall_seconds"), 0)]]))
     return out
 
 
