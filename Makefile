@@ -1,9 +1,9 @@
-# The two entry points of README.md. Each creates .venv and installs vitopt when missing.
+# The entry points of README.md. Each creates .venv and installs vitopt when missing.
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: quickstart test gpu-wheels
+.PHONY: quickstart test gpu-wheels readme-numbers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,9 @@ gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--abi cp312 --abi abi3 --abi none $(GPU_WHEEL_PLATFORMS) -d .whl -r benchmarks/gpu_requirements.txt
 	@ls .whl | wc -l | xargs echo "wheels in .whl/:"
+
+## readme-numbers: print the README's result tables from benchmarks/results/*.json (each with its marker line),
+## then check the marked tables of README.md against those files.
+readme-numbers: $(STAMP)
+	$(VENV)/bin/python benchmarks/readme_numbers.py
+	$(VENV)/bin/python benchmarks/readme_numbers.py --check README.md

@@ -25,7 +25,7 @@ Methods:
 The summary gives mean ± std of top-1 over seeds, the achieved FLOPs of every method, the best
 Torch-Pruning variant per target, and the paired difference ``vitopt - best TP`` per seed with its spread.
 
-    python benchmarks/accuracy.py [--quick] [--seeds 0 1 2] [--imagefolder PATH] [--out ...]
+    python benchmarks/accuracy.py [--quick] [--seeds 0 1 2] [--imagefolder PATH] [--out benchmarks/results/accuracy.json]
 """
 
 from __future__ import annotations

@@ -8,22 +8,26 @@ Conventions used in every table and JSON file:
 
 * FLOPs = 2 x MACs, matmuls and convolutions only (fvcore / ``torch.utils.flop_counter``
   convention), counted for one image;
-* latency = wall-clock time per call in milliseconds, p50 (median) over timed calls after untimed
-  warm-up calls (:func:`vitopt.deploy.latency.measure_latency`).
+* latency = wall-clock time per call in milliseconds, measured with the one timing method of
+  :mod:`vitopt.deploy.timing` (warm-up, then interleaved rounds A, B, C, A, B, C, ...; per round the
+  mean time per call of each candidate's block; the median over rounds, and every comparison as the
+  median of per-round ratios with its min-max and IQR), threads fixed, load recorded;
+* results go to ``benchmarks/results/NAME.json`` with the command, date, machine and load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +36,21 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from vitopt.deploy.timing import Candidate, Comparison, compare, compare_runtimes, format_ratio, machine_load
+
 __all__ = ["console", "print_table", "write_json", "environment", "set_threads", "tp_status", "fmt", "fmt_pm",
-           "median_ms", "latency_p50", "CudaHalfRuntime", "default_out", "ratio", "first_line"]
+           "add_timing_args", "timed", "timed_runtimes", "fmt_ratio", "machine", "CudaHalfRuntime", "default_out",
+           "ratio", "first_line", "RESULTS_DIR", "Candidate"]
 
 #: One console for every script (wide enough for the latency tables when piped to a file).
 console = Console(width=max(160, Console().width))
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+#: where every script writes its JSON by default; the files the README quotes are committed here.
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def default_out(name: str) -> Path:
-    """``results/NAME.json`` at the repository root (the default ``--out``)."""
+    """``benchmarks/results/NAME.json`` (the default ``--out``)."""
     return RESULTS_DIR / f"{name}.json"
 
 
@@ -181,19 +189,45 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def machine() -> dict[str, Any]:
+    """The machine a result was measured on: CPU model, logical cores, memory, GPU (if any), OS."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    out: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(), "os": platform.platform()}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+        out["memory_gib"] = round(kb / 2**20, 1)
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
 def write_json(path: str | os.PathLike | None, payload: dict[str, Any], *, script: str,
                args: dict[str, Any] | None = None, argv: list[str] | None = None) -> Path | None:
-    """Write ``{"script", "created", "argv", "args", "environment", **payload}`` atomically to ``path``.
+    """Write ``{"script", "command", "date", "machine", "load", "argv", "args", "environment", **payload}``
+    atomically to ``path``.
 
-    NumPy scalars/arrays, tensors, Paths and non-finite floats are converted (NaN/inf -> null).
-    Returns the path written, or None when ``path`` is None.
+    ``command`` is the command line that reproduces the file (``python benchmarks/SCRIPT.py ARGS``),
+    ``date`` the UTC time of writing, ``load`` :func:`vitopt.deploy.timing.machine_load` at that time
+    (1, 5 and 15-minute load averages and the core count). NumPy scalars/arrays, tensors, Paths and
+    non-finite floats are converted (NaN/inf -> null). Returns the path written, or None when ``path``
+    is None.
     """
     if path is None:
         return None
     from vitopt.io import atomic_write_text
 
-    doc = {"script": script, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "argv": sys.argv[1:] if argv is None else list(argv), "args": args or {}, "environment": environment(), **payload}
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    name = script if script.endswith(".py") else f"{script}.py"
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    doc = {"script": script, "command": shlex.join(["python", f"benchmarks/{name}", *argv]), "date": now,
+           "created": now, "machine": machine(), "load": machine_load(), "argv": argv, "args": args or {},
+           "environment": environment(), **payload}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n")
@@ -223,53 +257,55 @@ def _clean(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------- timing
-def median_ms(fn: Callable[[], Any], *, steps: int, warmup: int, sync: Callable[[], Any] | None = None) -> dict[str, float]:
-    """Run ``fn`` ``warmup`` times untimed, then ``steps`` times timed; ms statistics per call."""
-    for _ in range(warmup):
-        fn()
-        if sync is not None:
-            sync()
-    samples = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(samples), "mean_ms": statistics.fmean(samples),
-            "min_ms": min(samples), "max_ms": max(samples), "steps": steps, "warmup": warmup}
+def add_timing_args(ap: argparse.ArgumentParser, *, warmup: bool = True) -> None:
+    """``--rounds``, ``--round-ms`` (and ``--warmup``) of :func:`vitopt.deploy.timing.compare`; defaults come
+    from the script's QUICK/DEFAULTS dicts (see :func:`parse_with_defaults`)."""
+    ap.add_argument("--rounds", type=int, help="interleaved timing rounds (A, B, C, A, B, C, ...)")
+    ap.add_argument("--round-ms", type=float, help="target ms of one candidate's block of calls in a round")
+    if warmup:
+        ap.add_argument("--warmup", type=int, help="untimed calls per candidate before the rounds")
 
 
-def latency_p50(runtime: Callable[[np.ndarray], Any], input_shape: Sequence[int], batch: int, *, warmup: int,
-                repeats: int, min_repeats: int = 5, budget_s: float | None = None,
-                sync: Callable[[], Any] | None = None) -> dict[str, float]:
-    """p50 latency (ms) of ``runtime`` at one batch size with :func:`vitopt.deploy.latency.measure_latency`.
+def _timing_opts(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(rounds=getattr(args, "rounds", None) or 10, warmup=getattr(args, "warmup", None) or 0,
+                round_ms=getattr(args, "round_ms", None) or 50.0, threads=getattr(args, "threads", None),
+                warn_load=False)
 
-    With ``budget_s`` the number of timed calls adapts to slow calls: after one probe call it is
-    ``clamp(budget_s / probe, min_repeats, repeats)`` (a DeiT-B batch of 32 on CPU can take a second
-    per call). Returns measure_latency's statistics for that batch size.
-    """
-    from vitopt.deploy.latency import measure_latency
 
-    n = repeats
-    if budget_s is not None:
-        x = np.random.default_rng(1).standard_normal((batch, *input_shape), dtype=np.float32)
-        t0 = time.perf_counter()
-        runtime(x)
-        if sync is not None:
-            sync()
-        probe = max(time.perf_counter() - t0, 1e-6)
-        n = int(max(min_repeats, min(repeats, budget_s // probe)))
-        warmup = int(min(warmup, max(1, budget_s // (4 * probe))))
-    return measure_latency(runtime, input_shape, [batch], warmup=warmup, repeats=n, sync=sync)[batch]
+def _report(res: Comparison, what: str) -> Comparison:
+    if res.load_warning:
+        console.print(f"[yellow]warning ({what}): {res.load_warning}[/]")
+    return res
+
+
+def timed(candidates: Mapping[str, Candidate | Callable[[], Any]], args: argparse.Namespace, *, what: str = "",
+          **kwargs: Any) -> Comparison:
+    """:func:`vitopt.deploy.timing.compare` with the script's ``--rounds/--warmup/--round-ms/--threads``;
+    prints the load warning, if any. ``kwargs`` override (e.g. ``calls=1``, ``reference=...``)."""
+    opts = _timing_opts(args)
+    opts.update(kwargs)
+    return _report(compare(candidates, **opts), what)
+
+
+def timed_runtimes(runtimes: Mapping[str, Callable[[np.ndarray], Any]], input_shape: Sequence[int], batch: int,
+                   args: argparse.Namespace, *, what: str = "", **kwargs: Any) -> Comparison:
+    """:func:`vitopt.deploy.timing.compare_runtimes` with the script's timing options (see :func:`timed`)."""
+    opts = _timing_opts(args)
+    opts.update(kwargs)
+    return _report(compare_runtimes(runtimes, input_shape, batch, **opts), what)
+
+
+def fmt_ratio(r: Mapping[str, Any] | None, digits: int = 2) -> str:
+    """A ratio summary as ``0.69x (0.65-0.72)`` (median, min-max over rounds); ``-`` when missing."""
+    return "-" if r is None else format_ratio(r, digits)
 
 
 class CudaHalfRuntime:
     """Run a model eagerly in fp16 on CUDA (``model.half().cuda()``, ``torch.no_grad``).
 
     The NumPy input is copied to the GPU once and reused while the same array is passed again (as
-    ``measure_latency`` does), so the timing covers the model and not the host-to-device copy; the
-    logits stay on the GPU. ``sync`` is ``torch.cuda.synchronize``.
+    :func:`vitopt.deploy.timing.compare_runtimes` does), so the timing covers the model and not the
+    host-to-device copy; the logits stay on the GPU. ``sync`` is ``torch.cuda.synchronize``.
     """
 
     name = "cuda_fp16"

@@ -7,15 +7,19 @@ shape whose FLOPs (2 x MACs of matmuls/convs, one 224x224 image; :func:`deit_flo
 ``--flops`` (default 0.5) of the dense model - 3 heads and MLP 768 at 50%. Weights are random (the
 shape, not the accuracy, sets the latency), sliced from one dense model so both share values.
 
-Timing (CUDA best-practices guide, "Using CUDA GPU timers"): inputs live on the GPU, ``--warmup``
-untimed calls (these also trigger torch.compile's compilation), then ``--repeats`` calls each
-bracketed by CUDA events; p50/p90 in ms and throughput = batch / p50. With ``--ort-cpu`` it also
-times ONNX Runtime CPU (fp32, ``--threads`` intra-op threads) on the same two shapes.
+Timing: the one method of :mod:`vitopt.deploy.timing`: dense and pruned are timed together, per runtime
+and batch size, with warm-up (``--warmup`` calls, which also trigger torch.compile's compilation) and
+``--rounds`` interleaved rounds (dense block, pruned block, dense block, ...); inputs live on the GPU and
+every call is followed by ``torch.cuda.synchronize`` inside the timed region (CUDA best-practices guide:
+a wall-clock timer must synchronise with the device). Reported: p50/p90 per call over all timed calls,
+throughput = batch / p50, and the speed-up as the inverse of the median per-round ratio pruned / dense
+with its min-max. With ``--ort-cpu`` it also times ONNX Runtime CPU (fp32, ``--threads`` intra-op
+threads) on the same two shapes.
 
-Needs only torch, timm and numpy (onnxruntime for ``--ort-cpu``), so it runs on a GPU machine
-without the rest of vitopt. Without CUDA it says so, skips the GPU rows and exits 0.
+Needs torch, timm, numpy and vitopt importable from this repository (for the timing method;
+onnxruntime for ``--ort-cpu``). Without CUDA it says so, skips the GPU rows and exits 0.
 
-    python benchmarks/gpu_latency.py --out results/gpu_latency.json
+    python benchmarks/gpu_latency.py --out benchmarks/results/gpu_latency.json
     python benchmarks/gpu_latency.py --ort-cpu --no-cuda --threads 2      # the CPU side only
 """
 
@@ -26,10 +30,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vitopt.deploy.timing import Candidate, compare, machine_load  # noqa: E402
 
 DEIT_S = {"embed": 384, "depth": 12, "heads": 6, "head_dim": 64, "mlp": 1536, "img": 224, "patch": 16,
           "in_chans": 3, "classes": 1000}
@@ -113,66 +119,72 @@ def slice_model(model, heads: int, mlp: int):
     return model
 
 
-def stats(samples_ms, batch: int) -> dict:
-    """p50/p90/p99/mean (ms) and throughput (images/s = batch / p50) of timed samples."""
-    ms = np.asarray(samples_ms, dtype=np.float64)
-    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
-    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(ms.mean()),
-            "throughput_img_s": batch / (p50 / 1e3), "repeats": int(ms.size)}
+def _rows(res, runtime: str, batch: int) -> list[dict]:
+    """Table rows (dense, pruned) of one :class:`vitopt.deploy.timing.Comparison`."""
+    out = []
+    for name in ("dense", "pruned"):
+        c = res.candidates[name]
+        row = {"model": name, "runtime": runtime, "batch": batch, "p50_ms": c["p50_ms"], "p90_ms": c["p90_ms"],
+               "p99_ms": c["p99_ms"], "mean_ms": c["mean_ms"], "ms": c["ms"], "rounds_ms": c["rounds_ms"],
+               "calls_per_round": c["calls"], "throughput_img_s": batch / (c["p50_ms"] / 1e3)}
+        if name == "pruned":
+            row["ratio"] = {k: c["ratio"][k] for k in ("median", "min", "max", "q1", "q3")}
+        out.append(row)
+    return out
 
 
-def time_cuda(fn, x, warmup: int, repeats: int) -> dict:
-    """CUDA-event latency of ``fn(x)`` (x on the GPU)."""
+def time_cuda(fns: dict, xs: dict, args) -> object:
+    """dense vs pruned on CUDA, interleaved (``fns[name](xs[name])``), synchronised after every call."""
     import torch
 
+    cands = {n: Candidate(lambda f=fns[n], x=xs[n]: f(x), sync=torch.cuda.synchronize) for n in ("dense", "pruned")}
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn(x)
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(repeats):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn(x)
-            e.record()
-            e.synchronize()
-            out.append(s.elapsed_time(e))
-    return stats(out, x.shape[0])
+        return compare(cands, rounds=args.rounds, warmup=args.warmup, round_ms=args.round_ms)
 
 
-def time_ort_cpu(model, batch: int, threads: int, warmup: int, repeats: int) -> dict:
-    """ONNX Runtime CPU (fp32) latency of ``model`` exported to ONNX (opset 17, dynamic batch)."""
-    import onnxruntime as ort
+def _export_ort(model, path: str):
     import torch
+
+    torch.onnx.export(model.float().cpu().eval(), torch.randn(1, 3, 224, 224), path, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}},
+                      dynamo=False)
+
+
+def time_ort_cpu(models: dict, batch: int, args) -> object:
+    """ONNX Runtime CPU (fp32) of dense vs pruned exported to ONNX (opset 17, dynamic batch), interleaved."""
+    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.onnx")
-        torch.onnx.export(model.float().cpu().eval(), torch.randn(1, 3, 224, 224), path, opset_version=17,
-                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}},
-                          dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        sessions = {}
+        for name, model in models.items():
+            path = os.path.join(tmp, f"{name}.onnx")
+            _export_ort(model, path)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = args.threads
+            opts.inter_op_num_threads = 1
+            sessions[name] = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-        for _ in range(warmup):
-            sess.run(None, {"input": x})
-        out = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            sess.run(None, {"input": x})
-            out.append((time.perf_counter() - t0) * 1e3)
-    return stats(out, batch)
+        cands = {n: (lambda s=s: s.run(None, {"input": x})) for n, s in sessions.items()}
+        return compare(cands, rounds=args.rounds, warmup=2, round_ms=args.round_ms, threads=args.threads)
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: one row per (model, runtime, batch) with p50/p90 and speed-up over dense."""
+    """Markdown table: one row per (model, runtime, batch) with p50/p90 and speed-up over dense.
+
+    The speed-up is 1 / (median per-round ratio pruned / dense) with its range over rounds when the row
+    carries the ratio (it was timed interleaved with dense), else dense p50 / this p50.
+    """
     dense = {(r["runtime"], r["batch"]): r["p50_ms"] for r in rows if r["model"] == "dense"}
     lines = ["| model | runtime | batch | p50 ms | p90 ms | img/s | speed-up vs dense |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         ref = dense.get((r["runtime"], r["batch"]))
-        sp = f"{ref / r['p50_ms']:.2f}x" if ref and r["model"] != "dense" else ""
+        sp = ""
+        if r["model"] != "dense" and "ratio" in r:
+            q = r["ratio"]
+            sp = f"{1 / q['median']:.2f}x ({1 / q['max']:.2f}-{1 / q['min']:.2f})"
+        elif r["model"] != "dense" and ref:
+            sp = f"{ref / r['p50_ms']:.2f}x"
         lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
                      f"{r['throughput_img_s']:.0f} | {sp} |")
     return "\n".join(lines)
@@ -182,14 +194,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--flops", type=float, default=0.5, help="FLOPs fraction of the pruned model")
     ap.add_argument("--batch-sizes", default="1,64")
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=20, help="untimed calls per model (also compiles)")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (dense, pruned, dense, ...)")
+    ap.add_argument("--round-ms", type=float, default=100.0, help="target ms of one model's block in a round")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows")
     ap.add_argument("--ort-cpu", action="store_true", help="also time ONNX Runtime CPU (fp32)")
-    ap.add_argument("--ort-repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime CPU threads")
-    ap.add_argument("--out", type=Path, default=Path("results/gpu_latency.json"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu_latency.json")
     return ap.parse_args(argv)
 
 
@@ -210,26 +222,39 @@ def main(argv=None) -> dict:
         print(f"skipping the PyTorch CUDA measurement: {record['skipped'][-1]}")
     else:
         record["cuda"] = torch.cuda.get_device_name(0)
-        for name, model in (("dense", dense), ("pruned", pruned)):
-            m = _copy(model).cuda().half().eval()
-            modes = [("eager", m)] + ([] if args.no_compile else [("compile", torch.compile(m))])
-            for mode, fn in modes:
-                for b in batches:
-                    x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.float16)
-                    s = time_cuda(fn, x, args.warmup, args.repeats)
-                    record["rows"].append({"model": name, "runtime": f"pytorch-cuda-fp16-{mode}", "batch": b, **s})
-            del m, modes
-            torch.cuda.empty_cache()
-    if args.ort_cpu:
-        for name, model in (("dense", dense), ("pruned", pruned)):
+        on_gpu = {n: _copy(m).cuda().half().eval() for n, m in (("dense", dense), ("pruned", pruned))}
+        modes = [("eager", dict(on_gpu))]
+        if not args.no_compile:
+            modes.append(("compile", {n: torch.compile(m) for n, m in on_gpu.items()}))
+        for mode, fns in modes:
             for b in batches:
-                s = time_ort_cpu(_copy(model), b, args.threads, warmup=2, repeats=args.ort_repeats)
-                record["rows"].append({"model": name, "runtime": f"onnxruntime-cpu-fp32-{args.threads}t",
-                                       "batch": b, **s})
+                xs = {n: torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.float16) for n in fns}
+                res = time_cuda(fns, xs, args)
+                record["rows"] += _rows(res, f"pytorch-cuda-fp16-{mode}", b)
+                record.setdefault("timings", []).append({"runtime": f"pytorch-cuda-fp16-{mode}", "batch": b,
+                                                         **res.to_json()})
+        del on_gpu, modes
+        torch.cuda.empty_cache()
+    if args.ort_cpu:
+        for b in batches:
+            res = time_ort_cpu({"dense": _copy(dense), "pruned": _copy(pruned)}, b, args)
+            record["rows"] += _rows(res, f"onnxruntime-cpu-fp32-{args.threads}t", b)
+            record.setdefault("timings", []).append({"runtime": f"onnxruntime-cpu-fp32-{args.threads}t", "batch": b,
+                                                     **res.to_json()})
     table = format_table(record["rows"])
     print(f"DeiT-S/16-224 dense {shape['dense_flops'] / 1e9:.2f} GFLOPs vs pruned (heads {shape['heads']}, "
           f"mlp {shape['mlp']}) {shape['flops'] / 1e9:.2f} GFLOPs = {shape['ratio']:.3f}; GPU: {record['cuda']}")
     print(table)
+    import datetime
+    import platform
+    import shlex
+
+    record["command"] = shlex.join(["python", "benchmarks/gpu_latency.py",
+                                    *(sys.argv[1:] if argv is None else [str(a) for a in argv])])
+    record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record["machine"] = {"cpu": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(),
+                         "gpu": record["cuda"]}
+    record["load"] = machine_load()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")

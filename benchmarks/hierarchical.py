@@ -5,11 +5,12 @@ each FLOPs target prune with the ``search`` criterion (SiDT-style gates under th
 Xue et al. 2022, arXiv 2204.07722; :mod:`vitopt.pruning.search`) over every group - per-stage embed
 widths, per-block heads, head_dim and MLP hidden - with global allocation, then fine-tune with KD from
 the dense model (Hinton et al. 2015). Reported per model: top-1 (validation split), FLOPs (2 x MACs,
-one image), params, ONNX Runtime CPU latency p50 at batch 1 and 32 (``vitopt.deploy`` export and
-``measure_latency``; all variants of a model measured in interleaved rounds, median of the rounds'
-p50), the kept dims per stage, and the pruned multi-scale backbone's channels.
+one image), params, ONNX Runtime CPU latency at batch 1 and 32 (``vitopt.deploy`` export; all variants
+of a model timed together with the one method of :mod:`vitopt.deploy.timing`: warm-up, interleaved
+rounds, ms per call = median over rounds, latency ratio = median of per-round ratios to dense with
+min-max), the kept dims per stage, and the pruned multi-scale backbone's channels.
 
-    OMP_NUM_THREADS=1 python benchmarks/hierarchical.py [--quick] [--out results/hierarchical.json]
+    OMP_NUM_THREADS=1 python benchmarks/hierarchical.py [--quick] [--out benchmarks/results/hierarchical.json]
 
 Numbers from a shared 2-core CPU are noisy; the JSON records the environment.
 """
@@ -38,8 +39,8 @@ MODELS = {
                dict(depths=(2, 2), embed_dims=(48, 96), num_heads=(3, 6), sr_ratios=(2, 1), mlp_ratios=(4, 4))),
 }
 
-QUICK = dict(dense_epochs=1, finetune_epochs=1, search_steps=5, repeats=5, rounds=1)
-FULL = dict(dense_epochs=20, finetune_epochs=8, search_steps=60, repeats=20, rounds=5)
+QUICK = dict(dense_epochs=1, finetune_epochs=1, search_steps=5, rounds=2, warmup=1, round_ms=10.0)
+FULL = dict(dense_epochs=20, finetune_epochs=8, search_steps=60, rounds=10, warmup=3, round_ms=100.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-epochs", type=int)
     p.add_argument("--finetune-epochs", type=int)
     p.add_argument("--search-steps", type=int)
-    p.add_argument("--repeats", type=int, help="timed latency calls per batch size and round")
-    p.add_argument("--rounds", type=int, help="interleaved latency rounds over all variants of a model")
+    common.add_timing_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ft-lr", type=float, default=5e-4)
@@ -103,25 +103,27 @@ def _export(model, input_shape, tmp: Path, tag: str) -> dict[str, Any]:
 
 
 def _latencies(rows: list[dict], input_shape, args) -> None:
-    """ORT latency of every row's ONNX file, interleaved: ``--rounds`` rounds, each measuring every model once
-    (``--repeats`` timed calls per batch size); p50/p90 per round, the median over rounds is reported.
-    Interleaving spreads the load of a shared machine over all models alike."""
-    import statistics
-
-    from vitopt.deploy.latency import measure_latency
+    """ONNX Runtime latency of every row's ONNX file, all variants of a model timed together per batch size
+    (:func:`vitopt.deploy.timing.compare_runtimes`, dense the reference): ``ms_b{B}`` per call (median over
+    rounds), ``ratio_b{B}`` (per-round ratio to dense: median, min, max, q1, q3), and the comparison."""
     from vitopt.deploy.runtimes import make_runtime
 
-    runtimes = [make_runtime("onnxruntime", onnx_path=r["onnx"], threads=args.threads) for r in rows]
-    samples: list[dict[str, list[float]]] = [{} for _ in rows]
-    for _ in range(args.rounds):
-        for rt, acc in zip(runtimes, samples):
-            lat = measure_latency(rt, input_shape, [1, 32], warmup=2, repeats=args.repeats)
-            for b in (1, 32):
-                for q in ("p50", "p90"):
-                    acc.setdefault(f"{q}_ms_b{b}", []).append(lat[b][f"{q}_ms"])
-    for r, acc in zip(rows, samples):
-        r.update({k: statistics.median(v) for k, v in acc.items()})
-        r["latency_rounds"] = acc
+    runtimes = {f"{r['variant']}@{r['target']}": make_runtime("onnxruntime", onnx_path=r["onnx"], threads=args.threads)
+                for r in rows}
+    ref = next(iter(runtimes))
+    try:
+        for b in (1, 32):
+            res = common.timed_runtimes(runtimes, input_shape, b, args, what=f"{rows[0]['model']} b{b}", reference=ref)
+            for r, name in zip(rows, runtimes):
+                c = res.candidates[name]
+                r[f"ms_b{b}"] = c["ms"]
+                r[f"ratio_b{b}"] = {k: c["ratio"][k] for k in ("median", "min", "max", "q1", "q3")}
+                r.setdefault("timing", {})[f"b{b}"] = {k: c[k] for k in ("rounds_ms", "calls", "p50_ms", "p90_ms")}
+            rows[0].setdefault("timings", {})[f"b{b}"] = {k: v for k, v in res.to_json().items() if k != "candidates"}
+    finally:
+        for rt in runtimes.values():
+            rt.close()
+    for r in rows:
         r["onnx"] = Path(r["onnx"]).name
 
 
@@ -198,18 +200,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += run_model(name, args, Path(tmp))["rows"]
-    dense = {r["model"]: r for r in rows if r["variant"] == "dense"}
     table = []
     for r in rows:
-        d = dense[r["model"]]
         stages = " / ".join(str(v["embed"]) for v in r["dims"].values())
         table.append([r["model"], r["variant"], r["target"], r["flops"] / 1e6, r["flops_ratio"], r["params"] / 1e3,
-                      r.get("top1_oneshot"), r["top1"], r["p50_ms_b1"], r["p50_ms_b32"],
-                      r["p50_ms_b32"] / d["p50_ms_b32"], stages])
-    common.print_table("Hierarchical ViTs on digits: SiDT-style search + KD (ONNX Runtime CPU, 1 thread)",
+                      r.get("top1_oneshot"), r["top1"], r["ms_b1"], r["ms_b32"], common.fmt_ratio(r["ratio_b32"]),
+                      stages])
+    common.print_table(f"Hierarchical ViTs on digits: SiDT-style search + KD (ONNX Runtime CPU, {args.threads} thread(s), "
+                       f"{args.rounds} interleaved rounds)",
                        ["model", "variant", "target", "MFLOPs", "FLOPs ratio", "kparams", "top-1 one-shot",
-                        "top-1", "ORT p50 b1 ms", "ORT p50 b32 ms", "latency ratio b32", ("embed per stage", "left")],
-                       table)
+                        "top-1", "ORT b1 ms", "ORT b32 ms", ("latency ratio b32 (min-max)", "left"),
+                        ("embed per stage", "left")], table)
     payload = {"rows": rows, "seconds": time.perf_counter() - start}
     common.write_json(args.out, payload, script="hierarchical.py", args=vars(args), argv=argv)
     return payload

@@ -21,7 +21,7 @@ Usage (the reduced quickstart used for issue #6's report)::
     python benchmarks/kill_resume.py --kills 10 \\
         --set stages[0].epochs=4 --set stages[1].epochs=2 --set stages[3].epochs=2
 
-Prints a table and writes ``results/kill_resume.json``.
+Prints a table and writes ``benchmarks/results/kill_resume.json``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,26 @@
 """Overheads: a training step with VTP gates vs without, and the time to prune DeiT-B to 50% FLOPs.
 
-1. Training step (forward, cross-entropy, backward, AdamW step; median ms over ``--steps`` timed
-   steps after ``--warmup`` untimed ones) of the same model on the same random batch, dense vs with
-   ``vitopt.arch.gates.UnitGates`` attached to heads/head_dim/mlp (VTP, Zhu et al. 2021: the
-   gates are forward hooks at each group's choke point, plus the ``lambda * sum|gate|`` penalty and
-   the gate parameters in the optimizer). On CUDA when available (``--device``), else CPU.
-2. Surgery: wall time to prune DeiT-B/16-224 (random init) to 50% of its FLOPs with vitopt - l1
-   importance, global allocation with rounding, physical surgery, each timed (median over
-   ``--surgery-repeats``) - for groups heads/head_dim/mlp and with embed; and with Torch-Pruning
-   (dependency-graph build + pruning at the ratio found by the FLOPs search, plus the search itself).
+Both parts use the one timing method of :mod:`vitopt.deploy.timing` (warm-up, interleaved rounds,
+median of per-round ratios with min-max):
 
-    python benchmarks/overhead.py [--quick] [--out results/overhead.json]
+1. Training step (forward, cross-entropy, backward, AdamW step) of the same model on the same random
+   batch, dense vs with ``vitopt.arch.gates.UnitGates`` attached to heads/head_dim/mlp (VTP, Zhu et
+   al. 2021: the gates are forward hooks at each group's choke point, plus the ``lambda * sum|gate|``
+   penalty and the gate parameters in the optimizer): ``--rounds`` rounds of ``--steps`` steps each,
+   interleaved. On CUDA when available (``--device``, synchronised per step), else CPU.
+2. Surgery: wall time to prune DeiT-B/16-224 (random init) to 50% of its FLOPs, every tool timed in
+   the same ``--surgery-repeats`` interleaved rounds (one prune of a fresh copy per round; copying is
+   not timed): vitopt (l1 importance, global allocation with rounding, physical surgery) for groups
+   heads/head_dim/mlp and with embed; Torch-Pruning (dependency-graph build + pruning) at the ratio its
+   FLOPs search found, and the FLOPs search itself (which Torch-Pruning needs to hit a FLOPs target).
+
+    python benchmarks/overhead.py [--quick] [--out benchmarks/results/overhead.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,8 +35,8 @@ import common  # noqa: E402
 import variants as V  # noqa: E402
 
 SCRIPT = "overhead"
-DEFAULTS = dict(model="deit_s", batch=32, steps=20, warmup=3, surgery_model="deit_b", surgery_repeats=3)
-QUICK = dict(model="tiny", batch=32, steps=10, warmup=2, surgery_model="tiny", surgery_repeats=2)
+DEFAULTS = dict(model="deit_s", batch=32, steps=4, rounds=7, warmup=3, surgery_model="deit_b", surgery_repeats=3)
+QUICK = dict(model="tiny", batch=32, steps=2, rounds=3, warmup=2, surgery_model="tiny", surgery_repeats=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="tiny ViT for both parts")
     ap.add_argument("--model", help="model of the training-step part (default deit_s)")
     ap.add_argument("--batch", type=int, help="training batch size (default 32)")
-    ap.add_argument("--steps", type=int, help="timed training steps (default 20)")
-    ap.add_argument("--warmup", type=int, help="untimed training steps (default 3)")
+    ap.add_argument("--steps", type=int, help="training steps per variant per round (default 4)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds of the training-step part (default 7)")
+    ap.add_argument("--warmup", type=int, help="untimed training steps per variant (default 3)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--vtp-lambda", type=float, default=1e-4)
     ap.add_argument("--surgery-model", help="model of the surgery part (default deit_b)")
     ap.add_argument("--surgery-target", type=float, default=0.5)
-    ap.add_argument("--surgery-repeats", type=int, help="vitopt prunes timed per variant (default 3)")
+    ap.add_argument("--surgery-repeats", type=int, help="interleaved rounds of the surgery part (default 3)")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning's surgery timing")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -75,14 +79,16 @@ def train_step_times(args) -> dict[str, Any]:
     x = torch.randn(args.batch, *V.input_shape(base), generator=gen).to(dev)
     y = torch.randint(0, base.num_classes, (args.batch,), generator=gen).to(dev)
     out: dict[str, Any] = {"model": args.model, "batch": args.batch, "device": str(dev)}
+    steps, handles, gate_params = {}, [], 0
     for kind in ("dense", "vtp_gates"):
         model = copy.deepcopy(base).to(dev).train()
         groups = default_param_groups(model, 0.05)
-        handle, gates = None, None
+        gates = None
         if kind == "vtp_gates":
             gates = UnitGates(family_of(model).structure(model), ("heads", "head_dim", "mlp")).to(dev)
             groups.append({"params": list(gates.parameters()), "weight_decay": 0.0})
-            handle = gates.attach(model)
+            handles.append(gates.attach(model))
+            gate_params = sum(p.numel() for p in gates.parameters())
         opt = torch.optim.AdamW(groups, lr=1e-4)
 
         def step(model=model, gates=gates, opt=opt):
@@ -93,43 +99,52 @@ def train_step_times(args) -> dict[str, Any]:
             loss.backward()
             opt.step()
 
-        try:
-            out[kind] = common.median_ms(step, steps=args.steps, warmup=args.warmup, sync=sync)
-            if gates is not None:
-                out[kind]["gate_params"] = sum(p.numel() for p in gates.parameters())
-        finally:
-            if handle is not None:
-                handle.remove()
-        del model, opt
-    out["overhead_percent"] = 100.0 * (out["vtp_gates"]["median_ms"] / out["dense"]["median_ms"] - 1.0)
+        steps[kind] = common.Candidate(step, sync=sync)
+    try:
+        res = common.timed(steps, args, what="training step", calls=args.steps)
+    finally:
+        for h in handles:
+            h.remove()
+    out["timing"] = res.to_json()
+    out["gate_params"] = gate_params
+    out["overhead"] = res.ratio("vtp_gates")
+    out["overhead_percent"] = 100.0 * (out["overhead"]["median"] - 1.0)
     return out
 
 
 def surgery_times(args) -> dict[str, Any]:
     dense = V.build_model(args.surgery_model, seed=args.seed)
+    base = V.cost(dense)["flops"]
     out: dict[str, Any] = {"model": args.surgery_model, "target": args.surgery_target, "params": V.cost(dense)["params"],
-                           "vitopt": {}, "torch_pruning": {}}
+                           "achieved": {}}
+    cands: dict[str, common.Candidate] = {}
     for variant in ("vitopt", "vitopt+embed"):
-        samples = []
-        for _ in range(args.surgery_repeats):
-            m = copy.deepcopy(dense)
-            info = V.vitopt_prune(m, args.surgery_target, V.VITOPT_VARIANTS[variant])
-            samples.append(info["seconds"])
-            achieved = V.cost(m)["flops"] / V.cost(dense)["flops"]
-            del m
-        out["vitopt"][variant] = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
-        out["vitopt"][variant]["achieved"] = achieved
+        m = copy.deepcopy(dense)
+        V.vitopt_prune(m, args.surgery_target, V.VITOPT_VARIANTS[variant])
+        out["achieved"][variant] = V.cost(m)["flops"] / base
+        del m
+        cands[variant] = common.Candidate(
+            lambda m, g=V.VITOPT_VARIANTS[variant]: V.vitopt_prune(m, args.surgery_target, g),
+            setup=lambda: copy.deepcopy(dense))
     tp_ok, tp_msg = common.tp_status()
     if args.no_tp or not tp_ok:
-        out["torch_pruning"] = {"skipped": "--no-tp" if args.no_tp else tp_msg}
-        return out
-    for variant, bottleneck in V.TP_VARIANTS.items():
-        res = V.tp_prune_to_flops(dense, args.surgery_target, bottleneck=bottleneck, importance="magnitude",
-                                  max_iter=12 if not args.quick else 6, grid=11 if not args.quick else 6)
-        out["torch_pruning"][variant] = {**res.info["seconds"], "search_seconds": res.info["search_seconds"],
-                                         "trials": len(res.info["trials"]), "ratio": res.info["ratio"],
-                                         "achieved": res.info["achieved"]}
-        del res
+        out["torch_pruning_skipped"] = "--no-tp" if args.no_tp else tp_msg
+    else:
+        grid, max_iter = (6, 6) if args.quick else (11, 12)
+        for variant, bottleneck in V.TP_VARIANTS.items():
+            res = V.tp_prune_to_flops(dense, args.surgery_target, bottleneck=bottleneck, importance="magnitude",
+                                      max_iter=max_iter, grid=grid)
+            out["achieved"][variant] = res.info["achieved"]
+            out.setdefault("tp_search", {})[variant] = {"ratio": res.info["ratio"], "trials": len(res.info["trials"])}
+            del res
+            ratio = out["tp_search"][variant]["ratio"]
+            cands[f"{variant} (one prune)"] = common.Candidate(
+                lambda m, r=ratio, b=bottleneck: V.tp_prune(m, r, bottleneck=b), setup=lambda: copy.deepcopy(dense))
+            cands[f"{variant} (FLOPs search)"] = common.Candidate(
+                lambda b=bottleneck: V.tp_prune_to_flops(dense, args.surgery_target, bottleneck=b,
+                                                         importance="magnitude", max_iter=max_iter, grid=grid))
+    res = common.timed(cands, args, what="surgery", rounds=args.surgery_repeats, warmup=1, calls=1)
+    out["timing"] = res.to_json()
     return out
 
 
@@ -140,29 +155,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     common.console.rule(f"training step: {args.model}, batch {args.batch}, {args.device}")
     steps = train_step_times(args)
+    c = steps["timing"]["candidates"]
     common.print_table(f"training step time ({steps['model']}, batch {steps['batch']}, {steps['device']}, "
-                       f"threads={threads}; median over {args.steps} steps)",
-                       [("variant", "left"), "median ms", "mean ms", "min ms", "overhead %"],
-                       [["dense", steps["dense"]["median_ms"], steps["dense"]["mean_ms"], steps["dense"]["min_ms"], 0.0],
-                        ["VTP gates (heads, head_dim, mlp)", steps["vtp_gates"]["median_ms"],
-                         steps["vtp_gates"]["mean_ms"], steps["vtp_gates"]["min_ms"], steps["overhead_percent"]]])
+                       f"threads={threads}; {args.rounds} interleaved rounds of {args.steps} steps)",
+                       [("variant", "left"), "median ms", "min ms", "max ms", ("x dense (min-max)", "left")],
+                       [["dense", c["dense"]["ms"], min(c["dense"]["rounds_ms"]), max(c["dense"]["rounds_ms"]), "1"],
+                        ["VTP gates (heads, head_dim, mlp)", c["vtp_gates"]["ms"], min(c["vtp_gates"]["rounds_ms"]),
+                         max(c["vtp_gates"]["rounds_ms"]), common.fmt_ratio(steps["overhead"])]],
+                       caption="ms per step: median over rounds of each round's mean; x dense: median of per-round "
+                               "ratios")
     common.console.rule(f"surgery: {args.surgery_model} to {args.surgery_target:.0%} FLOPs")
     surg = surgery_times(args)
-    f3 = "{:.3f}".format
-    rows = [[v, f3(s["importance"]), f3(s["allocation"]), f3(s["surgery"]), None, f3(s["total"]), s["achieved"]]
-            for v, s in surg["vitopt"].items()]
-    for v, s in surg["torch_pruning"].items():
-        if isinstance(s, dict):
-            rows.append([f"Torch-Pruning {v}", None, f3(s["dependency_graph"]), f3(s["prune"]),
-                         f3(s["search_seconds"]), f3(s["total"]), s["achieved"]])
-    common.print_table(f"time to prune {surg['model']} to {args.surgery_target:.0%} FLOPs (s, one prune; "
-                       f"vitopt: median of {args.surgery_repeats})",
-                       [("tool", "left"), "importance", "allocation / dep. graph", "surgery / prune",
-                        "FLOPs search", "total (one prune)", "FLOPs ratio"], rows,
+    sc = surg["timing"]["candidates"]
+    rows = [[name, c["ms"] / 1e3, min(c["rounds_ms"]) / 1e3, max(c["rounds_ms"]) / 1e3,
+             surg["achieved"].get(name.split(" (")[0])] for name, c in sc.items()]
+    common.print_table(f"time to prune {surg['model']} to {args.surgery_target:.0%} FLOPs (s; median of "
+                       f"{args.surgery_repeats} interleaved rounds, one prune of a fresh copy per round)",
+                       [("tool", "left"), "median s", "min s", "max s", "FLOPs ratio"], rows,
                        caption="Torch-Pruning takes a channel ratio, so reaching a FLOPs target needs a search "
                                "(many prunes); vitopt allocates against the FLOPs model directly"
-                       + (f"; Torch-Pruning skipped: {surg['torch_pruning']['skipped']}"
-                          if "skipped" in surg["torch_pruning"] else ""))
+                       + (f"; Torch-Pruning skipped: {surg['torch_pruning_skipped']}"
+                          if "torch_pruning_skipped" in surg else ""))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = {"config": config, "threads": threads, "train_step": steps, "surgery": surg,
                "seconds": time.perf_counter() - t0}

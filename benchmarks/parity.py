@@ -1,7 +1,7 @@
 """PyTorch vs ONNX Runtime parity of every pruned model (vitopt and Torch-Pruning) of a speedup config.
 
 Rebuilds the dense and pruned models exactly as ``speedup.py`` does (same presets, targets,
-variants, seed and Torch-Pruning settings; ``--from-json results/speedup.json`` takes them from a
+variants, seed and Torch-Pruning settings; ``--from-json benchmarks/results/speedup.json`` takes them from a
 speedup run), exports each with ``vitopt.deploy.onnx_export.export_onnx`` (``verify=False``, so a
 mismatch is measured rather than raised), then runs ``--samples`` standard-normal images through
 PyTorch (eval, fp32, timm's default fused attention) and ONNX Runtime (CPU) and reports the max
@@ -12,7 +12,7 @@ Random-init models produce nearly flat logits, so an argmax can flip on float no
 ``margin`` column (smallest top-1 minus top-2 logit gap among the inputs) shows how close to a tie
 the inputs came.
 
-    python benchmarks/parity.py [--quick] [--from-json results/speedup.json] [--out results/parity.json]
+    python benchmarks/parity.py [--quick] [--from-json benchmarks/results/speedup.json] [--out benchmarks/results/parity.json]
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ KD from the dense model, alpha 0.7, tau 2, and the same seed and batch order):
 
 One seed per dataset (the CPU budget of this benchmark is ~20 minutes for both datasets).
 
-    python benchmarks/sparse_accuracy.py [--quick] [--imagefolder PATH] [--out results/sparse_accuracy.json]
+    python benchmarks/sparse_accuracy.py [--quick] [--imagefolder PATH] [--out benchmarks/results/sparse_accuracy.json]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ft-lr", type=float, default=5e-4, help="sparse-training / fine-tuning peak lr")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="default results/sparse_accuracy_<data>.json")
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/sparse_accuracy_<data>.json")
     return ap
 
 

@@ -15,22 +15,21 @@ callbacks' ``loss()`` terms, backward, ``after_backward``, AdamW step, ``after_s
   (fewer tokens afterwards, so it can be faster than dense); ``attention reg`` - Sparse-then-Prune's
   ``mean log(1 + A^2)`` (forces timm's explicit attention path to read the maps).
 
-Timing: ``--repeats`` rounds of ``--intervals`` x ``--interval`` steps per variant (so each round holds
-exactly ``--intervals`` mask updates of every DST variant); the variants are interleaved step by step
-(dense step, VTP step, SViTE step, ...), so slow drifts of a shared machine hit all of them alike, and
-the mean step time of each variant per round is recorded. Reported: the median over rounds of
-the block means (wall clock, and process CPU time, which other processes on a shared machine
-disturb much less) and their ratios to dense. Run with ``OMP_NUM_THREADS=1`` (and ``--threads 1``) on a
-quiet machine for stable numbers.
+Timing: the one method of :mod:`vitopt.deploy.timing`: ``--warmup`` untimed steps per variant, then
+``--repeats`` interleaved rounds; in each round every variant runs a block of ``--intervals`` x
+``--interval`` steps (so each block holds exactly ``--intervals`` mask updates of every DST variant),
+variant after variant, so slow drifts of a shared machine hit all of them alike. Reported: the median
+over rounds of each block's mean step time (wall clock, and process CPU time, which other processes on
+a shared machine disturb much less) and the median of per-round ratios to dense with min-max. Run with
+``OMP_NUM_THREADS=1`` (and ``--threads 1``) on a quiet machine for stable numbers.
 
-    python benchmarks/sparse_overhead.py [--quick] [--out results/sparse_overhead.json]
+    python benchmarks/sparse_overhead.py [--quick] [--out benchmarks/results/sparse_overhead.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -138,6 +137,7 @@ def train_step(model, opt, callbacks, x, y, step: int) -> None:
 
 def measure(args) -> dict[str, Any]:
     from vitopt.arch.config import create_model
+    from vitopt.deploy.timing import spread
 
     torch.manual_seed(args.seed)
     base = create_model(MODEL[0], dict(MODEL[1]))
@@ -148,38 +148,29 @@ def measure(args) -> dict[str, Any]:
     total = args.warmup + block * args.repeats + 1
     live = {v: make_variant(v, base, args.interval, total, args.seed) for v in args.variants}
     steps = {v: 0 for v in live}
-    for v, (model, opt, cbs, _) in live.items():
-        for _ in range(args.warmup):
+
+    def stepper(v):
+        model, opt, cbs, _ = live[v]
+
+        def step():
             train_step(model, opt, cbs, x, y, steps[v])
             steps[v] += 1
-    samples: dict[str, list[float]] = {v: [] for v in live}
-    cpu: dict[str, list[float]] = {v: [] for v in live}
-    for r in range(args.repeats):
-        wall_acc = {v: 0.0 for v in live}
-        cpu_acc = {v: 0.0 for v in live}
-        for _ in range(block):             # variants interleaved step by step: drifts hit all alike
-            for v, (model, opt, cbs, _) in live.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                train_step(model, opt, cbs, x, y, steps[v])
-                wall_acc[v] += time.perf_counter() - t0
-                cpu_acc[v] += time.process_time() - c0
-                steps[v] += 1
-        for v in live:
-            samples[v].append(wall_acc[v] * 1e3 / block)
-            cpu[v].append(cpu_acc[v] * 1e3 / block)
-        common.console.print(f"round {r + 1}/{args.repeats}: " +
-                             ", ".join(f"{v} {samples[v][-1]:.1f} ({cpu[v][-1]:.1f} cpu)" for v in live))
-    for _, (_, _, _, cleanup) in live.items():
-        cleanup()
-    dense = statistics.median(samples["dense"])
-    dense_cpu = statistics.median(cpu["dense"])
+        return step
+
+    try:
+        res = common.timed({v: stepper(v) for v in live}, args, what="training steps", rounds=args.repeats,
+                           calls=block, reference="dense")
+    finally:
+        for _, (_, _, _, cleanup) in live.items():
+            cleanup()
     out = {}
-    for v, s in samples.items():
-        med, med_cpu = statistics.median(s), statistics.median(cpu[v])
-        out[v] = {"median_ms": med, "min_ms": min(s), "max_ms": max(s), "samples_ms": s,
-                  "ratio": common.ratio(med, dense), "cpu_median_ms": med_cpu, "cpu_samples_ms": cpu[v],
-                  "cpu_ratio": common.ratio(med_cpu, dense_cpu), "goal": GOALS.get(v)}
-    return out
+    dense_cpu = res.candidates["dense"]["cpu_rounds_ms"]
+    for v, c in res.candidates.items():
+        cpu_ratio = spread([a / b for a, b in zip(c["cpu_rounds_ms"], dense_cpu)])
+        out[v] = {"median_ms": c["ms"], "min_ms": min(c["rounds_ms"]), "max_ms": max(c["rounds_ms"]),
+                  "samples_ms": c["rounds_ms"], "ratio": c["ratio"], "cpu_median_ms": c["cpu_ms"],
+                  "cpu_samples_ms": c["cpu_rounds_ms"], "cpu_ratio": cpu_ratio, "goal": GOALS.get(v)}
+    return {"variants": out, "timing": res.to_json()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -189,24 +180,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.variants = ["dense", *args.variants]
     threads = common.set_threads(args.threads)
     t0 = time.perf_counter()
-    res = measure(args)
+    measured = measure(args)
+    res = measured["variants"]
     rows = []
     for v, r in res.items():
         goal = r["goal"]
-        met = None if goal is None else ("yes" if max(r["ratio"], r["cpu_ratio"]) <= goal else "no")
-        rows.append([v, r["median_ms"], r["min_ms"], r["max_ms"], r["ratio"], r["cpu_median_ms"], r["cpu_ratio"],
-                     goal, met])
-    common.print_table(f"training step vs dense (quickstart ViT, batch {args.batch}, CPU, threads={threads}; median "
-                       f"of {args.repeats} rounds of {args.intervals} x {args.interval} steps)",
-                       [("variant", "left"), "median ms", "min ms", "max ms", "x dense", "CPU ms", "CPU x dense",
-                        "goal", "met"], rows,
+        met = None if goal is None else ("yes" if max(r["ratio"]["median"], r["cpu_ratio"]["median"]) <= goal else "no")
+        rows.append([v, r["median_ms"], r["min_ms"], r["max_ms"], common.fmt_ratio(r["ratio"]), r["cpu_median_ms"],
+                     common.fmt_ratio(r["cpu_ratio"]), goal, met])
+    common.print_table(f"training step vs dense (quickstart ViT, batch {args.batch}, CPU, threads={threads}; "
+                       f"{args.repeats} interleaved rounds of {args.intervals} x {args.interval} steps)",
+                       [("variant", "left"), "median ms", "min ms", "max ms", ("x dense (min-max)", "left"), "CPU ms",
+                        ("CPU x dense", "left"), "goal", "met"], rows,
                        caption="DST variants update their masks every --interval steps; each timed block spans "
-                               "whole intervals, so the update cost is included in the mean. CPU ms: process CPU "
-                               "time per step (robust to other processes on a shared machine); met: both ratios "
-                               "within the goal")
+                               "whole intervals, so the update cost is included in the mean. x dense: median of "
+                               "per-round ratios. CPU ms: process CPU time per step (robust to other processes on a "
+                               "shared machine); met: both median ratios within the goal")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = {"config": config, "threads": threads, "model": {"name": MODEL[0], "kwargs": MODEL[1]},
-               "results": res, "seconds": time.perf_counter() - t0}
+               "results": res, "timing": measured["timing"], "seconds": time.perf_counter() - t0}
     common.write_json(args.out, payload, script=SCRIPT, args=config, argv=argv)
     return payload
 

@@ -22,7 +22,7 @@ stages:
     round_to: {{heads: 1, head_dim: 8, mlp: 16}}
   - {{type: finetune, epochs: 1, kd: {{alpha: 0.5, tau: 2.0}}}}
   - {{type: export}}
-  - {{type: validate, batch_sizes: [1, 4], warmup: 1, repeats: 3}}
+  - {{type: validate, batch_sizes: [1, 4], warmup: 1, repeats: 3, rounds: 3, round_ms: 5}}
 """
 
 

@@ -1,15 +1,16 @@
 """The benchmark scripts in benchmarks/ run end to end in --quick mode on a tiny ViT (in-process).
 
 ``speedup.py`` and ``parity.py`` are called through their ``main(argv)`` with one FLOPs target,
-one thread and a handful of timed calls, writing JSON into a temp folder. The Torch-Pruning parts
-need the optional ``bench`` extra (``pip install -e ".[bench]"``); without it the scripts skip the
-``tp*`` variants and record why, and the Torch-Pruning tests here are skipped with that reason.
+one thread and a few interleaved timing rounds, writing JSON into a temp folder. Torch-Pruning is in
+the ``dev`` extra, so its comparison code (``tp_prune``, the ratio search, the attribute sync) runs
+here; where it is missing the Torch-Pruning tests skip with the reason.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ FAST = ["--quick", "--threads", "1", "--targets", str(TARGET)]
 @pytest.fixture(scope="module")
 def speedup_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "speedup.json"
-    payload = speedup.main([*FAST, "--warmup", "1", "--repeats", "3", "--budget-s", "0.2", "--tp-grid", "5",
+    payload = speedup.main([*FAST, "--warmup", "1", "--rounds", "3", "--round-ms", "5", "--tp-grid", "5",
                             "--tp-max-iter", "4", "--no-cuda", "--out", str(out)])
     assert out.is_file()
     doc = json.loads(out.read_text())
@@ -53,9 +54,15 @@ def _rows(doc, variant):
     return [r for r in doc["rows"] if r["variant"] == variant]
 
 
+def _timing(doc, key):
+    (group,) = [t for t in doc["timings"] if t["target"] == TARGET]
+    return group["comparisons"][key]
+
+
 def test_speedup_quick_vitopt_rows(speedup_json):
     doc = speedup_json
     assert doc["script"] == "speedup" and doc["environment"]["torch"] == torch.__version__
+    assert doc["command"].startswith("python benchmarks/speedup.py --quick") and doc["load"]["cpu_count"] >= 1
     assert doc["latency_keys"] == ["ort_cpu_b1", "ort_cpu_b32", "torch_cpu_b1", "torch_cpu_b32"]
     (dense,) = _rows(doc, "dense")
     assert dense["target"] is None and dense["flops_ratio"] == 1.0
@@ -66,11 +73,17 @@ def test_speedup_quick_vitopt_rows(speedup_json):
         assert row["target"] == TARGET and row["tool"] == "vitopt"
         assert row["flops_ratio"] <= TARGET + 0.01
         assert row["flops"] < dense["flops"] and row["params"] < dense["params"]
+        assert row["flops_counter"] == row["flops"]
         assert row["dims"]["head_dim_uniform_in_block"]
         assert "error" not in row["onnx"], row["onnx"]
         for key in doc["latency_keys"]:
-            assert row["latency_ms"][key] > 0
-            assert math.isfinite(row["efficiency"][key])
+            # timed in the same interleaved rounds as dense; the row's ratio is the median of per-round ratios
+            cmp = _timing(doc, key)
+            t, d = cmp["candidates"][variant]["rounds_ms"], cmp["candidates"]["dense"]["rounds_ms"]
+            assert cmp["reference"] == "dense" and len(t) == len(d) == 3
+            assert row["latency_ratio"][key]["median"] == pytest.approx(statistics.median(a / b for a, b in zip(t, d)))
+            assert row["latency_ms"][key] == pytest.approx(statistics.median(t))
+            assert row["efficiency"][key] == pytest.approx(row["latency_ratio"][key]["median"] / row["flops_ratio"])
     if not TP_OK:
         assert set(doc["tp_skipped"]) == set(TP_VARIANTS)
 
@@ -79,23 +92,34 @@ def test_speedup_quick_vitopt_rows(speedup_json):
 def test_speedup_quick_torch_pruning_rows(speedup_json):
     doc = speedup_json
     dense = _rows(doc, "dense")[0]
+    partner = {"tp-bottleneck": "vitopt", "tp": "vitopt+embed"}
     for variant in TP_VARIANTS:
         (row,) = _rows(doc, variant)
         assert row["tool"] == "torch-pruning" and "error" not in row, row.get("error")
         info = row["prune"]
         assert 0.0 < info["ratio"] < 1.0 and info["trials"]
-        # same counter for both tools: the searched FLOPs are the reported FLOPs
+        # searched to the FLOPs its vitopt partner achieved, with the same counter
+        (p,) = _rows(doc, partner[variant])
+        assert info["matched_to"] == partner[variant] and info["goal"] == pytest.approx(p["flops_ratio"])
         assert row["flops_ratio"] == pytest.approx(info["achieved"])
+        assert info["within_tol"] == (abs(info["achieved"] / info["goal"] - 1) <= 0.005)
         assert row["flops_counter"] == row["flops"]
-        assert abs(row["flops_ratio"] - TARGET) < 0.1
         assert row["dims"]["head_dim_uniform_in_block"]
         if variant == "tp-bottleneck":
             assert row["dims"]["embed"] == dense["dims"]["embed"]  # fc2 ignored: residual width kept
-    pairs = {(w["vitopt"], w["tp"]) for w in doc["winners"]}
-    assert ("vitopt", "tp-bottleneck") in pairs and ("vitopt+embed", "tp") in pairs
-    for w in doc["winners"]:
-        for _key, f in w["faster"].items():
-            assert f is None or f["tool"] in (w["vitopt"], w["tp"])
+    pairs = {(w["vitopt"], w["tp"]): w for w in doc["pairs"]}
+    assert set(pairs) == {("vitopt", "tp-bottleneck"), ("vitopt+embed", "tp")}
+    for (a, b), w in pairs.items():
+        (ra,), (rb,) = _rows(doc, a), _rows(doc, b)
+        assert w["flops_gap"] == pytest.approx(ra["flops"] / rb["flops"] - 1)
+        equal = abs(w["flops_gap"]) <= 0.005
+        assert w["basis"] == ("latency at equal FLOPs" if equal else "latency per FLOP")
+        for key, r in w["ratio"].items():
+            cmp = _timing(doc, key)["candidates"]
+            per_round = [x / y / (1 if equal else ra["flops"] / rb["flops"])
+                         for x, y in zip(cmp[a]["rounds_ms"], cmp[b]["rounds_ms"])]
+            assert r["median"] == pytest.approx(statistics.median(per_round))
+            assert w["faster"][key] == (a if r["q3"] < 1 else b if r["q1"] > 1 else "no clear winner")
 
 
 def test_parity_quick_vitopt(parity_json):
@@ -126,3 +150,120 @@ def test_common_helpers(tmp_path):
     path = common.write_json(tmp_path / "x.json", {"v": float("nan"), "t": torch.tensor([1.5])}, script="t", argv=[])
     doc = json.loads(path.read_text())
     assert doc["v"] is None and doc["t"] == [1.5] and doc["argv"] == []
+    assert doc["command"] == "python benchmarks/t.py" and doc["date"] and doc["machine"]["logical_cores"] >= 1
+    assert set(doc["load"]) == {"loadavg", "cpu_count"}
+
+
+# ---------------------------------------------------------------------------------- Torch-Pruning itself
+import variants as V  # noqa: E402
+
+
+def _paths_agree(model, x):
+    """Max |logits| difference between timm's fused (SDPA) and explicit attention paths."""
+    from timm.models.vision_transformer import Attention
+
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    with torch.no_grad():
+        for a in attns:
+            a.fused_attn = True
+        fused = model(x)
+        for a in attns:
+            a.fused_attn = False
+        eager = model(x)
+        for a in attns:
+            a.fused_attn = True
+    return (fused - eager).abs().max().item(), fused.abs().max().item()
+
+
+@needs_tp
+@pytest.mark.parametrize("bottleneck, attn", [(False, "head_dims"), (True, "head_dims"), (False, "heads"),
+                                              (True, "both")])
+def test_torch_pruning_model_is_exact_after_attribute_sync(bottleneck, attn):
+    """Torch-Pruning's model, after the benchmark's attribute sync (_sync_vit_attrs), computes the same
+    logits on timm's fused and explicit attention paths, and vitopt's analytic FLOPs count it exactly.
+    Without the sync's scale (TP's recipe patches num_heads/head_dim only) the two paths disagree."""
+    dense = V.build_model("tiny", seed=3)
+    with torch.no_grad():                       # spread the weights so pruning decisions are not ties
+        for p in dense.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = copy.deepcopy(dense)
+    info = V.tp_prune(model, 0.4, bottleneck=bottleneck, attn=attn)
+    x = torch.randn(4, *V.input_shape(model))
+    dims = V.dims_summary(model)
+    assert V.cost(model)["flops"] < V.cost(dense)["flops"] and dims["head_dim_uniform_in_block"]
+    if attn != "head_dims":
+        assert sum(dims["heads"]) < 2 * len(dims["heads"]), dims      # heads were removed
+    if attn == "head_dims":
+        assert min(dims["head_dim"]) < 32, dims                         # head dims were removed
+    assert (dims["embed"] == 64) == bottleneck                           # bottleneck keeps the residual width
+    diff, scale = _paths_agree(model, x)
+    assert diff <= 1e-5 * max(1.0, scale), (diff, info)
+    assert V.counter_flops(model) == V.cost(model)["flops"]
+    # the sync is what makes this true: restore the stale scale TP leaves behind and the paths part
+    if min(dims["head_dim"]) < 32:
+        from timm.models.vision_transformer import Attention
+
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.scale = 32 ** -0.5
+        assert _paths_agree(model, x)[0] > 1e-3
+
+
+@needs_tp
+def test_torch_pruning_ratio_search_reaches_the_flops_target():
+    dense = V.build_model("tiny", seed=0)
+    base = V.cost(dense)["flops"]
+    cache: dict[float, float] = {}
+    res = V.tp_prune_to_flops(dense, 0.6, tol=0.01, grid=6, max_iter=8, bottleneck=True, cache=cache)
+    info = res.info
+    assert info["achieved"] == pytest.approx(V.cost(res.model)["flops"] / base)
+    assert info["within_tol"] and abs(info["achieved"] / 0.6 - 1) <= 0.01, info
+    # every trial is in the cache and the chosen ratio is the trial closest to the target
+    assert {r for r, _ in info["trials"]} <= set(cache)
+    assert abs(cache[info["ratio"]] - info["achieved"]) < 1e-12
+    assert min(abs(a / 0.6 - 1) for _, a in info["trials"]) == pytest.approx(abs(info["achieved"] / 0.6 - 1))
+    assert V.cost(dense)["flops"] == base                                   # the dense model is untouched
+
+
+# ---------------------------------------------------------------------------------- latency-aware, noise floor
+import latency_aware  # noqa: E402
+import noise_floor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def latency_aware_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "latency_aware.json"
+    latency_aware.main(["--quick", "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_latency_aware_quick(latency_aware_json):
+    doc = latency_aware_json
+    (res,) = doc["results"]
+    rows = res["rows"]
+    assert set(rows) == {"dense", "latency-aware", "flops-aware"}
+    # the latency-aware plan meets its table-priced target; the FLOPs-aware one its FLOPs target
+    assert rows["latency-aware"]["predicted_ms"] <= res["target_ms"] * (1 + 1e-9)
+    assert rows["flops-aware"]["flops_ratio"] <= res["flops_target"] + 1e-9
+    assert rows["dense"]["predicted_ms"] == pytest.approx(res["lut"]["predicted_dense_ms"])
+    # one final comparison of the three; the pair ratio is the median of its per-round ratios
+    cands = res["final_timing"]["candidates"]
+    per_round = [a / b for a, b in zip(cands["flops-aware"]["rounds_ms"], cands["latency-aware"]["rounds_ms"])]
+    assert res["flops_over_latency_aware"]["median"] == pytest.approx(statistics.median(per_round))
+    assert len(per_round) == doc["config"]["final_rounds"]
+    # both pruned models were fine-tuned with the same budget and evaluated
+    assert rows["latency-aware"]["flops_ratio"] < 1
+    for label in ("latency-aware", "flops-aware"):
+        assert "top1" in rows[label] and "top1_one_shot" in rows[label]
+    assert f"{rows['latency-aware']['top1']:.2f}%" in res["verdict"]
+
+
+def test_noise_floor_quick(tmp_path):
+    out = tmp_path / "nf.json"
+    doc = noise_floor.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(doc["rows"]))
+    for r in doc["rows"]:
+        rounds = r["comparison"]["candidates"]["A again"]["ratio"]["rounds"]
+        assert len(rounds) == 3 and r["ratio"]["median"] == pytest.approx(statistics.median(rounds))
+        assert r["median_off_by"] == pytest.approx(abs(r["ratio"]["median"] - 1))
+    assert doc["worst"]["max"] == max(r["ratio"]["max"] for r in doc["rows"])

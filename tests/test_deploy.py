@@ -283,6 +283,44 @@ def test_export_errors_are_one_sentence(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+class _ExportDiffers(nn.Module):
+    """Logits 0 as PyTorch runs it (``fused_attn`` on) but ``delta`` (+ one class with ``extra_class``) as
+    export_onnx traces it (it switches ``fused_attn`` off): a model whose ONNX graph must fail verification."""
+
+    def __init__(self, delta: float, extra_class: bool = False) -> None:
+        super().__init__()
+        self.fused_attn = True
+        self.delta, self.extra_class = delta, extra_class
+        self.lin = nn.Linear(INPUT[1] * INPUT[2], 10)
+        nn.init.zeros_(self.lin.weight)
+        nn.init.zeros_(self.lin.bias)
+
+    def forward(self, x):
+        y = self.lin(x.flatten(1))
+        if self.fused_attn:
+            return y
+        y = y + self.delta
+        return torch.cat([y, y[:, :1]], dim=1) if self.extra_class else y
+
+
+def test_export_verification_rejects_a_graph_that_differs(tmp_path):
+    """verify=True runs the graph in ONNX Runtime: logits off by more than 1e-4 (+ 1e-3 x max|logit|, here
+    0) or of another shape raise and write nothing; within the tolerance they pass and are recorded."""
+    path = tmp_path / "m.onnx"
+    ok = export_onnx(_ExportDiffers(5e-5), path, INPUT, exporter="torchscript", simplify=False)
+    assert ok["max_abs_diff"] == pytest.approx(5e-5, rel=1e-3) and path.is_file()
+    path.unlink()
+    with pytest.raises(VitoptError, match=r"differs from the PyTorch model \(max abs logit diff 0.0002 > 0.0001"):
+        export_onnx(_ExportDiffers(2e-4), path, INPUT, exporter="torchscript", simplify=False)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(VitoptError, match=r"output shapes \(2, 11\) vs \(2, 10\)"):
+        export_onnx(_ExportDiffers(0.0, extra_class=True), path, INPUT, exporter="torchscript", simplify=False)
+    assert not path.exists()
+    # verify=False writes the mismatching graph and says it did not check
+    off = export_onnx(_ExportDiffers(1.0), path, INPUT, exporter="torchscript", simplify=False, verify=False)
+    assert off["max_abs_diff"] is None and path.is_file()
+
+
 def test_check_onnx_rejects_missing_and_corrupt_files(tmp_path):
     with pytest.raises(VitoptError, match="does not exist"):
         check_onnx(tmp_path / "missing.onnx")
@@ -585,5 +623,8 @@ def test_gpu_latency_skips_cleanly_without_cuda(tmp_path):
     rows = [{"model": "dense", "runtime": "r", "batch": 1, "p50_ms": 2.0, "p90_ms": 3.0, "throughput_img_s": 500},
             {"model": "pruned", "runtime": "r", "batch": 1, "p50_ms": 1.0, "p90_ms": 1.5, "throughput_img_s": 1000}]
     assert g.format_table(rows).splitlines()[-1].endswith("| 2.00x |")
-    s = g.stats([1.0, 2.0, 3.0, 4.0], batch=2)
-    assert s["p50_ms"] == 2.5 and s["throughput_img_s"] == pytest.approx(800.0)
+    # rows timed interleaved with dense carry the per-round ratio: speed-up = 1 / ratio, range from its min-max
+    rows[1]["ratio"] = {"median": 0.5, "min": 0.4, "max": 0.8, "q1": 0.45, "q3": 0.6}
+    assert g.format_table(rows).splitlines()[-1].endswith("| 2.00x (1.25-2.50) |")
+    assert saved["command"] == f"python benchmarks/gpu_latency.py --no-cuda --out {tmp_path / 'g.json'}"
+    assert saved["load"]["cpu_count"] >= 1 and saved["date"]

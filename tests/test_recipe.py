@@ -422,3 +422,6 @@ def test_every_shipped_recipe_validates():
     for path in files:
         recipe = load_recipe(path)
         assert recipe.stages, path
+        # the resolved recipe a run directory keeps (vitopt validate / bundle re-read it) loads back equal
+        with tempfile.TemporaryDirectory() as tmp:
+            assert load_recipe(write(Path(tmp), dump_resolved(recipe), "resolved.yaml")) == recipe, path

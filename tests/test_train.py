@@ -259,6 +259,12 @@ def test_kd_loss_hand_value_and_ce_limit():
     assert kd_loss(s, t, y, alpha=0.0, tau=tau).item() == pytest.approx(ce, rel=1e-6)
     assert kd_loss(s, t, y, alpha=0.0, tau=tau, label_smoothing=0.1).item() == pytest.approx(
         F.cross_entropy(s, y, label_smoothing=0.1).item(), rel=1e-6)
+    # label smoothing stays on when KD is on (alpha > 0): the CE part is the smoothed CE
+    ls = 0.1
+    ce_ls = F.cross_entropy(s, y, label_smoothing=ls).item()
+    got_ls = kd_loss(s, t, y, alpha=alpha, tau=tau, label_smoothing=ls).item()
+    assert got_ls == pytest.approx(alpha * tau ** 2 * kl + (1 - alpha) * ce_ls, rel=1e-5)
+    assert abs(got_ls - expect) > 1e-3 * abs(expect)        # smoothing changes the value beyond that tolerance
     # KD term vanishes when the student equals the teacher
     assert kd_loss(t, t, y, alpha=1.0, tau=tau).item() == pytest.approx(0.0, abs=1e-6)
     # two-head (distilled DeiT) outputs are averaged
@@ -343,6 +349,32 @@ def test_fit_tiny_vit_on_digits_learns(trained):
     assert ev["top1"] == pytest.approx(hist[-1]["val_top1"]) and ev["n"] == 360
 
 
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_fit_step_loss_uses_label_smoothing_with_and_without_kd(with_teacher):
+    """The first epoch of one batch reports the loss of the initial weights: with a teacher it must be
+    kd_loss(..., label_smoothing=hp.label_smoothing), not the unsmoothed one."""
+    torch.manual_seed(0)
+    student, teacher = tiny_vit(depth=1), tiny_vit(depth=1)
+    with torch.no_grad():
+        student.head.weight.mul_(30.0)            # confident logits, so label smoothing changes the CE a lot
+    x = torch.randn(16, 1, 16, 16)
+    y = torch.arange(16) % 10
+    with torch.no_grad():
+        s_out, t_out = student(x), teacher(x)
+    alpha, tau, ls = 0.7, 2.0, 0.2
+    if with_teacher:
+        want = kd_loss(s_out, t_out, y, alpha=alpha, tau=tau, label_smoothing=ls).item()
+        unsmoothed = kd_loss(s_out, t_out, y, alpha=alpha, tau=tau).item()
+    else:
+        want = F.cross_entropy(s_out, y, label_smoothing=ls).item()
+        unsmoothed = F.cross_entropy(s_out, y).item()
+    assert abs(want - unsmoothed) > 100 * 1e-5 * want     # 100x the tolerance below
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    hist = fit(student, loader, None, TrainHParams(epochs=1, lr=1e-3, warmup_epochs=0, label_smoothing=ls),
+               teacher=teacher if with_teacher else None, kd_alpha=alpha, kd_tau=tau, desc="ls")
+    assert hist[0]["train_loss"] == pytest.approx(want, rel=1e-5)
+
+
 def test_fit_prints_one_line_per_epoch(capsys):
     set_seed(0)
     m = tiny_vit(embed_dim=16, depth=1, num_heads=1)
@@ -417,9 +449,16 @@ def test_fit_distilled_deit_tuple_outputs():
     assert isinstance(m(torch.randn(2, 1, 16, 16)), tuple)
     b = load_data(SimpleNamespace(type="digits"), model_input(m), seed=0)
     small = torch.utils.data.Subset(b.train, range(128))
-    hist = fit(m, make_loader(small, 32, shuffle=True, seed=0), make_loader(b.val, 512, shuffle=False, seed=0),
-               TrainHParams(epochs=1, lr=1e-3))
-    assert math.isfinite(hist[0]["train_loss"]) and 0.0 <= hist[0]["val_top1"] <= 100.0
+    vl = make_loader(b.val, 512, shuffle=False, seed=0)
+    hist = fit(m, make_loader(small, 32, shuffle=True, seed=0), vl, TrainHParams(epochs=1, lr=1e-3))
+    assert math.isfinite(hist[0]["train_loss"])
+    # validation scores the average of both heads (what the model predicts in eval mode)
+    m.eval()
+    with torch.no_grad():
+        pred = torch.cat([m(x).argmax(1) for x, _ in vl])
+    labels = torch.cat([y for _, y in vl])
+    want = 100.0 * int((pred == labels).sum()) / len(labels)
+    assert hist[0]["val_top1"] == pytest.approx(want, abs=1e-9)
 
 
 def test_fit_callbacks_order_loss_and_masking():
@@ -511,7 +550,7 @@ def test_ema_ends_with_averaged_weights():
     moved = max((m0.state_dict()[k] - snap.w[k]).abs().max().item() for k in snap.w)
     off = max((m1.state_dict()[k] - snap.w[k]).abs().max().item() for k in snap.w)
     assert moved > 1e-3 and off < 1e-5 * moved / 1e-3
-    assert 0.0 <= hist[0]["val_top1_ema"] <= 100.0
+    assert hist[0]["val_top1_ema"] == pytest.approx(evaluate(m1, vl)["top1"], abs=1e-9)   # the EMA weights' top-1
 
 
 def test_grad_clip_bounds_the_gradient_norm():

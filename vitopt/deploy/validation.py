@@ -17,6 +17,10 @@ Batches and optimization profiles: an engine accepts only the batches of its opt
 reports ``max_batch`` (and ``profile``) gets evaluation batches of at most ``max_batch`` (a short last
 batch padded up to the profile's minimum and trimmed back), and latency batches clipped into the
 profile; the result says so under ``"batches"``.
+
+Latency of models *compared* (the validate stage's final vs dense model): :func:`compare_models`,
+the one timing method of :mod:`vitopt.deploy.timing` (warm-up, interleaved rounds, median of per-round
+ratios with its spread, load recorded).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import numpy as np
 from vitopt.deploy.accuracy import compare_logits, evaluate_runtime
 from vitopt.deploy.latency import measure_device_latency, measure_latency
 from vitopt.deploy.runtimes import make_runtime, runtime_spec
+from vitopt.deploy.timing import compare_runtimes
 from vitopt.errors import VitoptError
 
-__all__ = ["measure_runtimes", "check_artifacts", "ARTIFACT_WORDS", "batch_plan", "EVAL_BATCH"]
+__all__ = ["measure_runtimes", "compare_models", "check_artifacts", "ARTIFACT_WORDS", "batch_plan", "EVAL_BATCH"]
 
 #: how a runtime's artifact is named in messages (``RuntimeSpec.needs`` -> words).
 ARTIFACT_WORDS = {"model": "a model folder (arch.json)", "onnx": "an .onnx file", "engine": "a TensorRT engine",
@@ -98,7 +103,8 @@ def check_artifacts(runtimes: list[str], have: dict[str, Any], where: str) -> No
 def measure_runtimes(kinds: list[str], images: np.ndarray, labels: np.ndarray, *, batch_sizes: list[int],
                      model=None, onnx_path: Path | None = None, engine_path: Path | None = None,
                      program_path: Path | None = None, input_chw: tuple[int, int, int] | None = None,
-                     threads: int = 2, device: str = "cpu", warmup: int = 10, repeats: int = 50) -> dict[str, Any]:
+                     threads: int = 2, device: str = "cpu", warmup: int = 10, repeats: int = 50,
+                     latency: bool = True) -> dict[str, Any]:
     """Top-1, latency and parity with PyTorch of each runtime kind on the same images.
 
     Args:
@@ -111,6 +117,8 @@ def measure_runtimes(kinds: list[str], images: np.ndarray, labels: np.ndarray, *
         threads: CPU intra-op threads; device: ``cpu``/``cuda[:i]`` for the PyTorch runtimes (its
             index also picks the GPU of the engine runtimes).
         warmup, repeats: latency warm-up and timed calls per batch size.
+        latency: False skips the latency measurement (``latency`` is then ``{}``), e.g. when the
+            caller times several models against each other with :func:`compare_models`.
 
     Returns:
         ``{"runtimes": {kind: {"top1", "latency": {bs: stats}, "batches": batch_plan(...),
@@ -139,7 +147,9 @@ def measure_runtimes(kinds: list[str], images: np.ndarray, labels: np.ndarray, *
             lo = plan["profile"][0] if plan["profile"] else 1
             acc = evaluate_runtime(_PadToMin(runtime, lo) if lo > 1 else runtime, images, labels,
                                    batch_size=plan["eval_batch"])
-            if all(hasattr(runtime, a) for a in ("stage_input", "launch", "event")):
+            if not latency:
+                lat = {}
+            elif all(hasattr(runtime, a) for a in ("stage_input", "launch", "event")):
                 lat = measure_device_latency(runtime, shape, plan["latency"], warmup=warmup, repeats=repeats)
             else:
                 lat = measure_latency(runtime, shape, plan["latency"], warmup=warmup, repeats=repeats,
@@ -163,4 +173,54 @@ def measure_runtimes(kinds: list[str], images: np.ndarray, labels: np.ndarray, *
                 out["runtimes"][kind]["vs_pytorch"] = compare_logits(logits[kind], ref)
     if "pytorch" in logits and "onnxruntime" in logits:
         out["parity"] = compare_logits(logits["onnxruntime"], logits["pytorch"])
+    return out
+
+
+def compare_models(kinds: list[str], models: dict[str, dict[str, Any]], *, batch_sizes: list[int],
+                   input_chw: tuple[int, int, int], reference: str, threads: int = 2, device: str = "cpu",
+                   warmup: int = 10, rounds: int = 10, round_ms: float = 100.0) -> dict[str, dict[str, Any]]:
+    """Latency of several models on each runtime kind, timed against each other in interleaved rounds.
+
+    For every kind and batch size, one runtime per model is opened and all are timed together with
+    :func:`vitopt.deploy.timing.compare_runtimes` (warm-up, ``rounds`` interleaved rounds, the median of
+    per-round ratios to ``reference`` with its spread, the machine's load); GPU runtimes are
+    synchronised after every call.
+
+    Args:
+        kinds: runtime kinds (:data:`vitopt.deploy.runtimes.RUNTIMES`) every model has the artifact of.
+        models: label -> ``{"model": nn.Module, "onnx_path": Path | None, "engine_path": Path | None}``.
+        batch_sizes: batch sizes; input_chw: ``(C, H, W)`` of one image.
+        reference: the label the ratios are taken against (e.g. the dense model).
+        threads, device: CPU intra-op threads (fixed during timing); device of the PyTorch runtimes.
+        warmup, rounds, round_ms: see :func:`vitopt.deploy.timing.compare`.
+
+    Returns:
+        ``{kind: {str(batch): Comparison.to_json()}}`` (candidates keyed by the labels of ``models``).
+
+    Raises:
+        VitoptError: a runtime lacking its artifact, an unknown ``reference``, or any runtime's own error.
+    """
+    if reference not in models:
+        raise VitoptError(f"reference {reference!r} is not one of the models ({', '.join(models)}).")
+    out: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        spec = runtime_spec(kind)
+        on_gpu = spec.gpu or (spec.needs == "model" and str(device).startswith("cuda"))
+        opts: dict[str, Any] = ({"device": device} if spec.needs == "model" else
+                                {"device": int(str(device).partition(":")[2] or 0)} if spec.needs in ("engine", "program")
+                                else {})
+        opened: dict[str, Any] = {}
+        try:
+            for label, arts in models.items():
+                opened[label] = make_runtime(kind, model=arts.get("model"), onnx_path=arts.get("onnx_path"),
+                                             engine_path=arts.get("engine_path"), program_path=arts.get("program_path"),
+                                             threads=threads, **opts)
+            syncs = {k: getattr(rt, "sync", None) for k, rt in opened.items()} if on_gpu else None
+            out[kind] = {str(b): compare_runtimes(opened, input_chw, b, syncs=syncs, reference=reference,
+                                                  warmup=warmup, rounds=rounds, round_ms=round_ms,
+                                                  threads=threads if not on_gpu else None, warn_load=False).to_json()
+                         for b in batch_sizes}
+        finally:
+            for rt in reversed(list(opened.values())):
+                rt.close()
     return out

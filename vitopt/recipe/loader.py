@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vitopt.errors import VitoptError
-from vitopt.recipe.schema import Choices, Recipe
+from vitopt.recipe.schema import _VTP_KEYS, Choices, Recipe
 
 __all__ = ["load_recipe", "apply_overrides", "recipe_json_schema", "dump_resolved", "format_path"]
 
@@ -122,7 +122,22 @@ def dump_resolved(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json", by_alias=True)
     data["data"] = _type_first(data["data"])
     data["stages"] = [_type_first(s) for s in data["stages"]]
+    # timm kwargs as given: JSON mode would turn non-string keys of nested dicts into strings
+    data["model"]["kwargs"] = _plain(recipe.model.kwargs)
+    for stage in data["stages"]:            # vtp's flat keys are an error under any other method
+        if stage.get("type") == "sparse_train" and stage.get("method") != "vtp":
+            for key in _VTP_KEYS.values():
+                stage.pop(key, None)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with tuples as lists (YAML-safe), dict keys and values otherwise unchanged."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def format_path(path: Iterable[Key]) -> str:

@@ -639,7 +639,13 @@ class ValidateStage(_StageBase):
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         default=[1, 32], min_length=1, description="Batch sizes at which latency is measured.")
     warmup: int = Field(default=10, ge=0, description="Untimed iterations before measuring.")
-    repeats: int = Field(default=50, ge=1, description="Timed iterations; the report gives median and p90.")
+    repeats: int = Field(default=50, ge=1, description="Timed iterations of a model measured alone (no dense "
+                                                        "reference); the report gives median and p90.")
+    rounds: int = Field(default=10, ge=1, description="Interleaved rounds (final, dense, final, dense, ...) when the "
+                                                      "final model is timed against the dense reference; the report "
+                                                      "gives the median of per-round ratios with its min-max.")
+    round_ms: float = Field(default=100.0, gt=0, description="Target milliseconds of one model's block of calls in a "
+                                                            "round of the interleaved comparison.")
     threads: int = Field(default=2, ge=1, description="CPU threads for the CPU runtimes.")
 
 

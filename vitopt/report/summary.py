@@ -1,21 +1,27 @@
-"""``summary.md``: the run's results as Markdown tables, rebuilt from the stage metrics files.
+"""``summary.md`` and ``summary.json``: the run's results, rebuilt from the stage metrics files.
 
-Tables: the stages (val top-1, FLOPs, params, wall time); dense vs final model (params, FLOPs,
-top-1 in PyTorch and ONNX Runtime, ORT-vs-PyTorch parity, latency p50/p90 per batch size and
-runtime, speed-up); and the per-block kept heads / head_dim / mlp of every prune.
-FLOPs are 2 x MACs of matmuls and convolutions for one image.
+``summary.md`` tables: the stages (val top-1, FLOPs, params, wall time); dense vs final model (params,
+FLOPs, top-1 in PyTorch and ONNX Runtime, ORT-vs-PyTorch parity, latency p50/p90 per batch size and
+runtime, and the latency ratio final / dense as the median of interleaved rounds with its min-max,
+:mod:`vitopt.deploy.timing`); and the per-block kept heads / head_dim / mlp of every prune.
+``summary.json`` holds the headline numbers of the same records (:func:`summary_numbers`), so that
+documents quoting a run can be generated from it instead of typed. FLOPs are 2 x MACs of matmuls and
+convolutions for one image.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from vitopt.io import atomic_write_text, read_json
 
-__all__ = ["write_summary", "load_stage_records", "render_summary", "summary_tables", "stage_line"]
+__all__ = ["write_summary", "load_stage_records", "render_summary", "summary_numbers", "summary_tables",
+           "stage_line"]
 
 SUMMARY_FILE = "summary.md"
+SUMMARY_JSON = "summary.json"
 
 
 def load_stage_records(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -63,12 +69,19 @@ def _compare_rows(val: dict) -> tuple[list[str], list[list[Any]]]:
     if "parity" in final:
         rows.append(row("max abs logit diff ORT vs PyTorch", lambda m: m.get("parity", {}).get("max_abs_diff"), "{:.2e}".format, False))
         rows.append(row("argmax agreement ORT vs PyTorch", lambda m: m.get("parity", {}).get("argmax_agreement"), "{:.4f}".format, False))
+    # runs timed final vs dense in interleaved rounds give the ratio in its own row (median, min-max);
+    # older runs, whose models were timed one after the other, keep the ratio of the two p50s
+    interleaved = val.get("latency_vs_reference", {})
     for kind, rt in final["runtimes"].items():
         for bs in rt["latency"]:
             for q in ("p50_ms", "p90_ms"):
                 rows.append(row(f"{kind} latency batch {bs} {q[:3]} (ms)",
                                 lambda m, k=kind, b=bs, qq=q: m["runtimes"].get(k, {}).get("latency", {}).get(b, {}).get(qq),
-                                "{:.3f}".format))
+                                "{:.3f}".format, ratio=kind not in interleaved))
+            r = interleaved.get(kind, {}).get(bs)
+            if r is not None:
+                rows.append([f"{kind} latency batch {bs}, final / dense per round (min-max)"] + [""] * len(cols)
+                            + [f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"])
     return header, rows
 
 
@@ -90,6 +103,14 @@ def _compare_table(val: dict, dense_top1: float | None) -> str:
         if h2d:
             text += (f"\n\n{kind} latency is the engine alone (CUDA events on its stream); the host-to-device copy "
                      "p50 is " + ", ".join(f"{v:.3f} ms at batch {b}" for b, v in h2d.items()) + ".")
+    timing = val.get("timing")
+    if timing:
+        load = timing["load_after"]["loadavg"]
+        text += (f"\n\nLatency ratios: final and dense timed together, median of {timing['rounds']} interleaved "
+                 f"rounds (min-max), {timing['threads']} CPU threads; load average "
+                 f"{'unknown' if load is None else load[0]} on {timing['load_after']['cpu_count']} cores.")
+        if timing.get("load_warning"):
+            text += f" Warning: {timing['load_warning']}"
     if dense_top1 is not None:
         text += f"\n\nDense model trained in this run: val top-1 {dense_top1:.2f}%."
     return text
@@ -166,6 +187,54 @@ def render_summary(run_dir: str | Path) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def summary_numbers(run_dir: str | Path) -> dict[str, Any]:
+    """The headline numbers of a run, from its stage records (what ``summary.json`` holds).
+
+    Returns:
+        ``{"run", "stages": [{"stage", "type", "seconds", "val_top1"?, "flops"?, "params"?}],
+        "seconds_total", "dense_top1"?, "sparse_train_top1"?, "flops_ratio"? (last prune, achieved),
+        "final_top1"? (last training stage), "validate"?: {"num_images", "threads",
+        "top1": {kind: %}, "top1_reference": {kind: %}, "latency_ms": {kind: {batch: p50}},
+        "latency_ratio": {kind: {batch: {"median", "min", "max", "q1", "q3"}}}, "timing"}}``; keys
+        marked ``?`` are present when the run has that stage. Top-1 in percent, FLOPs = 2 x MACs.
+    """
+    run_dir = Path(run_dir)
+    records = load_stage_records(run_dir)
+    out: dict[str, Any] = {"run": run_dir.name, "stages": [], "seconds_total": 0.0}
+    for r in records:
+        m = r["metrics"]
+        entry = {"stage": r["stage"], "type": r["type"], "seconds": r.get("seconds")}
+        top1 = m.get("val_top1", m.get("val_top1_before_finetune"))
+        entry.update({k: v for k, v in (("val_top1", top1), ("flops", m.get("flops")), ("params", m.get("params")))
+                      if v is not None})
+        out["stages"].append(entry)
+        out["seconds_total"] += float(r.get("seconds") or 0.0)
+        if r["type"] == "train":
+            out["dense_top1"] = m.get("val_top1")
+        elif r["type"] == "sparse_train":
+            out["sparse_train_top1"] = m.get("val_top1")
+        elif r["type"] == "prune":
+            out["flops_ratio"] = m.get("flops_ratio")
+            out["pruned_top1_before_finetune"] = m.get("val_top1_before_finetune")
+        elif r["type"] == "finetune":
+            out["final_top1"] = m.get("val_top1")
+        elif r["type"] == "validate":
+            final, ref = m["final"], m.get("reference") or {}
+            out["validate"] = {
+                "num_images": m.get("num_images"), "threads": m.get("threads"),
+                "top1": {k: v.get("top1") for k, v in final["runtimes"].items()},
+                "top1_reference": {k: v.get("top1") for k, v in ref.get("runtimes", {}).items()},
+                "latency_ms": {k: {b: s.get("p50_ms") for b, s in v.get("latency", {}).items()}
+                               for k, v in final["runtimes"].items()},
+                "latency_ratio": {k: {b: {q: r_[q] for q in ("median", "min", "max", "q1", "q3")}
+                                      for b, r_ in per_b.items()}
+                                  for k, per_b in m.get("latency_vs_reference", {}).items()},
+                "timing": m.get("timing")}
+    out["seconds_total"] = round(out["seconds_total"], 2)
+    return out
+
+
 def write_summary(run_dir: str | Path) -> Path:
-    """Write ``summary.md`` into ``run_dir`` (atomically); returns its path."""
+    """Write ``summary.md`` and ``summary.json`` into ``run_dir`` (atomically); returns the ``summary.md`` path."""
+    atomic_write_text(Path(run_dir) / SUMMARY_JSON, json.dumps(summary_numbers(run_dir), indent=2) + "\n")
     return atomic_write_text(Path(run_dir) / SUMMARY_FILE, render_summary(run_dir))
