@@ -47,7 +47,7 @@ def test_prune_meets_the_flops_target_counted_by_torch(name, kwargs, shape):
     model = create_model(name, kwargs).eval()            # timm, recording PVTv2's input size
     before = _state(model)
     groups = ("embed", "heads", "head_dim", "mlp")
-    pruned = vitopt.prune(model, target={"flops": 0.5}, criterion="l1", groups=groups)
+    pruned = vitopt.prune(model, target={"flops": 0.5}, criterion="l1", compare="normalized", groups=groups)
     assert type(pruned) is type(model)
     ratio = _counted_flops(pruned, shape) / _counted_flops(model, shape)
     assert ratio <= 0.5, ratio
@@ -63,7 +63,7 @@ def test_prune_meets_the_flops_target_counted_by_torch(name, kwargs, shape):
 def test_inplace_prunes_the_given_model():
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", **TINY)
-    same = vitopt.prune(model, target={"flops": 0.6}, inplace=True)
+    same = vitopt.prune(model, target={"flops": 0.6}, criterion="l1", compare="normalized", inplace=True)
     assert same is model and vitopt.structure(model).cost("flops") <= 0.6 * vitopt.structure(
         timm.create_model("deit_tiny_patch16_224", **TINY)).cost("flops")
 
@@ -117,7 +117,7 @@ def test_lower_level_steps_compose_to_prune():
     plan = vitopt.allocate(structure, scores, target={"flops": 0.7})
     pruned = vitopt.apply_plan(model, plan)
     assert vitopt.structure(pruned).cost("flops") <= 0.7 * structure.cost("flops")
-    direct = vitopt.prune(model, target={"flops": 0.7}, groups=["heads", "mlp"])
+    direct = vitopt.prune(model, target={"flops": 0.7}, criterion="l1", compare="normalized", groups=["heads", "mlp"])
     assert vitopt.structure(direct).sizes() == vitopt.structure(pruned).sizes()
     shape = vitopt.allocate(structure, scores, target={"shape": {"heads": 2, "mlp": 64}})
     assert {len(v) for k, v in shape.keep.items() if k.endswith(".heads")} == {2}
@@ -126,7 +126,7 @@ def test_lower_level_steps_compose_to_prune():
 def test_save_load_roundtrip_reads_the_kwargs_back(tmp_path):
     torch.manual_seed(2)
     model = timm.create_model("deit_tiny_patch16_224", **{**TINY, "reg_tokens": 2, "qkv_bias": False})
-    pruned = vitopt.prune(model, target={"flops": 0.5}, groups=("embed", "heads", "mlp"))
+    pruned = vitopt.prune(model, target={"flops": 0.5}, criterion="l1", compare="normalized", groups=("embed", "heads", "mlp"))
     vitopt.save(pruned, tmp_path / "m")
     again = vitopt.load(tmp_path / "m")
     x = torch.randn(2, 3, 32, 32)
@@ -164,7 +164,7 @@ def test_kd_recovery_trains_from_the_unpruned_teacher():
     torch.manual_seed(4)
     model = timm.create_model("deit_tiny_patch16_224", **TINY)
     data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
-    res = vitopt.prune_with_report(model, target={"flops": 0.6}, criterion="l1", schedule="iterative", rounds=2,
+    res = vitopt.prune_with_report(model, target={"flops": 0.6}, criterion="l1", compare="normalized", schedule="iterative", rounds=2,
                                    recover=vitopt.kd_recovery(data, steps=3, lr=1e-4))
     assert res.rounds[0]["recovery"]["steps"] == 3 and res.rounds[0]["recovery"]["train_loss"] > 0
 
@@ -174,10 +174,13 @@ def test_kd_recovery_trains_from_the_unpruned_teacher():
     (lambda m: vitopt.prune(m, target={"flops": 1.5}), "in \\(0, 1\\]"),
     (lambda m: vitopt.prune(m, target={"flop": 0.5}), "exactly one of"),
     (lambda m: vitopt.prune(m, target={"flops": 0.5}, schedule="greedy"), "unknown schedule"),
-    (lambda m: vitopt.prune(m, target={"flops": 0.5}, groups=["tokens"]), "neither group kinds"),
+    (lambda m: vitopt.prune(m, target={"flops": 0.5}), "needs data"),                # the defaults calibrate on data
+    (lambda m: vitopt.prune(m, target={"flops": 0.5}, criterion="l1"), "compare='calibrated' needs data"),
+    (lambda m: vitopt.prune(m, target={"flops": 0.5}, criterion="l1", compare="normalized", groups=["tokens"]),
+     "neither group kinds"),
     (lambda m: vitopt.importance(m, "kl", data=[(torch.randn(2, 3, 32, 32), torch.zeros(2))], bogus=1),
      "does not take option"),
-    (lambda m: vitopt.prune(m, target={"flops": 0.5}, criterion="gate"), "needs gates"),
+    (lambda m: vitopt.prune(m, target={"flops": 0.5}, criterion="gate", compare="normalized"), "needs gates"),
     (lambda m: vitopt.prune(m, target={"latency_ms": 2.0}), "needs 'lut'"),
 ])
 def test_bad_api_calls_are_one_sentence(call, message):

@@ -134,7 +134,7 @@ def test_auto_pruned_shapes_obey_the_target_rules(target, precision):
                               depth=2, num_heads=2, num_classes=10).eval()          # head_dim 128, mlp 1024
     cfg = _prune_cfg(round_to="auto", deploy_target=target, deploy_precision=precision)
     rto = round_to_for(cfg, model)
-    pruned = prune(model, target={"flops": 0.4}, criterion="l1", groups=list(cfg.groups), round_to=rto)
+    pruned = prune(model, target={"flops": 0.4}, criterion="l1", compare="normalized", groups=list(cfg.groups), round_to=rto)
     dims = family_of(pruned).read_dims(pruned)
     rules = kernel_rules(target, precision, num_tokens=family_of(model).num_tokens(model))
     for name, size in dims.items():

@@ -81,13 +81,13 @@ def _criterion_options(criterion: str, options: Mapping[str, Any] | None, struct
     return opts
 
 
-def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "l1",
+def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "taylor",
                       groups: Sequence[str] | None = None, data: Any = None, teacher: nn.Module | None = None,
                       gates: dict[str, torch.Tensor] | None = None, scope: str = "global",
                       round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
                       schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
                       calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
-                      compare: str = "normalized", min_fraction: Mapping[str, float] | None = None,
+                      compare: str = "calibrated", min_fraction: Mapping[str, float] | None = None,
                       fill: bool = True, rank: str = "per_cost", inplace: bool = False) -> PruneResult:
     """Prune ``model`` to ``target``; returns the pruned model and a report of every round.
 
@@ -142,11 +142,14 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
         raise VitoptError("schedule 'iterative' re-scores after every round, but gates only score the unpruned "
                           "model; use criterion l1, taylor, hessian, kl or search.")
     batches = as_batches(data, calibration_batches)
-    if compare == "calibrated" and not batches:
-        raise VitoptError("compare='calibrated' measures each kind's loss on calibration data; pass data= "
-                          "(a DataLoader or a list of (images, labels) batches).")
     if compare not in (*COMPARE, "calibrated"):
         raise VitoptError(f"unknown compare {compare!r} (known: {', '.join((*COMPARE, 'calibrated'))}).")
+    calibrated = compare == "calibrated" and t.metric != "shape"      # a shape target compares nothing
+    if not batches and ("data" in crit.needs or calibrated):
+        what = [f"criterion {criterion!r}"] * ("data" in crit.needs) + [f"compare={compare!r}"] * calibrated
+        raise VitoptError(f"{' and '.join(what)} needs data: pass data= (a DataLoader or a list of (images, labels) "
+                          "batches from the training set), or prune without data with criterion='l1', "
+                          "compare='normalized'.")
     reference = teacher
     if reference is None and recover is not None and n_rounds > 1:   # recovery distils from the unpruned model
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -203,12 +206,12 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
     return result
 
 
-def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "l1", groups: Sequence[str] | None = None,
+def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "taylor", groups: Sequence[str] | None = None,
           data: Any = None, teacher: nn.Module | None = None, gates: dict[str, torch.Tensor] | None = None,
           scope: str = "global", round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
           schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
           calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
-          compare: str = "normalized", min_fraction: Mapping[str, float] | None = None, fill: bool = True,
+          compare: str = "calibrated", min_fraction: Mapping[str, float] | None = None, fill: bool = True,
           inplace: bool = False) -> nn.Module:
     """Prune ``model`` to ``target`` and return the pruned model (``vitopt.prune``).
 

@@ -509,7 +509,7 @@ class PruneStage(_StageBase):
 
     type: Literal["prune"] = Field(default="prune", description="Stage type tag.")
     criterion: CriterionName = Field(
-        default="l1", description="Importance of a unit: 'gate' (|gate| from an earlier sparse_train stage, VTP), "
+        default="taylor", description="Importance of a unit: 'gate' (|gate| from an earlier sparse_train stage, VTP), "
                                   "'l1' (L1 norm of the unit's weights), 'taylor' (|sum w*dL/dw|, Molchanov 2019), "
                                   "'hessian' (NViT's (sum w*dL/dw)^2), 'kl' (UP-ViTs: KL to the unpruned model "
                                   "when the unit alone is removed), 'search' (SiDT-style: gates trained under the "
@@ -527,7 +527,7 @@ class PruneStage(_StageBase):
                                   "price - embed (the residual width, cut consistently as in UP-ViTs), heads, "
                                   "head_dim and mlp (for 'gate': the kinds its gates cover).")
     compare: Literal["normalized", "isomorphic", "calibrated"] = Field(
-        default="normalized", description="How units of different kinds compete under one budget: 'normalized' (each "
+        default="calibrated", description="How units of different kinds compete under one budget: 'normalized' (each "
                                           "kind's scores divided by its mean score, times its mean unit cost), "
                                           "'isomorphic' (every kind gives up the same fraction; ranking only within a "
                                           "kind, Fang et al. ECCV 2024), 'calibrated' (each kind's scores converted to "
