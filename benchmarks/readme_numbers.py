@@ -191,9 +191,18 @@ def render_accuracy(doc: dict) -> list[str]:
             return ""
         return f"{s['mean']:.{d}f} ± {s['std']:.{d}f}" if s.get("n", 1) > 1 else f"{s['mean']:.{d}f}"
 
-    rows = [[s["method"], s["target"], pm(s["flops_ratio"], 3), pm(s["top1"]), pm(s["top1_pruned"])]
-            for s in doc["summary"]]
-    return [_md(["method", "target", "FLOPs ratio", "top-1 fine-tuned (%)", "top-1 one-shot (%)"], rows)]
+    dense = [d["top1"] for d in doc.get("dense", [])]
+    rows = [["dense (per seed)", "", "1.000", " / ".join(f"{v:.1f}" for v in dense), ""]]
+    rows += [[s["method"], s["target"], pm(s["flops_ratio"], 3), pm(s["top1"]), pm(s["top1_pruned"])]
+             for s in doc["summary"]]
+    out = [_md(["method", "target", "FLOPs ratio", "top-1 fine-tuned (%)", "top-1 one-shot (%)"], rows)]
+    paired = [[p["target"], p["best_tp"], f"{p['diff']['mean']:+.2f}", f"{p['diff']['std']:.2f}",
+               f"{p['diff']['min']:+.2f}", f"{p['diff']['max']:+.2f}", f"{p['wins']}/{len(p['seeds'])}"]
+              for p in doc.get("paired", [])]
+    if paired:
+        out.append(_md(["target", "best Torch-Pruning variant", "vitopt - best TP (mean)", "std", "min", "max",
+                        "seeds won"], paired))
+    return out
 
 
 def render_overhead(doc: dict) -> list[str]:
