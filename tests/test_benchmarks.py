@@ -267,3 +267,22 @@ def test_noise_floor_quick(tmp_path):
         assert len(rounds) == 3 and r["ratio"]["median"] == pytest.approx(statistics.median(rounds))
         assert r["median_off_by"] == pytest.approx(abs(r["ratio"]["median"] - 1))
     assert doc["worst"]["max"] == max(r["ratio"]["max"] for r in doc["rows"])
+
+
+def test_accuracy_best_tp_is_chosen_among_variants_that_reached_the_target():
+    """A Torch-Pruning variant that overshot the FLOPs target on a seed is reported, not called the best."""
+    import accuracy
+
+    def run(method, seed, top1, note=None):
+        r = {"seed": seed, "target": 0.3, "method": method, "top1": top1, "top1_pruned": top1, "flops_ratio": 0.3,
+             "params_ratio": 0.3, "tool": "vitopt" if method == "vitopt" else "torch-pruning"}
+        return {**r, "note": note} if note else r
+
+    runs = [run("vitopt", 0, 90.0), run("vitopt", 1, 92.0),
+            run("tp-a", 0, 89.0), run("tp-a", 1, 90.0),
+            run("tp-b", 0, 99.0, note="Torch-Pruning could not reach 0.3 within 1%"), run("tp-b", 1, 99.0)]
+    summary = accuracy.summarize(runs, ["vitopt", "tp-a", "tp-b"], [0.3])
+    assert [s["reached_target"] for s in summary] == [True, True, False]
+    (paired,) = accuracy.paired_differences(runs, summary, [0.3])
+    assert paired["best_tp"] == "tp-a"
+    assert paired["diff"]["values"] == [1.0, 2.0] and paired["wins"] == 2
