@@ -255,7 +255,7 @@ class Check:
             for label, frac in FLOPS.items():
                 t = time.perf_counter()
                 model = dense if frac == 1.0 else vitopt.prune(dense, target={"flops": frac}, criterion="l1",
-                                                                groups=["heads", "mlp"], round_to=rules)
+                                                                compare="normalized", groups=["heads", "mlp"], round_to=rules)
                 cm = CostModel(model)
                 dims = cm.structure.sizes()
                 broken = [f"{g}={n}" for g, n in dims.items() for r in kernel_rules(self.target, "fp16",

@@ -155,7 +155,11 @@ def _flops_for_predicted_latency(structure, scores, table, ms: float, dense_dims
     lo, hi = 0.02, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        plan = vitopt.allocate(structure, scores, target={"flops": mid}, round_to=ROUND_TO)
+        try:
+            plan = vitopt.allocate(structure, scores, target={"flops": mid}, round_to=ROUND_TO)
+        except vitopt.VitoptError:     # below the minimum sizes: a noisy table can price them above ``ms``
+            lo = mid
+            continue
         if table.latency_ms(plan.dims(structure)) > ms:
             hi = mid
         else:

@@ -149,17 +149,19 @@ def dims_summary(model: nn.Module) -> dict[str, Any]:
 def vitopt_prune(model: nn.Module, target: float, groups: tuple[str, ...], *, criterion: str = "l1",
                  scope: str = "global", round_to: dict[str, int] | None = None,
                  batches: list | None = None, teacher: nn.Module | None = None,
-                 gates: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                 gates: dict[str, torch.Tensor] | None = None, compare: str | None = None) -> dict[str, Any]:
     """Prune ``model`` in place to ``target`` x its current FLOPs with :func:`vitopt.prune_with_report`
     (the same call the ``prune`` stage makes); returns timing and settings. ``round_to`` defaults to
-    :data:`ROUND_TO`; min_keep is 1 for every kind."""
+    :data:`ROUND_TO`; min_keep is 1 for every kind. ``compare`` defaults to the library's ``calibrated``
+    when ``batches`` are given and to ``normalized`` without data (random-init models)."""
+    compare = compare or ("calibrated" if batches else "normalized")
     rto = {k: v for k, v in {**ROUND_TO, **(round_to or {})}.items() if k in groups}
     t0 = time.perf_counter()
     res = vitopt.prune_with_report(model, target={"flops": target}, criterion=criterion, groups=list(groups),
                                    data=batches, teacher=teacher, gates=gates, scope=scope, round_to=rto,
-                                   min_keep={k: 1 for k in groups}, inplace=True)
+                                   min_keep={k: 1 for k in groups}, compare=compare, inplace=True)
     total = time.perf_counter() - t0
-    return {"tool": "vitopt", "criterion": criterion, "scope": scope, "groups": list(groups), "round_to": rto,
+    return {"tool": "vitopt", "criterion": criterion, "compare": compare, "scope": scope, "groups": list(groups), "round_to": rto,
             "seconds": {"importance": res.rounds[0]["criterion_cost"]["seconds"], "total": total}}
 
 
