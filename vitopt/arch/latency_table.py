@@ -49,6 +49,7 @@ import numpy as np
 from torch import nn
 
 from vitopt.arch.families import family_of
+from vitopt.arch.structure import removed_units
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_json, read_json
 
@@ -251,7 +252,8 @@ class LatencyTable:
         """Predicted whole-model latency at ``dims``, ms per call of ``batch_size`` images.
 
         Sum over the ``depth`` blocks of :meth:`block_latency_ms` at ``(D, heads_i * head_dim_i,
-        mlp_i)`` plus :meth:`stem_latency_ms` at ``D``. Non-decreasing in every coordinate
+        mlp_i)`` plus :meth:`stem_latency_ms` at ``D``; blocks removed at ``dims`` (depth,
+        :func:`vitopt.arch.structure.removed_units`) are skipped. Non-decreasing in every coordinate
         (monotone-repaired grid, trilinear weights, clamping).
 
         Args:
@@ -264,7 +266,10 @@ class LatencyTable:
         try:
             D = dims["embed"]
             total = self.stem_latency_ms(D)
+            gone = removed_units({"blocks": [f"blocks.{i}" for i in range(self.depth)]}, dims)
             for i in range(self.depth):
+                if f"blocks.{i}" in gone:                 # depth: a removed block costs nothing
+                    continue
                 p = f"blocks.{i}."
                 total += self.block_latency_ms(D, dims[p + "heads"] * dims[p + "head_dim"], dims[p + "mlp"])
         except KeyError as exc:

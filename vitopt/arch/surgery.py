@@ -4,7 +4,9 @@ Generic over the family's Structure: each parameter axis is index-selected by th
 factors' kept indices, then the family updates module attributes (``num_heads``, ``head_dim``,
 ``attn_dim``, ``in/out_features``, ``embed_dim``...) and folds constants that depend on the dims
 (the attention scale of a head_dim prune, invariant 2 of ``docs/architecture.md``). The result is the
-same timm class, smaller, and equal to the hard-masked model (invariant 1).
+same timm class, smaller, and equal to the hard-masked model (invariant 1). Whole-module groups
+(``blocks``, depth) are applied last: the dropped blocks leave their container and the kept ones are
+renumbered (``blocks.0 .. blocks.k-1``), so group names of a depth-pruned model refer to its new blocks.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from vitopt.arch.config import set_param
+from vitopt.arch.config import drop_units, set_param
 from vitopt.arch.families import family_of
 from vitopt.arch.plan import KeepPlan
 
@@ -59,4 +61,7 @@ def apply_plan(model: nn.Module, plan: KeepPlan, *, inplace: bool = False) -> nn
             value = value.index_select(lay.axis, lay.index(keep).to(value.device))
         set_param(model, name, value.contiguous(), p.requires_grad)
     fam.set_dims(model, new_dims)
+    for group in structure.units:                 # depth last: set_dims above uses the old block names
+        if group in keep and len(keep[group]) < structure.groups[group].size:
+            drop_units(model, group, keep[group].tolist())
     return model
