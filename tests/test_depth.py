@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -25,8 +26,10 @@ from vitopt.arch.structure import removed_units
 from vitopt.arch.surgery import apply_plan
 from vitopt.deploy import OrtRuntime, TorchRuntime, compare_logits, export_onnx
 from vitopt.errors import VitoptError
+from vitopt.pipeline import run_recipe
 from vitopt.pruning.allocation import allocate_budget
 from vitopt.pruning.prune import prune_with_report
+from vitopt.recipe import load_recipe
 
 torch.set_num_threads(1)
 
@@ -333,3 +336,47 @@ def test_shape_target_keeps_a_number_of_blocks():
     model = make()
     pruned = vitopt.prune(model, target={"shape": {"blocks": 3}}, criterion="angular", data=_batches(1))
     assert len(pruned.blocks) == 3
+
+
+# ------------------------------------------------------------------------------------------ recipe
+RECIPE = """
+name: depth
+seed: 1
+output_dir: {out}
+model:
+  name: vit_small_patch14_reg4_dinov2
+  kwargs: {{img_size: 8, patch_size: 2, in_chans: 1, embed_dim: 32, depth: 4, num_heads: 2, init_values: 0.1,
+           num_classes: 10, dynamic_img_size: false}}
+data: {{type: digits}}
+stages:
+  - {{type: train, epochs: 1, lr: 2.0e-3}}
+  - type: prune
+    criterion: {criterion}
+    target: {{flops: 0.5}}
+    groups: {groups}
+    round_to: {{heads: 1, mlp: 8}}
+    min_fraction: {{heads: 1.0, mlp: 0.75}}
+    calibration: {{batches: 2, batch_size: 32}}
+  - {{type: finetune, epochs: 1}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion,groups", [("taylor", "[blocks, heads, mlp]"), ("angular", "[blocks]")])
+def test_prune_stage_with_blocks_end_to_end(tmp_path, criterion, groups):
+    """The recipe path: groups [blocks, heads, mlp] in the prune stage; arch.json records the kept blocks
+    (relative to the recipe's model) and vitopt.load rebuilds the pruned model after fine-tuning. Width is
+    floored (min_fraction) so that 0.5 of the FLOPs cannot be met without removing blocks."""
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(out=tmp_path, criterion=criterion, groups=groups))
+    run = run_recipe(load_recipe(path))
+    m = json.loads((run / "01_prune" / "metrics.json").read_text())["metrics"]
+    assert m["flops_ratio"] <= 0.5 and m["depth"]["before"] == 4
+    arch = json.loads((run / "02_finetune" / "model" / "arch.json").read_text())
+    model = vitopt.load(run / "02_finetune" / "model")
+    assert len(model.blocks) == m["depth"]["after"] == arch["dims"]["blocks"] < 4
+    assert len(arch["kept_units"]["blocks"]) == m["depth"]["after"]
+    removed = set(range(4)) - set(arch["kept_units"]["blocks"])
+    assert all(m["blocks"][i]["mlp_kept"] == 0 for i in removed)
+    assert all(m["blocks"][i]["mlp_kept"] > 0 for i in arch["kept_units"]["blocks"])
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
