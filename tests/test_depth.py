@@ -208,9 +208,9 @@ def test_reload_from_arch_json(tmp_path):
     assert ArchConfig.from_json(arch.to_json()).kept_units == {"blocks": kept}
     again = load_pruned(tmp_path / "a")
     assert len(again.blocks) == len(kept) and again.vitopt_kept_units == {"blocks": kept}
-    # vitopt.save reads the kwargs back (depth = kept blocks): no record is needed
+    # vitopt.save reads the kwargs back: the skeleton that holds the kept blocks at their indices
     arch2 = vitopt.save(pruned, tmp_path / "b", model_name=name)
-    assert arch2.kept_units is None and arch2.model_kwargs["depth"] == len(kept)
+    assert arch2.kept_units == {"blocks": kept} and arch2.model_kwargs["depth"] == max(kept) + 1
     third = vitopt.load(tmp_path / "b")
     with torch.no_grad():
         ref = pruned(x)

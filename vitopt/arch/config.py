@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vitopt.arch.families import family_of, get_family
+from vitopt.arch.structure import KEPT_UNITS_ATTR
 from vitopt.arch.token_selector import attach_token_selector
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_json, load_weights, read_json, save_weights
@@ -41,9 +42,6 @@ PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", 
 #: where the record sits in ``model.pretrained_cfg`` besides timm's own keys.
 _CFG_KEY = "vitopt_preprocessing"
 
-#: attribute of a depth-pruned model: group -> indices of its kept units (blocks) in the model its
-#: constructor kwargs build (set by :func:`drop_units`, written to ``arch.json`` as ``kept_units``).
-KEPT_UNITS_ATTR = "vitopt_kept_units"
 
 
 @dataclass
@@ -354,11 +352,10 @@ def save(model: nn.Module, directory: str | Path, *, model_name: str | None = No
     if not name:
         raise VitoptError("vitopt.save needs model_name= (the timm model name): the model has no "
                           "pretrained_cfg['architecture'].")
-    derived = model_kwargs is None
-    if derived:
-        kwargs = fam.constructor_kwargs(model)
+    if model_kwargs is None:
+        kwargs = fam.constructor_kwargs(model)      # a depth-pruned model: the skeleton holding its kept blocks
         try:
-            rebuilt = resize_to(create_model(name, kwargs), fam.read_dims(model))
+            rebuilt = resize_to(create_model(name, kwargs), fam.read_dims(model), getattr(model, KEPT_UNITS_ATTR, None))
             ok = ({k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
                   == {k: tuple(v.shape) for k, v in model.state_dict().items()})
         except (VitoptError, TypeError, ValueError, AssertionError, RuntimeError):
@@ -367,8 +364,7 @@ def save(model: nn.Module, directory: str | Path, *, model_name: str | None = No
             raise VitoptError(f"the {type(model).__name__} cannot be rebuilt from {name!r} with the kwargs vitopt "
                               "reads back from it; pass model_kwargs= (the timm.create_model kwargs it was made with).")
         model_kwargs = kwargs
-    # kwargs read back from the model describe its current depth: no kept-block record relative to them
-    return save_pruned(model, directory, name, model_kwargs, kept_units=not derived)
+    return save_pruned(model, directory, name, model_kwargs)
 
 
 def load_pruned(path: str | Path) -> nn.Module:

@@ -28,7 +28,8 @@ import torch
 
 from vitopt.errors import VitoptError
 
-__all__ = ["Group", "AxisLayout", "ChokePoint", "Structure", "Factor", "GROUP_KINDS", "UNIT_KINDS", "removed_units"]
+__all__ = ["Group", "AxisLayout", "ChokePoint", "Structure", "Factor", "GROUP_KINDS", "UNIT_KINDS", "removed_units",
+           "KEPT_UNITS_ATTR", "skeleton_depth"]
 
 #: The kinds of group a family may declare, in the order tables print them. ``blocks`` is depth: one
 #: unit per transformer block (see :attr:`Structure.units`).
@@ -36,6 +37,10 @@ GROUP_KINDS = ("embed", "heads", "head_dim", "mlp", "blocks")
 
 #: Group kinds whose units are whole modules (removed from their container by surgery, not sliced).
 UNIT_KINDS = ("blocks",)
+
+#: attribute of a depth-pruned model: group -> indices of its kept units (blocks) in the model it was cut
+#: from (set by :func:`vitopt.arch.config.drop_units`, written to ``arch.json`` as ``kept_units``).
+KEPT_UNITS_ATTR = "vitopt_kept_units"
 
 #: One factor of an axis: (group name, size), or (None, size) for a fixed factor that is never pruned
 #: (e.g. the 3 of q/k/v in a fused qkv projection).
@@ -286,3 +291,15 @@ def removed_units(units: dict[str, list[str]], dims: dict[str, int]) -> set[str]
         if extra > 0:
             out.update(kept[len(kept) - extra:])
     return out
+
+
+def skeleton_depth(model: Any, group: str, current: int) -> int:
+    """Blocks a rebuilt skeleton needs in ``group`` so that every kept block sits at its original index.
+
+    ``current`` (the blocks the model has) when it was never depth-pruned, else ``max(kept) + 1``: the
+    smallest model whose blocks ``kept`` are the ones this model kept. Families use it in
+    ``constructor_kwargs`` so that position-dependent blocks (Swin's shifted windows alternate by index)
+    come back at their positions; loading then drops the others (:func:`vitopt.arch.config.resize_to`).
+    """
+    kept = (getattr(model, KEPT_UNITS_ATTR, None) or {}).get(group)
+    return int(max(kept)) + 1 if kept else int(current)

@@ -34,7 +34,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from vitopt.arch.structure import AxisLayout, ChokePoint, Group, Structure, removed_units
+from vitopt.arch.structure import AxisLayout, ChokePoint, Group, Structure, removed_units, skeleton_depth
 from vitopt.errors import VitoptError
 
 __all__ = ["VitFamily"]
@@ -219,12 +219,14 @@ class VitFamily:
 
         Read back from the model: input size, patch size, channels, classes, pooling, depth, and the
         flags that decide which parameters exist (qkv bias, class/register tokens, LayerScale, pre-norm,
-        fc_norm). ``num_heads`` is 1 (any value works: the stored dims set the real heads).
+        fc_norm). ``num_heads`` is 1 (any value works: the stored dims set the real heads). A depth-pruned
+        model's ``depth`` is that of the skeleton holding its kept blocks (:func:`~vitopt.arch.structure.skeleton_depth`).
         """
         pe, blk = model.patch_embed, model.blocks[0]
         return {"img_size": list(pe.img_size), "patch_size": list(pe.patch_size),
                 "in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes),
-                "global_pool": model.global_pool, "embed_dim": int(model.embed_dim), "depth": len(model.blocks),
+                "global_pool": model.global_pool, "embed_dim": int(model.embed_dim),
+                "depth": skeleton_depth(model, "blocks", len(model.blocks)),
                 "num_heads": 1, "qkv_bias": blk.attn.qkv.bias is not None,
                 "class_token": model.cls_token is not None, "reg_tokens": int(model.num_reg_tokens),
                 "no_embed_class": bool(model.no_embed_class),
