@@ -380,3 +380,72 @@ def test_prune_stage_with_blocks_end_to_end(tmp_path, criterion, groups):
     assert all(m["blocks"][i]["mlp_kept"] == 0 for i in removed)
     assert all(m["blocks"][i]["mlp_kept"] > 0 for i in arch["kept_units"]["blocks"])
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------- hierarchical: per stage
+HIER = {
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
+                                                  depths=(2, 3), num_heads=(2, 4), num_classes=7)),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
+                                               depths=(2, 3), num_heads=(2, 4), num_classes=7)),
+    "pvt_v2": ("pvt_v2_b0", dict(img_size=32, depths=(2, 3), embed_dims=(16, 32), num_heads=(2, 4), sr_ratios=(2, 1),
+                                 mlp_ratios=(4, 4), num_classes=7)),
+}
+
+
+@functools.cache
+def _hier(family: str) -> torch.nn.Module:
+    from vitopt.arch.config import create_model
+
+    torch.manual_seed(0)
+    model = create_model(*HIER[family]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("family", list(HIER))
+def test_hierarchical_depth_is_per_stage_and_reloads(family, tmp_path):
+    """One ``blocks`` group per stage; removing the first block of stage 1 (the later, shifted Swin block moves
+    to index 0) reloads equal from arch.json saved with the dense kwargs, and (Swin v2, whose kwargs can be
+    read back in full) with kwargs read back from the pruned model."""
+    model = copy.deepcopy(_hier(family))
+    st = vitopt.structure(model)
+    depth_groups = [g.name for g in st.of_kind("blocks")]
+    assert len(depth_groups) == 2 and [st.groups[g].stage for g in depth_groups] == [0, 1]
+    g1 = depth_groups[1]
+    pruned = apply_plan(model, KeepPlan({g1: [1, 2]}))
+    assert len(pruned.get_submodule(g1)) == 2
+    x = torch.randn(2, 3, 32, 32)
+    name, kw = HIER[family]
+    save_pruned(pruned, tmp_path / "a", name, kw)
+    saved = ["a"]
+    if family == "swinv2":
+        vitopt.save(pruned, tmp_path / "b", model_name=name)
+        saved.append("b")
+    with torch.no_grad():
+        ref = pruned(x)
+        for d in saved:
+            assert torch.equal(load_pruned(tmp_path / d)(x), ref), d
+
+
+@pytest.mark.parametrize("family", list(HIER))
+@pytest.mark.parametrize("criterion", ["taylor", "kl", "angular"])
+def test_planted_dead_block_is_ranked_last_in_its_stage(family, criterion):
+    """Block 1 of stage 1 made the identity (pre-norm: attn.proj and mlp.fc2 zeroed; Swin v2's post-norm:
+    norm1 and norm2 zeroed) is ranked last in its stage."""
+    model = copy.deepcopy(_hier(family))
+    st = vitopt.structure(model)
+    g1 = st.of_kind("blocks")[1].name
+    blk = model.get_submodule(f"{g1}.1")
+    with torch.no_grad():
+        mods = (blk.norm1, blk.norm2) if family == "swinv2" else (blk.attn.proj, blk.mlp.fc2)
+        for mod in mods:
+            mod.weight.zero_()
+            if mod.bias is not None:
+                mod.bias.zero_()
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 7, (4,), generator=g))]
+    s = vitopt.importance(model, criterion, groups=[g1], data=data)[g1]
+    assert int(torch.argmin(s)) == 1 and float(s[1]) < 1e-3 * float(torch.cat([s[:1], s[2:]]).min()), s

@@ -11,12 +11,13 @@ import pytest
 import timm
 import torch
 from hier_helpers import random_plan  # noqa: E402
+from timm.models.swin_transformer_v2 import WindowAttention
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitopt
 from vitopt.arch.config import create_model, load_pruned, save_pruned
 from vitopt.arch.families import family_of
-from vitopt.arch.families.swinv2 import window_attention_forward
+from vitopt.arch.families.swinv2 import PrunedWindowAttention, window_attention_forward
 from vitopt.arch.masks import apply_masks
 from vitopt.arch.plan import KeepPlan
 from vitopt.arch.surgery import apply_plan
@@ -109,9 +110,9 @@ def test_per_head_logit_scale_and_position_bias_go_with_the_head():
     assert torch.equal(new.cpb_mlp[2].weight, old.cpb_mlp[2].weight[[0, 2]])
     assert torch.equal(new.q_bias, torch.cat([old.q_bias[:d], old.q_bias[2 * d:3 * d]]))
     assert torch.equal(new.v_bias, torch.cat([old.v_bias[:d], old.v_bias[2 * d:3 * d]]))
-    # the attention width (2 x d) now differs from the stage width: the width-agnostic forward is bound there only
-    assert new.forward.__func__ is window_attention_forward
-    assert "forward" not in pruned.get_submodule("layers.1.blocks.0.attn").__dict__
+    # the attention width (2 x d) now differs from the stage width: that module only is switched
+    assert type(new) is PrunedWindowAttention and isinstance(new, WindowAttention)
+    assert type(pruned.get_submodule("layers.1.blocks.0.attn")) is WindowAttention
 
 
 def test_width_agnostic_forward_equals_timms_on_an_unpruned_block():

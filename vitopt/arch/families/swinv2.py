@@ -23,9 +23,10 @@ Groups, named after the timm module paths:
   / ``v_bias`` ``(heads) x (head_dim)``, ``logit_scale`` rows, ``cpb_mlp.2.weight`` rows, proj columns.
   Masked at the proj input. After surgery the block's attention width (heads x head_dim) differs
   from the stage width, which timm's ``WindowAttention.forward`` does not allow (it reshapes the
-  attention output to the *input* width); :meth:`SwinV2Family.set_dims` then binds
-  :func:`window_attention_forward` (timm's forward with that one reshape made width-agnostic) to the
-  pruned attention modules only. The class stays timm's.
+  attention output to the *input* width); :meth:`SwinV2Family.set_dims` then switches those modules to
+  :class:`PrunedWindowAttention`, a subclass of timm's class whose forward is timm's with that one
+  reshape made width-agnostic (the same design as PVTv2's ``PrunedSRAttention``; the model stays a
+  ``SwinTransformerV2`` with timm's parameter names, and ``load_pruned`` re-applies the switch).
 * ``layers.s.blocks.j.mlp`` - MLP hidden neurons (fc1 rows, fc2 columns).
 * ``layers.s.blocks`` - depth of stage s: one unit per block (``Structure.units``), masked at the block's
   ``drop_path1`` / ``drop_path2`` outputs (after the post-norms: zero there makes the block the
@@ -41,7 +42,6 @@ mlp, embed and blocks cover the model.
 from __future__ import annotations
 
 import math
-import types
 from typing import Any
 
 import torch
@@ -59,7 +59,7 @@ from vitopt.arch.builder import StructureBuilder, is_layernorm
 from vitopt.arch.structure import Structure, removed_units, skeleton_depth
 from vitopt.errors import VitoptError
 
-__all__ = ["SwinV2Family", "window_attention_forward"]
+__all__ = ["SwinV2Family", "PrunedWindowAttention", "window_attention_forward"]
 
 
 def _stage_embed(model: nn.Module, s: int) -> int:
@@ -117,6 +117,16 @@ def window_attention_forward(self: WindowAttention, x: torch.Tensor, mask: torch
     return self.proj_drop(x)
 
 
+class PrunedWindowAttention(WindowAttention):
+    """timm Swin v2 window attention whose inner width (heads x head_dim) may differ from its input width.
+
+    Same parameters, buffers and computation as ``timm.models.swin_transformer_v2.WindowAttention``;
+    :meth:`forward` is :func:`window_attention_forward`. Input ``[windows * B, N, C]``, output the same.
+    """
+
+    forward = window_attention_forward
+
+
 class SwinV2Family:
     """The family of timm ``SwinTransformerV2`` models: ``swinv2_*`` (cosine attention, continuous position bias)."""
 
@@ -144,7 +154,8 @@ class SwinV2Family:
                                   "supported.")
             for j, blk in enumerate(stage.blocks):
                 where = f"layers.{s}.blocks.{j}"
-                if type(blk) is not SwinTransformerV2Block or type(blk.attn) is not WindowAttention:
+                if type(blk) is not SwinTransformerV2Block or type(blk.attn) not in (WindowAttention,
+                                                                                      PrunedWindowAttention):
                     raise VitoptError(f"{where} is a {type(blk).__name__}; only timm's SwinTransformerV2Block with "
                                       "its WindowAttention is supported.")
                 if getattr(blk.attn, "qkv_bias_separate", False):
@@ -235,8 +246,9 @@ class SwinV2Family:
         Sets ``embed_dim`` (stage 0), ``num_features`` / ``head_hidden_size`` (last stage), each
         ``feature_info[s]["num_chs"]``, the head's ``in_features`` / ``num_features``, every LayerNorm's
         ``normalized_shape``, PatchMerging ``dim`` / ``out_dim``, stage / block / attention ``dim``, per
-        block ``attn.num_heads`` and the zero ``k_bias`` buffer at the new attention width, and binds
-        :func:`window_attention_forward` where the attention width no longer equals the stage width.
+        block ``attn.num_heads`` and the zero ``k_bias`` buffer at the new attention width, and switches
+        each attention module to :class:`PrunedWindowAttention` where its width no longer equals the stage
+        width (and back to timm's class where it does).
         """
         widths = [dims[f"layers.{s}.embed"] for s in range(len(model.layers))]
         model.embed_dim = widths[0]
@@ -270,8 +282,7 @@ class SwinV2Family:
                 if attn.k_bias is not None and attn.k_bias.shape[0] != A:
                     attn.register_buffer("k_bias", torch.zeros(A, dtype=attn.k_bias.dtype, device=attn.k_bias.device),
                                          persistent=False)
-                if A != D:
-                    attn.forward = types.MethodType(window_attention_forward, attn)
+                attn.__class__ = WindowAttention if A == D else PrunedWindowAttention
                 blk.mlp.fc1.in_features, blk.mlp.fc1.out_features = D, m
                 blk.mlp.fc2.in_features, blk.mlp.fc2.out_features = m, D
 
