@@ -449,3 +449,17 @@ def test_planted_dead_block_is_ranked_last_in_its_stage(family, criterion):
     data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 7, (4,), generator=g))]
     s = vitopt.importance(model, criterion, groups=[g1], data=data)[g1]
     assert int(torch.argmin(s)) == 1 and float(s[1]) < 1e-3 * float(torch.cat([s[:1], s[2:]]).min()), s
+
+
+def test_recipe_accepts_blocks_for_prune_and_refuses_them_for_sparse_training(tmp_path):
+    from vitopt.stages import recipe_choices
+
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(out=tmp_path, criterion="angular", groups="[blocks]"))
+    recipe = load_recipe(path, choices=recipe_choices())
+    assert list(recipe.stages[1].groups) == ["blocks"] and recipe.stages[1].round_for("blocks") == 1
+    text = RECIPE.format(out=tmp_path, criterion="taylor", groups="[blocks, heads, mlp]").replace(
+        "  - {type: finetune, epochs: 1}", "  - {type: sparse_train, method: vtp, epochs: 1, groups: [blocks, mlp]}")
+    path.write_text(text)
+    with pytest.raises(VitoptError, match="blocks"):
+        load_recipe(path, choices=recipe_choices())

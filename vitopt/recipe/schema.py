@@ -88,8 +88,9 @@ def _group_kind(value: str, info: ValidationInfo) -> str:
 
 
 def _block_kind(value: str, info: ValidationInfo) -> str:
+    """A per-block width kind (sparse training's gates and masks): every group kind but ``embed`` and depth."""
     choices = _choices(info)
-    return _check_choice(value, [k for k in choices.group_kinds if k != "embed"]) if choices else value
+    return _check_choice(value, [k for k in choices.group_kinds if k not in ("embed", "blocks")]) if choices else value
 
 
 def _criterion(value: str, info: ValidationInfo) -> str:
