@@ -463,3 +463,22 @@ def test_recipe_accepts_blocks_for_prune_and_refuses_them_for_sparse_training(tm
     path.write_text(text)
     with pytest.raises(VitoptError, match="blocks"):
         load_recipe(path, choices=recipe_choices())
+
+
+@pytest.mark.parametrize("family", ["swin", "pvt_v2"])
+def test_onnx_parity_of_a_depth_pruned_hierarchical_model(family, tmp_path):
+    model = copy.deepcopy(_hier(family))
+    st = vitopt.structure(model)
+    g1 = st.of_kind("blocks")[1].name
+    pruned = apply_plan(model, KeepPlan({g1: [0, 2], st.of_kind("blocks")[0].name: [1]}))
+    info = export_onnx(pruned, tmp_path / f"{family}.onnx", (3, 32, 32))
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    torch_rt, ort_rt = TorchRuntime(pruned), OrtRuntime(info["path"], threads=1)
+    try:
+        a, b = torch_rt(x), ort_rt(x)
+    finally:
+        torch_rt.close()
+        ort_rt.close()
+    cmp = compare_logits(a, b)
+    assert cmp["max_abs_diff"] <= 1e-4, cmp
+    assert np.array_equal(a.argmax(1), b.argmax(1)) and np.abs(a).max() > 0.1
