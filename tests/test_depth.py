@@ -379,6 +379,7 @@ def test_prune_stage_with_blocks_end_to_end(tmp_path, criterion, groups):
     removed = set(range(4)) - set(arch["kept_units"]["blocks"])
     assert all(m["blocks"][i]["mlp_kept"] == 0 for i in removed)
     assert all(m["blocks"][i]["mlp_kept"] > 0 for i in arch["kept_units"]["blocks"])
+    assert f"depth 4 -> {m['depth']['after']}" in (run / "summary.md").read_text()
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
@@ -482,3 +483,38 @@ def test_onnx_parity_of_a_depth_pruned_hierarchical_model(family, tmp_path):
     cmp = compare_logits(a, b)
     assert cmp["max_abs_diff"] <= 1e-4, cmp
     assert np.array_equal(a.argmax(1), b.argmax(1)) and np.abs(a).max() > 0.1
+
+
+SWINV2_RECIPE = """
+name: sv2
+seed: 0
+output_dir: {out}
+model:
+  name: swinv2_tiny_window8_256
+  kwargs: {{img_size: 16, patch_size: 2, window_size: 4, in_chans: 1, embed_dim: 16, depths: [2, 2], num_heads: [2, 2],
+           num_classes: 10}}
+data: {{type: digits}}
+stages:
+  - {{type: train, epochs: 1, lr: 2.0e-3}}
+  - type: prune
+    criterion: taylor
+    target: {{shape: {{blocks: 1, heads: 1}}}}
+    groups: [heads, mlp, blocks]
+    calibration: {{batches: 1, batch_size: 32}}
+  - {{type: finetune, epochs: 1}}
+"""
+
+
+@pytest.mark.slow
+def test_swinv2_prune_stage_reports_depth_and_no_head_dim(tmp_path):
+    """The prune stage and summary.md on a family without a head_dim group (Swin v2), with per-stage depth."""
+    path = tmp_path / "r.yaml"
+    path.write_text(SWINV2_RECIPE.format(out=tmp_path))
+    run = run_recipe(load_recipe(path))
+    m = json.loads((run / "01_prune" / "metrics.json").read_text())["metrics"]
+    assert m["depth"] == {"before": 4, "after": 2}
+    assert all("head_dim" not in row for row in m["blocks"])
+    summary = (run / "summary.md").read_text()
+    assert "depth 4 -> 2" in summary and "| block | heads | mlp hidden |" in summary
+    model = vitopt.load(run / "02_finetune" / "model")
+    assert [len(st.blocks) for st in model.layers] == [1, 1]

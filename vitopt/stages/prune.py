@@ -35,9 +35,9 @@ def _print_table(rows: list[dict], embed: tuple, title: str, depth: tuple | None
         table.add_column("stage", justify="right")
     for kind in ("heads", "head_dim", "mlp"):
         table.add_column(kind, justify="right")
-    for r in rows:
+    for r in rows:   # a kind the family has no group of (Swin v2: head_dim) shows "-"
         table.add_row(str(r["block"]), *([str(r["stage"])] if staged else []),
-                      *(f"{r[k]} -> {r[k + '_kept']}" for k in ("heads", "head_dim", "mlp")))
+                      *(f"{r[k]} -> {r[k + '_kept']}" if k in r else "-" for k in ("heads", "head_dim", "mlp")))
     table.caption = f"embed_dim {embed[0]} -> {embed[1]}" + (f", depth {depth[0]} -> {depth[1]}" if depth else "")
     Console().print(table)
 
@@ -101,7 +101,8 @@ def run(cfg, state: State, sd: StageDir) -> State:
     before, after, structure_before = result.dims_before, result.dims_after, result.structure_before
     rows = structure_table(structure_before, after)
     embed = (embed_widths(structure_before, before), embed_widths(structure_before, after))
-    depth = (before["blocks"], after["blocks"]) if "blocks" in before else None
+    units = list(structure_before.units)      # depth: one blocks group (ViT) or one per stage
+    depth = (sum(before[g] for g in units), sum(after[g] for g in units)) if units else None
     _print_table(rows, embed, f"{sd.label}: kept units ({cfg.criterion}, {cfg.scope})", depth)
     state.gates = None                         # gates indexed the old dims
     sd.save_model(state)
