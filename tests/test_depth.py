@@ -518,3 +518,13 @@ def test_swinv2_prune_stage_reports_depth_and_no_head_dim(tmp_path):
     assert "depth 4 -> 2" in summary and "| block | heads | mlp hidden |" in summary
     model = vitopt.load(run / "02_finetune" / "model")
     assert [len(st.blocks) for st in model.layers] == [1, 1]
+
+
+def test_depth_surgery_refuses_a_model_with_a_token_selector():
+    from vitopt.arch.token_selector import attach_token_selector
+
+    model = make()
+    attach_token_selector(model, keep=4, after_block=1)
+    with pytest.raises(VitoptError, match="token selector .* after block 1.*width only"):
+        apply_plan(model, KeepPlan({"blocks": [0, 1, 2]}))
+    assert apply_plan(model, KeepPlan({"blocks.0.mlp": list(range(64))})) is not None
