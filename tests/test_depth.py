@@ -212,6 +212,7 @@ def test_reload_from_arch_json(tmp_path):
     arch2 = vitopt.save(pruned, tmp_path / "b", model_name=name)
     assert arch2.kept_units == {"blocks": kept} and arch2.model_kwargs["depth"] == max(kept) + 1
     third = vitopt.load(tmp_path / "b")
+    assert third.vitopt_kept_units == {"blocks": kept}           # provenance survives a save/load cycle
     with torch.no_grad():
         ref = pruned(x)
         assert (again(x) - ref).abs().max() == 0
@@ -528,3 +529,14 @@ def test_depth_surgery_refuses_a_model_with_a_token_selector():
     with pytest.raises(VitoptError, match="token selector .* after block 1.*width only"):
         apply_plan(model, KeepPlan({"blocks": [0, 1, 2]}))
     assert apply_plan(model, KeepPlan({"blocks.0.mlp": list(range(64))})) is not None
+
+
+def test_provenance_survives_when_the_skeleton_holds_exactly_the_kept_blocks(tmp_path):
+    """Blocks 3 and 4 removed: kwargs read back build a 3-block skeleton (nothing to drop on load); the loaded
+    model still knows it kept blocks [0, 1, 2] of a deeper model, so a later save with the dense kwargs is right."""
+    name, kw = VARIANTS["vit_cls"]
+    pruned = apply_plan(make(), KeepPlan({"blocks": [0, 1, 2]}))
+    vitopt.save(pruned, tmp_path / "a", model_name=name)
+    loaded = vitopt.load(tmp_path / "a")
+    assert len(loaded.blocks) == 3 and loaded.vitopt_kept_units == {"blocks": [0, 1, 2]}
+    assert save_pruned(loaded, tmp_path / "b", name, {**SMALL, **kw}).kept_units == {"blocks": [0, 1, 2]}

@@ -282,6 +282,11 @@ def resize_to(model: nn.Module, dims: dict[str, int], kept_units: dict[str, list
     structure = fam.structure(model)
     for group, paths in structure.units.items():
         n = dims.get(group)
+        recorded = (kept_units or {}).get(group)
+        if n is not None and n == len(paths) and recorded is not None and len(recorded) == n:
+            # the skeleton already holds exactly the kept blocks (kwargs read back): keep their provenance
+            setattr(model, KEPT_UNITS_ATTR, {**(getattr(model, KEPT_UNITS_ATTR, None) or {}), group: list(recorded)})
+            continue
         if n is None or n == len(paths):
             continue
         if not 1 <= n < len(paths):
