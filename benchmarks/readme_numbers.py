@@ -233,12 +233,20 @@ def render_hierarchical(doc: dict) -> list[str]:
     return [_md(["model", "variant", "FLOPs ratio", "top-1 (%)", "ORT b32 latency / dense"], rows)]
 
 
+def render_depth_width(doc: dict) -> list[str]:
+    rows = [[label, _f(r["flops_ratio"], 3), r["blocks"], _f(r.get("top1_one_shot"), 2), _f(r["top1"], 2), _f(r["ms"], 3),
+             _r(r["ratio_to_dense"], 3), "-" if r.get("speed_per_point") is None else _f(r["speed_per_point"], 2)]
+            for label, r in doc["result"]["rows"].items()]
+    return [_md(["variant", "FLOPs ratio", "blocks", "top-1 one-shot (%)", "top-1 fine-tuned (%)", "ms",
+                 "latency / dense (median, min-max)", "speed-up per point lost"], rows)]
+
+
 #: results "script" -> renderer of its README table(s)
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "quickstart": render_quickstart, "noise_floor": render_noise_floor, "latency_aware": render_latency_aware,
     "speedup": render_speedup, "accuracy": render_accuracy, "overhead": render_overhead,
     "sparse_overhead": render_sparse_overhead, "hierarchical": render_hierarchical,
-    "hierarchical.py": render_hierarchical, "gpu_latency": render_gpu_latency,
+    "hierarchical.py": render_hierarchical, "gpu_latency": render_gpu_latency, "depth_width": render_depth_width,
 }
 
 

@@ -286,3 +286,29 @@ def test_accuracy_best_tp_is_chosen_among_variants_that_reached_the_target():
     (paired,) = accuracy.paired_differences(runs, summary, [0.3])
     assert paired["best_tp"] == "tp-a"
     assert paired["diff"]["values"] == [1.0, 2.0] and paired["wins"] == 2
+
+
+# ---------------------------------------------------------------------------------- depth vs width
+import depth_width  # noqa: E402
+
+
+def test_depth_width_quick(tmp_path):
+    out = tmp_path / "dw.json"
+    depth_width.main(["--quick", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    rows = doc["result"]["rows"]
+    assert set(rows) == {"dense", *depth_width.VARIANTS}
+    target = doc["config"]["flops"]
+    for label, (_, groups, match) in depth_width.VARIANTS.items():
+        r = rows[label]
+        assert r["flops_ratio"] <= r["flops_target"] + 1e-9
+        assert r["flops_target"] == (target if match is None else rows[match]["flops_ratio"])
+        assert "top1" in r and "top1_one_shot" in r and r["ms"] > 0
+        if groups == ["blocks"]:           # depth only: whole blocks go, the width stays
+            assert r["blocks"] < rows["dense"]["blocks"] and r["embed"] == 128
+            assert len(r["kept_blocks"]) == r["blocks"]
+        if "blocks" not in groups:
+            assert r["blocks"] == rows["dense"]["blocks"]
+    cands = doc["result"]["final_timing"]["candidates"]
+    assert all(len(c["rounds_ms"]) == doc["config"]["final_rounds"] for c in cands.values())
+    assert depth_width.speed_per_point(1.5, 2.0) == 0.25 and depth_width.speed_per_point(1.2, 0.0) == float("inf")

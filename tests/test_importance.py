@@ -137,7 +137,7 @@ def test_replica_masks_with_random_keep_sets_equal_surgery(base):
     st = family_of(m).structure(m)
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(7)
-    for g in ("embed", "blocks.0.heads", "blocks.1.head_dim", "blocks.0.mlp"):
+    for g in ("embed", "blocks.0.heads", "blocks.1.head_dim", "blocks.0.mlp", "blocks"):
         n = st.groups[g].size
         keeps = [sorted(torch.randperm(n, generator=gen)[: max(1, n // 2 + r)].tolist()) for r in range(3)]
         masks = torch.zeros(3, n)

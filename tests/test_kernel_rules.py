@@ -144,4 +144,4 @@ def test_auto_pruned_shapes_obey_the_target_rules(target, precision):
                 assert r(size), f"{name} = {size} breaks {r.name} ({r.text})"
     assert dims != family_of(model).read_dims(model)
     plain = round_to_for(_prune_cfg(round_to={"mlp": 16}), model)
-    assert plain == {"heads": 1, "head_dim": 8, "mlp": 16, "embed": 8}
+    assert plain == {"heads": 1, "head_dim": 8, "mlp": 16, "embed": 8, "blocks": 1}

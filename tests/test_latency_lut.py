@@ -452,3 +452,24 @@ def test_tensorrt_table_builds_one_static_engine_per_probe_and_records_the_targe
     assert (tab.runtime, tab.target, tab.precision, tab.tensorrt_version) == ("tensorrt", "h200", "fp16", "10.3.0.26")
     assert tab.device == "NVIDIA H200 (sm 9.0)" and tab.batch_size == 4
     assert tab.stem_ms_raw == pytest.approx([0.001 * 2, 0.001 * 7])   # stems were the 2nd and 7th engines
+
+
+def test_depth_pruned_model_is_priced_by_the_table_of_the_model_it_was_cut_from():
+    """Depth: removed blocks cost nothing in the table, a block is priced at its own widths, and a table of the
+    dense model still prices the depth-pruned model (iterative rounds), which a plain 2-block model is not."""
+    from vitopt.arch.plan import KeepPlan
+    from vitopt.arch.surgery import apply_plan
+
+    model = _vit(**SMALL)
+    n = family_of(model).num_tokens(model)
+    tab = _table(D_GRID, A_GRID, M_GRID, linear_block, linear_stem, depth=4, num_tokens=n)
+    plan = KeepPlan({"blocks": [0, 2], "blocks.2.mlp": list(range(96))})
+    st = family_of(model).structure(model)
+    dense_cost = cost_fn(tab, model)
+    pruned = apply_plan(model, plan)
+    after = cost_fn(tab, pruned)({})
+    assert after == pytest.approx(dense_cost(plan.cost_dims(st)), rel=1e-12)
+    # widths above the grid clamp to its last point (D 96 -> 64, A 96 -> 64, M 384 -> 256; M 96 is on the grid)
+    assert after == pytest.approx(linear_stem(64) + linear_block(64, 64, 256) + linear_block(64, 64, 96), rel=1e-9)
+    with pytest.raises(VitoptError, match="2 blocks"):
+        cost_fn(tab, _vit(**{**SMALL, "depth": 2}))

@@ -220,7 +220,7 @@ def test_wrong_type_and_error_count(tmp_path):
 def test_round_to_union_reports_the_matching_member(tmp_path):
     path = edit(tmp_path, "criterion: gate", "criterion: gate\n    round_to: {foo: 16}")
     assert error_of(path) == (f"{path}:15: stages[2].round_to: key 'foo' is not allowed "
-                              f"(allowed: 'embed', 'heads', 'head_dim', 'mlp').")
+                              f"(allowed: 'embed', 'heads', 'head_dim', 'mlp', 'blocks').")
     path = edit(tmp_path, "criterion: gate", "criterion: gate\n    round_to: 0")
     assert error_of(path) == f"{path}:15: stages[2].round_to: 0 is too small (allowed: >= 1)."
 

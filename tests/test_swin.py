@@ -29,7 +29,8 @@ VARIANTS = {
     "padded": dict(img_size=24, patch_size=4, window_size=4, embed_dim=24, depths=(2, 1), num_heads=(3, 3),
                    head_dim=8, num_classes=5, qkv_bias=False),
 }
-KINDS = [("heads",), ("head_dim",), ("mlp",), ("embed",), ("embed", "heads", "head_dim", "mlp")]
+KINDS = [("heads",), ("head_dim",), ("mlp",), ("embed",), ("embed", "heads", "head_dim", "mlp"), ("blocks",),
+         ("embed", "heads", "head_dim", "mlp", "blocks")]
 
 
 @functools.cache
@@ -72,6 +73,8 @@ def test_structure_declares_stage_groups_and_shifted_blocks():
 @pytest.mark.parametrize("fused", [True, False])
 def test_masked_equals_surgered(variant, kinds, fused):
     model = make(variant)
+    if kinds == ("blocks",) and all(g.size == 1 for g in family_of(model).structure(model).of_kind("blocks")):
+        pytest.skip("every stage of this variant has one block: depth has nothing to remove")
     set_fused(model, fused)
     for seed, batch in ((1, 1), (2, 3)):
         plan = random_plan(model, kinds, seed)
@@ -86,9 +89,13 @@ def test_masked_equals_surgered(variant, kinds, fused):
         assert (masked - out).abs().max().item() <= 1e-5
         assert (masked - dense).abs().max().item() > 1e-4          # something was really removed
         assert type(pruned) is type(model)
-        dims = plan.dims(family_of(model).structure(model))
-        assert family_of(pruned).read_dims(pruned) == dims
-        assert sum(p.numel() for p in pruned.parameters()) == CostModel(model).params(dims)
+        st = family_of(model).structure(model)
+        dims = plan.dims(st)
+        if "blocks" in kinds:          # depth renumbers the kept blocks: compare the stage depths
+            assert [family_of(pruned).read_dims(pruned)[g] for g in st.units] == [dims[g] for g in st.units]
+        else:
+            assert family_of(pruned).read_dims(pruned) == dims
+        assert sum(p.numel() for p in pruned.parameters()) == CostModel(model).params(plan.cost_dims(st))
 
 
 def test_relative_position_bias_is_sliced_with_the_heads():
@@ -153,7 +160,7 @@ def _counted_flops(model, x) -> int:
 def test_analytic_flops_match_counter(variant):
     model = make(variant)
     set_fused(model, False)
-    pruned = apply_plan(model, random_plan(model, ("embed", "heads", "head_dim", "mlp"), 9))
+    pruned = apply_plan(model, random_plan(model, ("embed", "heads", "head_dim", "mlp", "blocks"), 9))
     x = _img(variant, 1)
     for m in (model, pruned):
         fam = family_of(m)
@@ -198,8 +205,7 @@ def test_save_load_roundtrip_and_features(tmp_path):
 def test_unsupported_swin_variants_are_named():
     v2 = timm.create_model("swinv2_tiny_window8_256", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
                            num_heads=(1, 2), num_classes=3)
-    with pytest.raises(VitoptError, match="not supported"):
-        family_of(v2)
+    assert family_of(v2).name == "swinv2"                  # its own family (tests/test_swinv2.py), not Swin v1's
     model = make()
     model.layers[0].blocks[0].norm1 = torch.nn.BatchNorm1d(32)
     with pytest.raises(VitoptError, match="layers.0.blocks.0.norm1"):

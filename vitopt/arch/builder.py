@@ -37,6 +37,7 @@ class StructureBuilder:
         self.chokes: dict[str, list[ChokePoint]] = {}
         self.norms: dict[str, list[str]] = {}
         self.norm_factors: dict[str, tuple[Factor, ...]] = {}
+        self.units: dict[str, list[str]] = {}
 
     def group(self, name: str, kind: str, size: int, *, block: int | None = None,
               stage: int | None = None) -> Factor:
@@ -83,6 +84,11 @@ class StructureBuilder:
         """Add a choke point of ``group`` at ``module``'s ``side`` (``"input"``/``"output"``) laid out as ``factors``."""
         self.chokes[group].append(ChokePoint(module, side, tuple(factors)))
 
+    def unit_choke(self, group: str, module: str, side: str, unit: int) -> None:
+        """Add a choke point of a whole-module group (``blocks``) that scales ``module``'s ``side`` by unit ``unit``."""
+        self.chokes[group].append(ChokePoint(module, side, (), unit=unit))
+
     def build(self) -> Structure:
         """The :class:`Structure` of everything declared."""
-        return Structure(self.family, self.groups, self.layouts, self.chokes, self.norms, self.norm_factors)
+        return Structure(self.family, self.groups, self.layouts, self.chokes, self.norms, self.norm_factors,
+                         units=self.units)

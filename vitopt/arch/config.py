@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from vitopt.arch.families import family_of, get_family
+from vitopt.arch.structure import KEPT_UNITS_ATTR
 from vitopt.arch.token_selector import attach_token_selector
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_json, load_weights, read_json, save_weights
 
 __all__ = ["ArchConfig", "create_model", "arch_of", "resize_to", "save", "save_pruned", "load_pruned", "set_param",
-           "set_preprocessing", "preprocessing_of", "PREPROCESSING_KEYS", "ARCH_FILE", "WEIGHTS_FILE"]
+           "set_preprocessing", "preprocessing_of", "PREPROCESSING_KEYS", "ARCH_FILE", "WEIGHTS_FILE", "drop_units",
+           "KEPT_UNITS_ATTR"]
 
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -39,6 +41,7 @@ PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", 
                       "class_names")
 #: where the record sits in ``model.pretrained_cfg`` besides timm's own keys.
 _CFG_KEY = "vitopt_preprocessing"
+
 
 
 @dataclass
@@ -60,10 +63,13 @@ class ArchConfig:
     token_selector: dict[str, int] | None = None
     #: input preprocessing and class names (:data:`PREPROCESSING_KEYS`, see :func:`set_preprocessing`), or None.
     preprocessing: dict[str, Any] | None = None
+    #: depth pruning: group (``"blocks"``) -> indices of the kept blocks in the model ``model_kwargs`` build,
+    #: e.g. ``{"blocks": [0, 1, 2, 4, 5, 7]}``; None when no block was removed.
+    kept_units: dict[str, list[int]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {"format_version": FORMAT_VERSION, **asdict(self)}
-        for key in ("token_selector", "preprocessing"):
+        for key in ("token_selector", "preprocessing", "kept_units"):
             if out[key] is None:                # files without them stay as before
                 del out[key]
         return out
@@ -78,7 +84,9 @@ class ArchConfig:
                        token_selector=({str(k): int(v) for k, v in obj["token_selector"].items()}
                                        if obj.get("token_selector") is not None else None),
                        preprocessing=(_check_preprocessing(obj["preprocessing"])
-                                      if obj.get("preprocessing") is not None else None))
+                                      if obj.get("preprocessing") is not None else None),
+                       kept_units=({str(k): [int(i) for i in v] for k, v in obj["kept_units"].items()}
+                                   if obj.get("kept_units") is not None else None))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise VitoptError(f"{where} is not a vitopt architecture file (missing or bad field: {exc}).") from None
 
@@ -208,25 +216,87 @@ def _record_input_size(model: nn.Module, img_size: Any) -> None:
     model.pretrained_cfg = cfg
 
 
-def arch_of(model: nn.Module, model_name: str, model_kwargs: dict[str, Any] | None = None) -> ArchConfig:
-    """The :class:`ArchConfig` of a live model (its current dims)."""
+def arch_of(model: nn.Module, model_name: str, model_kwargs: dict[str, Any] | None = None, *,
+            kept_units: bool = True) -> ArchConfig:
+    """The :class:`ArchConfig` of a live model (its current dims).
+
+    ``kept_units``: record which blocks a depth prune kept (:data:`KEPT_UNITS_ATTR`), relative to the model
+    ``model_kwargs`` build; pass False when ``model_kwargs`` already describe the current depth.
+    """
     fam = family_of(model)
     selector = getattr(model, "token_selector", None)
+    kept = getattr(model, KEPT_UNITS_ATTR, None) if kept_units else None
     return ArchConfig(fam.name, model_name, dict(model_kwargs or {}), fam.read_dims(model),
-                      selector.config() if selector is not None else None, preprocessing_of(model))
+                      selector.config() if selector is not None else None, preprocessing_of(model),
+                      {g: list(v) for g, v in kept.items()} if kept else None)
 
 
-def resize_to(model: nn.Module, dims: dict[str, int]) -> nn.Module:
+def drop_units(model: nn.Module, group: str, keep: Sequence[int]) -> None:
+    """Depth surgery: keep only the units ``keep`` (sorted indices) of a whole-module group, in place.
+
+    The group's container (``model.blocks``, an ``nn.Sequential`` or ``nn.ModuleList`` named like the
+    group) is replaced by one holding the kept units in order, so the residual stream passes straight
+    through where a block was (pre-norm blocks: ``x + f(x)`` with ``f`` gone is ``x``). The kept indices,
+    composed with earlier drops, are recorded on the model (:data:`KEPT_UNITS_ATTR`) for ``arch.json``, and
+    ``model.feature_info`` entries naming the units are renumbered (timm's ``features_only`` metadata).
+
+    Raises:
+        VitoptError: the group is not a Sequential/ModuleList of the model, or ``keep`` is empty or out of range.
+    """
+    container = model.get_submodule(group)
+    if not isinstance(container, (nn.Sequential, nn.ModuleList)):
+        raise VitoptError(f"depth pruning: {group} is a {type(container).__name__}, not an nn.Sequential or "
+                          "nn.ModuleList of blocks.")
+    old = len(container)
+    keep = [int(i) for i in keep]
+    if not keep or min(keep) < 0 or max(keep) >= old or len(set(keep)) != len(keep):
+        raise VitoptError(f"depth pruning: keep {keep} of {group} must be unique indices in [0, {old}), at least one.")
+    mods = [container[i] for i in keep]
+    new = nn.Sequential(*mods) if isinstance(container, nn.Sequential) else nn.ModuleList(mods)
+    owner, _, leaf = group.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, leaf, new)
+    record = dict(getattr(model, KEPT_UNITS_ATTR, None) or {})
+    prev = record.get(group, list(range(old)))
+    record[group] = [prev[i] for i in keep]
+    setattr(model, KEPT_UNITS_ATTR, record)
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and all(isinstance(e, dict) for e in info):
+        where = {f"{group}.{i}": j for j, i in enumerate(keep)}
+        units = {f"{group}.{i}" for i in range(old)}
+        model.feature_info = [{**e, "module": f"{group}.{where[e.get('module')]}"} if e.get("module") in where else e
+                              for e in info if e.get("module") not in units or e.get("module") in where]
+
+
+def resize_to(model: nn.Module, dims: dict[str, int], kept_units: dict[str, list[int]] | None = None) -> nn.Module:
     """Resize every coupled parameter of ``model`` to ``dims`` (new, uninitialised storage) in place.
 
     Used to rebuild a pruned model before loading its weights; values are NOT preserved (use
-    :func:`vitopt.arch.surgery.apply_plan` to keep values).
+    :func:`vitopt.arch.surgery.apply_plan` to keep values). A whole-module group (``blocks``) smaller in
+    ``dims`` than in the model first drops the blocks not in ``kept_units[group]`` (from ``arch.json``),
+    or the last blocks when that record is absent or does not fit.
 
     Raises:
-        VitoptError: ``dims`` names groups the model does not have.
+        VitoptError: ``dims`` names groups the model does not have, or more blocks than it has.
     """
     fam = family_of(model)
     structure = fam.structure(model)
+    for group, paths in structure.units.items():
+        n = dims.get(group)
+        recorded = (kept_units or {}).get(group)
+        if n is not None and n == len(paths) and recorded is not None and len(recorded) == n:
+            # the skeleton already holds exactly the kept blocks (kwargs read back): keep their provenance
+            setattr(model, KEPT_UNITS_ATTR, {**(getattr(model, KEPT_UNITS_ATTR, None) or {}), group: list(recorded)})
+            continue
+        if n is None or n == len(paths):
+            continue
+        if not 1 <= n < len(paths):
+            raise VitoptError(f"architecture has {n} units in {group!r} but the model built from its kwargs has "
+                              f"{len(paths)}.")
+        keep = (kept_units or {}).get(group)
+        if keep is None or len(keep) != n or len(set(keep)) != n or min(keep) < 0 or max(keep) >= len(paths):
+            keep = list(range(n))
+        drop_units(model, group, sorted(keep))
+        structure = fam.structure(model)
     unknown = set(dims) - set(structure.groups)
     if unknown:
         raise VitoptError(f"architecture names groups this model does not have: {sorted(unknown)[:5]}.")
@@ -248,14 +318,15 @@ def set_param(model: nn.Module, name: str, value: torch.Tensor, requires_grad: b
 
 
 def save_pruned(model: nn.Module, directory: str | Path, model_name: str,
-                model_kwargs: dict[str, Any] | None = None) -> ArchConfig:
+                model_kwargs: dict[str, Any] | None = None, *, kept_units: bool = True) -> ArchConfig:
     """Write ``arch.json`` and ``model.safetensors`` for ``model`` into ``directory`` (atomically).
 
-    ``arch.json`` includes the model's preprocessing record (:func:`preprocessing_of`) when it has one.
-    Returns the ArchConfig written.
+    ``arch.json`` includes the model's preprocessing record (:func:`preprocessing_of`) when it has one,
+    and the kept blocks of a depth prune relative to the model ``model_kwargs`` build (``kept_units``,
+    see :func:`arch_of`). Returns the ArchConfig written.
     """
     directory = Path(directory)
-    arch = arch_of(model, model_name, model_kwargs)
+    arch = arch_of(model, model_name, model_kwargs, kept_units=kept_units)
     save_weights(directory / WEIGHTS_FILE, model.state_dict(), metadata={"format": "pt", "vitopt": "1"})
     atomic_write_json(directory / ARCH_FILE, arch.to_json())
     return arch
@@ -287,9 +358,9 @@ def save(model: nn.Module, directory: str | Path, *, model_name: str | None = No
         raise VitoptError("vitopt.save needs model_name= (the timm model name): the model has no "
                           "pretrained_cfg['architecture'].")
     if model_kwargs is None:
-        kwargs = fam.constructor_kwargs(model)
+        kwargs = fam.constructor_kwargs(model)      # a depth-pruned model: the skeleton holding its kept blocks
         try:
-            rebuilt = resize_to(create_model(name, kwargs), fam.read_dims(model))
+            rebuilt = resize_to(create_model(name, kwargs), fam.read_dims(model), getattr(model, KEPT_UNITS_ATTR, None))
             ok = ({k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
                   == {k: tuple(v.shape) for k, v in model.state_dict().items()})
         except (VitoptError, TypeError, ValueError, AssertionError, RuntimeError):
@@ -322,7 +393,7 @@ def load_pruned(path: str | Path) -> nn.Module:
     arch = ArchConfig.from_json(read_json(directory / ARCH_FILE, "architecture file"), str(directory / ARCH_FILE))
     get_family(arch.family)
     model = create_model(arch.model_name, arch.model_kwargs)
-    resize_to(model, arch.dims)
+    resize_to(model, arch.dims, arch.kept_units)
     if arch.token_selector is not None:        # SViTE+ selector: re-attach before loading its weights
         attach_token_selector(model, **arch.token_selector)
     state = load_weights(directory / WEIGHTS_FILE)

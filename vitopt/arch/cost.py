@@ -3,7 +3,8 @@
 Allocation prices candidate architectures thousands of times, so costs are closed-form:
 
 * params: every parameter's element count scales with the factors its coupled axes carry
-  (from the Structure's layouts), so ``params(dims)`` is exact for any dims;
+  (from the Structure's layouts), so ``params(dims)`` is exact for any dims; the parameters of a
+  removed block (depth, :func:`vitopt.arch.structure.removed_units`) are not counted;
 * MACs: the family's closed form (matmuls and convolutions only; FLOPs = 2 x MACs, the convention of
   fvcore and ``torch.utils.flop_counter``).
 
@@ -17,7 +18,7 @@ import math
 from torch import nn
 
 from vitopt.arch.families import family_of
-from vitopt.arch.structure import Structure
+from vitopt.arch.structure import Structure, removed_units
 
 __all__ = ["CostModel", "structure_of"]
 
@@ -44,15 +45,33 @@ class CostModel:
         shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         self._fixed = sum(math.prod(s) for n, s in shapes.items() if n not in coupled)
         self._coupled = [(shapes[n], lays) for n, lays in coupled.items()]
+        self._units = self.structure.units
+        # unit path -> (fixed params under it, [(shape, layouts)] coupled params under it), for depth
+        self._in_unit: dict[str, tuple[int, list]] = {}
+        for paths in self._units.values():
+            for u in paths:
+                under = [n for n in shapes if n.startswith(u + ".")]
+                self._in_unit[u] = (sum(math.prod(shapes[n]) for n in under if n not in coupled),
+                                    [(shapes[n], coupled[n]) for n in under if n in coupled])
 
-    def params(self, dims: dict[str, int]) -> int:
-        """Number of parameters at ``dims`` (groups absent from ``dims`` keep their current size)."""
-        total = self._fixed
-        for shape, lays in self._coupled:
+    @staticmethod
+    def _count(coupled: list, dims: dict[str, int]) -> int:
+        total = 0
+        for shape, lays in coupled:
             shape = list(shape)
             for lay in lays:
                 shape[lay.axis] = lay.new_length(dims)
             total += math.prod(shape)
+        return total
+
+    def params(self, dims: dict[str, int]) -> int:
+        """Number of parameters at ``dims`` (groups absent from ``dims`` keep their current size; the
+        parameters of removed blocks, :func:`~vitopt.arch.structure.removed_units`, are not counted)."""
+        total = self._fixed + self._count(self._coupled, dims)
+        if self._units:
+            for u in removed_units(self._units, {**self.base_dims, **dims}):
+                fixed, coupled = self._in_unit[u]
+                total -= fixed + self._count(coupled, dims)
         return total
 
     def macs(self, dims: dict[str, int]) -> int:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vitopt.arch.hooks import ScalerHandle, attach_scalers
-from vitopt.arch.structure import AxisLayout, Structure
+from vitopt.arch.structure import Structure
 
 __all__ = ["UnitGates"]
 
@@ -119,7 +119,7 @@ class UnitGates(nn.Module):
                 lin = model.get_submodule(choke.module)
                 if not isinstance(lin, nn.Linear):
                     raise TypeError(f"cannot fold a gate into {choke.module} ({type(lin).__name__})")
-                mult = AxisLayout(choke.module, -1, choke.factors).expand({g: gate}).to(lin.weight)
+                mult = choke.multiplier(g, gate).to(lin.weight)
                 if choke.side == "input":
                     lin.weight.mul_(mult[None, :])
                 else:

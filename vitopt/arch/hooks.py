@@ -46,7 +46,7 @@ class ScalerHandle:
 
 
 def _multiplier(choke: ChokePoint, group: str, value: torch.Tensor) -> torch.Tensor:
-    return AxisLayout(choke.module, -1, choke.factors).expand({group: value})
+    return choke.multiplier(group, value)
 
 
 def _scale_hook(choke: ChokePoint, group: str, value: torch.Tensor):
@@ -129,8 +129,11 @@ def attach_scalers(model: nn.Module, structure: Structure, values: dict[str, tor
 
 
 # ------------------------------------------------------------------------------------ replica masks
-def _replica_multiplier(factors, group: str, masks: torch.Tensor) -> torch.Tensor:
-    """[R, L] per-replica multiplier: row r is the outer-product expansion of ``masks[r]`` over ``factors``."""
+def _replica_multiplier(factors, group: str, masks: torch.Tensor, unit: int | None = None) -> torch.Tensor:
+    """[R, L] per-replica multiplier: row r is the outer-product expansion of ``masks[r]`` over ``factors``;
+    for a unit choke point (``unit`` given, depth) ``[R, 1]``: replica r's value of that unit."""
+    if unit is not None:
+        return masks[:, unit:unit + 1]
     R = masks.shape[0]
     out = torch.ones(R, 1, dtype=masks.dtype, device=masks.device)
     for g, size in factors:
@@ -140,24 +143,24 @@ def _replica_multiplier(factors, group: str, masks: torch.Tensor) -> torch.Tenso
 
 
 def _per_replica(x: torch.Tensor, mult: torch.Tensor, where: str) -> torch.Tensor:
-    """Multiply ``x`` [R*B, ..., L] by ``mult`` [R, L], replica r being rows r*B..(r+1)*B-1."""
+    """Multiply ``x`` [R*B, ..., L] by ``mult`` [R, L] (or [R, 1], broadcast), replica r being rows r*B..(r+1)*B-1."""
     R, L = mult.shape
-    if x.shape[0] % R != 0 or x.shape[-1] != L:
+    if x.shape[0] % R != 0 or L not in (1, x.shape[-1]):
         raise ValueError(f"{where}: tensor of shape {tuple(x.shape)} cannot be split into {R} replicas "
                          f"with last dim {L}; the batch must be the input replicated R times (R-major).")
-    return (x.reshape(R, -1, L) * mult[:, None, :].to(x.dtype)).reshape(x.shape)
+    return (x.reshape(R, -1, x.shape[-1]) * mult[:, None, :].to(x.dtype)).reshape(x.shape)
 
 
 def _replica_scale_hook(choke: ChokePoint, group: str, masks: torch.Tensor):
     if choke.side == "input":
         def pre_hook(module, args):
             x = args[0]
-            mult = _replica_multiplier(choke.factors, group, masks.to(device=x.device, dtype=x.dtype))
+            mult = _replica_multiplier(choke.factors, group, masks.to(device=x.device, dtype=x.dtype), choke.unit)
             return (_per_replica(x, mult, choke.module),) + tuple(args[1:])
         return "pre", pre_hook
 
     def hook(module, args, out):
-        mult = _replica_multiplier(choke.factors, group, masks.to(device=out.device, dtype=out.dtype))
+        mult = _replica_multiplier(choke.factors, group, masks.to(device=out.device, dtype=out.dtype), choke.unit)
         return _per_replica(out, mult, choke.module)
     return "post", hook
 

@@ -49,6 +49,7 @@ import numpy as np
 from torch import nn
 
 from vitopt.arch.families import family_of
+from vitopt.arch.structure import KEPT_UNITS_ATTR, removed_units
 from vitopt.errors import VitoptError
 from vitopt.io import atomic_write_json, read_json
 
@@ -251,7 +252,8 @@ class LatencyTable:
         """Predicted whole-model latency at ``dims``, ms per call of ``batch_size`` images.
 
         Sum over the ``depth`` blocks of :meth:`block_latency_ms` at ``(D, heads_i * head_dim_i,
-        mlp_i)`` plus :meth:`stem_latency_ms` at ``D``. Non-decreasing in every coordinate
+        mlp_i)`` plus :meth:`stem_latency_ms` at ``D``; blocks removed at ``dims`` (depth,
+        :func:`vitopt.arch.structure.removed_units`) are skipped. Non-decreasing in every coordinate
         (monotone-repaired grid, trilinear weights, clamping).
 
         Args:
@@ -264,7 +266,10 @@ class LatencyTable:
         try:
             D = dims["embed"]
             total = self.stem_latency_ms(D)
+            gone = removed_units({"blocks": [f"blocks.{i}" for i in range(self.depth)]}, dims)
             for i in range(self.depth):
+                if f"blocks.{i}" in gone:                 # depth: a removed block costs nothing
+                    continue
                 p = f"blocks.{i}."
                 total += self.block_latency_ms(D, dims[p + "heads"] * dims[p + "head_dim"], dims[p + "mlp"])
         except KeyError as exc:
@@ -344,7 +349,10 @@ def cost_fn(table: LatencyTable, model: nn.Module) -> Callable[[dict[str, int]],
     CVPR 2023) and HALP (Shen et al., NeurIPS 2022).
 
     Args:
-        table: a LUT measured for this model (or one with the same token count and depth).
+        table: a LUT measured for this model (or one with the same token count and depth), or for the
+            model it was depth-pruned from: a model whose kept blocks are recorded (``vitopt_kept_units``,
+            see :func:`vitopt.arch.config.drop_units`) within the table's depth is priced with the table's
+            blocks beyond its own depth removed (a block's latency depends on its widths, not its index).
         model: the timm VisionTransformer being pruned.
 
     Returns:
@@ -356,11 +364,13 @@ def cost_fn(table: LatencyTable, model: nn.Module) -> Callable[[dict[str, int]],
     """
     fam = family_of(model)
     n, depth = fam.num_tokens(model), len(model.blocks)
-    if table.num_tokens != n or table.depth != depth:
+    kept = (getattr(model, KEPT_UNITS_ATTR, None) or {}).get("blocks")
+    cut_from_table = bool(kept) and len(kept) == depth and table.depth > max(kept)
+    if table.num_tokens != n or (table.depth != depth and not cut_from_table):
         raise VitoptError(f"the latency table was measured for {table.depth} blocks at {table.num_tokens} tokens, "
                           f"but the model has {depth} blocks at {n} tokens; measure a table for this model "
                           "(vitopt measure-lut).")
-    base = fam.read_dims(model)
+    base = {**fam.read_dims(model), **{f"blocks.{i}": 0 for i in range(depth, table.depth)}}
 
     def cost(dims: dict[str, int]) -> float:
         return table.latency_ms({**base, **dims})

@@ -45,6 +45,17 @@ class KeepPlan:
         """Group sizes after the plan is applied (all groups of ``structure``)."""
         return {g: len(self.keep[g]) if g in self.keep else grp.size for g, grp in structure.groups.items()}
 
+    def cost_dims(self, structure: Structure) -> dict[str, int]:
+        """:meth:`dims` plus, for depth, ``unit path -> 0`` for every removed block (``"blocks.3": 0``), the
+        key convention of :func:`vitopt.arch.structure.removed_units`: what a cost model needs to price
+        *which* blocks go, not only how many."""
+        out = self.dims(structure)
+        for g, paths in structure.units.items():
+            if g in self.keep:
+                kept = set(self.keep[g])
+                out.update({p: 0 for i, p in enumerate(paths) if i not in kept})
+        return out
+
     def masks(self, structure: Structure) -> dict[str, torch.Tensor]:
         """group -> float 0/1 mask of shape [group size], for the groups in the plan."""
         out = {}

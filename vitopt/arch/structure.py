@@ -28,10 +28,19 @@ import torch
 
 from vitopt.errors import VitoptError
 
-__all__ = ["Group", "AxisLayout", "ChokePoint", "Structure", "Factor", "GROUP_KINDS"]
+__all__ = ["Group", "AxisLayout", "ChokePoint", "Structure", "Factor", "GROUP_KINDS", "UNIT_KINDS", "removed_units",
+           "KEPT_UNITS_ATTR", "skeleton_depth"]
 
-#: The kinds of group a family may declare, in the order tables print them.
-GROUP_KINDS = ("embed", "heads", "head_dim", "mlp")
+#: The kinds of group a family may declare, in the order tables print them. ``blocks`` is depth: one
+#: unit per transformer block (see :attr:`Structure.units`).
+GROUP_KINDS = ("embed", "heads", "head_dim", "mlp", "blocks")
+
+#: Group kinds whose units are whole modules (removed from their container by surgery, not sliced).
+UNIT_KINDS = ("blocks",)
+
+#: attribute of a depth-pruned model: group -> indices of its kept units (blocks) in the model it was cut
+#: from (set by :func:`vitopt.arch.config.drop_units`, written to ``arch.json`` as ``kept_units``).
+KEPT_UNITS_ATTR = "vitopt_kept_units"
 
 #: One factor of an axis: (group name, size), or (None, size) for a fixed factor that is never pruned
 #: (e.g. the 3 of q/k/v in a fused qkv projection).
@@ -128,11 +137,23 @@ class ChokePoint:
         side: ``"input"`` (multiply the module's first positional input along its last dim) or
             ``"output"`` (multiply its output along the last dim).
         factors: layout of that last dim, as in :class:`AxisLayout`.
+        unit: for a group whose units are whole modules (kind ``blocks``): the one unit this choke
+            point belongs to; the module's input/output is then multiplied by that unit's value alone
+            (a scalar, broadcast), and ``factors`` is unused. None for width groups.
     """
 
     module: str
     side: Literal["input", "output"]
     factors: tuple[Factor, ...]
+    unit: int | None = None
+
+    def multiplier(self, group: str, value: torch.Tensor) -> torch.Tensor:
+        """What the choke point multiplies into the last dim: ``value`` (shape ``[group size]``) expanded
+        over :attr:`factors` (shape ``[L]``), or, for a unit choke point, ``value[unit]`` as shape ``[1]``
+        (broadcast over the last dim)."""
+        if self.unit is not None:
+            return value[self.unit:self.unit + 1]
+        return AxisLayout(self.module, -1, self.factors).expand({group: value})
 
 
 @dataclass
@@ -153,6 +174,12 @@ class Structure:
             not just its group's units. Swin's PatchMerging norm spans ``4 x C`` channels of the
             previous stage, ``((None, 4), ("layers.0.embed", C))``. A LayerNorm absent from this map
             normalises exactly the units of the group it is listed under in ``norms``.
+        units: for a group whose units are whole modules (kind ``blocks``, depth pruning): the dotted
+            path of each unit's module, in unit order. The group's name is the path of the
+            ``nn.Sequential`` / ``nn.ModuleList`` holding them and unit ``i`` is ``f"{group}.{i}"``
+            (``"blocks.3"``). Surgery removes dropped units from the container (the residual stream
+            passes through: a removed block is the identity); costs price removed units by the key
+            convention of :func:`removed_units`.
     """
 
     family: str
@@ -161,6 +188,7 @@ class Structure:
     chokes: dict[str, list[ChokePoint]] = field(default_factory=dict)
     norms: dict[str, list[str]] = field(default_factory=dict)
     norm_factors: dict[str, tuple[Factor, ...]] = field(default_factory=dict)
+    units: dict[str, list[str]] = field(default_factory=dict)
     #: the :class:`vitopt.arch.cost.CostModel` of the model this Structure describes, set by
     #: :func:`vitopt.arch.cost.structure_of` (``vitopt.structure``); None for a bare family Structure.
     cost_model: Any = field(default=None, repr=False, compare=False)
@@ -237,3 +265,41 @@ class Structure:
         head = (f"Structure(family={self.family!r}, {len(self.groups)} groups: "
                 + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
         return head + "\n" + self.table()
+
+
+def removed_units(units: dict[str, list[str]], dims: dict[str, int]) -> set[str]:
+    """Module paths of the whole-module units (kind ``blocks``) removed at ``dims``.
+
+    The cost convention for depth: ``dims[path] == 0`` marks unit ``path`` removed (``{"blocks": 10,
+    "blocks.3": 0, "blocks.7": 0}``); allocation and :meth:`vitopt.arch.plan.KeepPlan.cost_dims` name
+    the removed units this way, because which blocks go matters once blocks differ in width. When
+    ``dims[group]`` is smaller than the number of units not marked, the last unmarked units are removed
+    too (count-only dims, e.g. ``Structure.unit_costs``: one block less prices the last block).
+
+    Args:
+        units: ``Structure.units`` (group -> unit module paths).
+        dims: group sizes, optionally with unit keys.
+
+    Returns:
+        The removed unit paths (empty when ``dims`` removes none).
+    """
+    out: set[str] = set()
+    for group, paths in units.items():
+        kept = [p for p in paths if dims.get(p, 1) != 0]
+        out.update(p for p in paths if dims.get(p, 1) == 0)
+        extra = len(kept) - int(dims.get(group, len(paths)))
+        if extra > 0:
+            out.update(kept[len(kept) - extra:])
+    return out
+
+
+def skeleton_depth(model: Any, group: str, current: int) -> int:
+    """Blocks a rebuilt skeleton needs in ``group`` so that every kept block sits at its original index.
+
+    ``current`` (the blocks the model has) when it was never depth-pruned, else ``max(kept) + 1``: the
+    smallest model whose blocks ``kept`` are the ones this model kept. Families use it in
+    ``constructor_kwargs`` so that position-dependent blocks (Swin's shifted windows alternate by index)
+    come back at their positions; loading then drops the others (:func:`vitopt.arch.config.resize_to`).
+    """
+    kept = (getattr(model, KEPT_UNITS_ATTR, None) or {}).get(group)
+    return int(max(kept)) + 1 if kept else int(current)

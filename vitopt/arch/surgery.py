@@ -4,7 +4,9 @@ Generic over the family's Structure: each parameter axis is index-selected by th
 factors' kept indices, then the family updates module attributes (``num_heads``, ``head_dim``,
 ``attn_dim``, ``in/out_features``, ``embed_dim``...) and folds constants that depend on the dims
 (the attention scale of a head_dim prune, invariant 2 of ``docs/architecture.md``). The result is the
-same timm class, smaller, and equal to the hard-masked model (invariant 1).
+same timm class, smaller, and equal to the hard-masked model (invariant 1). Whole-module groups
+(``blocks``, depth) are applied last: the dropped blocks leave their container and the kept ones are
+renumbered (``blocks.0 .. blocks.k-1``), so group names of a depth-pruned model refer to its new blocks.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import copy
 import torch
 from torch import nn
 
-from vitopt.arch.config import set_param
+from vitopt.arch.config import drop_units, set_param
 from vitopt.arch.families import family_of
 from vitopt.arch.plan import KeepPlan
+from vitopt.errors import VitoptError
 
 __all__ = ["apply_plan"]
 
@@ -38,11 +41,16 @@ def apply_plan(model: nn.Module, plan: KeepPlan, *, inplace: bool = False) -> nn
         itself when ``inplace``). Its training flag and device are those of ``model``.
 
     Raises:
-        VitoptError: unsupported model, or a plan that names unknown groups / empties a group.
+        VitoptError: unsupported model, a plan that names unknown groups / empties a group, or removes
+            blocks of a model with an SViTE+ token selector.
     """
     fam = family_of(model)
     structure = fam.structure(model)
     plan.validate(structure)
+    drops = [g for g in structure.units if g in plan.keep and len(plan.keep[g]) < structure.groups[g].size]
+    if drops and getattr(model, "token_selector", None) is not None:
+        raise VitoptError("depth pruning of a model with an SViTE+ token selector (model.token_selector, hooked "
+                          f"after block {model.token_selector.after_block}) is not supported; prune width only.")
     if not inplace:
         model = copy.deepcopy(model)
     keep = plan.tensors()
@@ -59,4 +67,6 @@ def apply_plan(model: nn.Module, plan: KeepPlan, *, inplace: bool = False) -> nn
             value = value.index_select(lay.axis, lay.index(keep).to(value.device))
         set_param(model, name, value.contiguous(), p.requires_grad)
     fam.set_dims(model, new_dims)
+    for group in drops:                           # depth last: set_dims above uses the old block names
+        drop_units(model, group, keep[group].tolist())
     return model

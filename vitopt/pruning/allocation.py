@@ -15,6 +15,14 @@ Kept counts are multiples of ``round_to[kind]`` (or the group's full size) and a
 ``min_keep[kind]``. ``rank="score"`` replaces the cost-normalised ranking by a global threshold on
 raw scores (an option for scores that already weigh each unit's cost, such as the ``search``
 criterion's gates; not the default anywhere).
+
+Depth (``blocks`` groups, one unit per transformer block) competes in the same ranking: a kept count
+``k`` of a blocks group means its ``k`` highest-scored blocks stay (as :meth:`KeepPlan.from_scores`
+picks them), and the cost function is told which blocks go (``"blocks.3": 0``, see
+:func:`vitopt.arch.structure.removed_units`), so a block is priced at its own current width in FLOPs,
+params or LUT milliseconds, and one budget is met by width, depth or both (as MDP, Sun et al.,
+"Multidimensional Vision Model Pruning with Latency Constraint", CVPR 2025, prunes both under one
+latency budget).
 """
 
 from __future__ import annotations
@@ -35,8 +43,8 @@ from vitopt.errors import VitoptError
 __all__ = ["allocate", "allocate_budget", "RoundRule", "parse_target", "Target", "allowed_sizes", "DEFAULT_ROUND_TO",
            "TARGET_METRICS"]
 
-#: Default rounding of kept counts per group kind (8 for dims, heads by one: tensor-core multiples).
-DEFAULT_ROUND_TO = {"heads": 1, "head_dim": 8, "mlp": 8, "embed": 8}
+#: Default rounding of kept counts per group kind (8 for dims, heads and blocks by one: tensor-core multiples).
+DEFAULT_ROUND_TO = {"heads": 1, "head_dim": 8, "mlp": 8, "embed": 8, "blocks": 1}
 
 
 #: how a kind's kept counts are rounded: a multiple (int), an explicit set of allowed sizes, or a
@@ -150,6 +158,7 @@ def allocate_budget(structure: Structure, scores: Mapping[str, torch.Tensor], co
         raise VitoptError(f"unknown allocation compare {compare!r} (known: {', '.join(COMPARE)}).")
     groups = structure.groups
     scores = {g: torch.as_tensor(v).double().cpu() for g, v in scores.items()}
+    cost = _pricing_units(structure, scores, cost)
     ladders = _ladders(structure, list(scores), round_to, min_keep, min_fraction)
     base = structure.sizes()
     floor_dims = {**base, **{g: lad[-1] for g, lad in ladders.items()}}
@@ -171,6 +180,26 @@ def allocate_budget(structure: Structure, scores: Mapping[str, torch.Tensor], co
         value = _normalise(scores, kinds, base, cost) if compare == "normalized" else scores
         sizes = _fill(value, ladders, {**base, **sizes}, cost, budget)
     return KeepPlan.from_scores(scores, sizes)
+
+
+def _pricing_units(structure: Structure, scores: Mapping[str, torch.Tensor],
+                   cost: Callable[[dict[str, int]], float]) -> Callable[[dict[str, int]], float]:
+    """``cost`` told which blocks a kept count removes: for each scored whole-module group (``blocks``) with
+    count ``k``, every unit outside its ``k`` best-scored ones (the order :meth:`KeepPlan.from_scores` keeps)
+    is passed as ``path: 0``. Returns ``cost`` itself when no such group is scored."""
+    unit_groups = {g: structure.units[g] for g in scores if g in structure.units}
+    if not unit_groups:
+        return cost
+    order = {g: torch.argsort(-scores[g].double(), stable=True).tolist() for g in unit_groups}
+
+    def priced(dims: dict[str, int]) -> float:
+        d = dict(dims)
+        for g, paths in unit_groups.items():
+            for i in order[g][int(d.get(g, len(paths))):]:
+                d[paths[i]] = 0
+        return cost(d)
+
+    return priced
 
 
 def _ladders(structure: Structure, names: list[str], round_to: Mapping[str, RoundRule] | None,

@@ -19,21 +19,26 @@ from torch import nn
 from vitopt.arch.cost import structure_of
 from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
-from vitopt.pruning.criteria import get_criterion
+from vitopt.pruning.criteria import CRITERIA, get_criterion
 from vitopt.pruning.criteria.base import Batches, Scores
 
 __all__ = ["importance", "select_groups", "default_groups", "as_batches", "DEFAULT_GROUPS"]
 
 #: group kinds pruned when none are named: the residual width (embed), attention heads, per-head dims and
 #: MLP hidden neurons. A criterion that can only price some kinds (``gate``: the kinds its gates cover)
-#: gets those of them it can price (:func:`default_groups`).
+#: gets those of them it can price (:func:`default_groups`). Depth (``blocks``) is opt-in: name it
+#: (``groups=["blocks", "heads", "mlp"]``), except for ``angular``, which scores nothing else.
 DEFAULT_GROUPS: tuple[str, ...] = ("embed", "heads", "head_dim", "mlp")
 
 
 def default_groups(structure: Structure, criterion: str, gates: dict[str, torch.Tensor] | None = None) -> list[str]:
     """The group kinds pruned when none are named: :data:`DEFAULT_GROUPS` that ``structure`` has and
-    ``criterion`` can price (for criteria that need gates, the kinds of the gated groups)."""
-    kinds = [k for k in DEFAULT_GROUPS if structure.of_kind(k)]
+    ``criterion`` can price (for criteria that need gates, the kinds of the gated groups); for a criterion
+    that prices none of them (``angular``), the kinds it can price."""
+    crit = get_criterion(criterion)
+    kinds = [k for k in DEFAULT_GROUPS if structure.of_kind(k) and k in crit.kinds]
+    if not kinds:
+        return [k for k in sorted(crit.kinds) if structure.of_kind(k)]
     if "gates" in get_criterion(criterion).needs and gates is not None:
         gated = {structure.groups[g].kind for g in gates if g in structure.groups}
         kinds = [k for k in kinds if k in gated]
@@ -103,7 +108,7 @@ def importance(model: nn.Module, criterion: str = "l1", *, groups: Sequence[str]
         model: a timm model of a registered family; left unchanged (criteria restore parameters,
             flags and hooks).
         criterion: a name in :data:`vitopt.pruning.criteria.CRITERIA`: ``l1``, ``gate``, ``taylor``,
-            ``hessian``, ``kl``, ``search``.
+            ``hessian``, ``kl``, ``search``, ``angular`` (blocks only).
         groups: kinds and/or group names (default :func:`default_groups`).
         data: calibration batches for data-driven criteria (see :func:`as_batches`).
         teacher: reference model for ``kl``, ``taylor``/``hessian`` (KD loss) and ``search``.
@@ -118,12 +123,18 @@ def importance(model: nn.Module, criterion: str = "l1", *, groups: Sequence[str]
         higher = more important, with ``.cost`` (passes, images, seconds).
 
     Raises:
-        VitoptError: an unknown criterion or group, missing data or gates the criterion needs, an
-            unknown option, or the criterion's own errors.
+        VitoptError: an unknown criterion or group, a group kind the criterion cannot score (``blocks``
+            with ``l1``/``gate``/``search``, width with ``angular``), missing data or gates the criterion
+            needs, an unknown option, or the criterion's own errors.
     """
     crit = get_criterion(criterion)
     structure = structure if structure is not None else structure_of(model)
     names = select_groups(structure, groups if groups is not None else default_groups(structure, criterion, gates))
+    unscorable = sorted({structure.groups[g].kind for g in names} - crit.kinds)
+    if unscorable:
+        able = sorted(c.name for c in CRITERIA.values() if set(unscorable) <= c.kinds)
+        raise VitoptError(f"criterion {criterion!r} cannot score group kind(s) {', '.join(unscorable)} (it scores "
+                          f"{', '.join(sorted(crit.kinds))}); use {', '.join(able) or 'another criterion'} for them.")
     batches = as_batches(data, max_batches)
     if "data" in crit.needs and not batches:
         raise VitoptError(f"criterion {criterion!r} needs data: pass data= a DataLoader or a list of "

@@ -52,7 +52,9 @@ class PruneResult:
     Attributes:
         model: the pruned model (the same timm class, physically smaller).
         structure_before: the Structure of the model as given (group names and sizes before pruning).
-        dims_before, dims_after: group name -> units before / after.
+        dims_before, dims_after: group name -> units before / after, both in the names of
+            ``structure_before`` (after depth pruning the kept blocks are renumbered; ``dims_after`` maps
+            them back, and gives 0 units to every group of a removed block).
         plans: the KeepPlan of each round (indices relative to the model entering that round).
         rounds: one record per round: ``round``, ``budget`` and ``achieved`` (in the target's
             metric: FLOPs, params or ms; None for a shape), ``criterion_cost`` (the criterion's
@@ -65,6 +67,23 @@ class PruneResult:
     dims_after: dict[str, int]
     plans: list[KeepPlan] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _renames(structure: Structure, plan: KeepPlan) -> dict[str, str | None]:
+    """Group name before ``plan`` -> its name after surgery (None: its block was removed). Depth
+    renumbers the kept units of a whole-module group: ``blocks.5.heads`` becomes ``blocks.3.heads``
+    when blocks 1 and 3 go."""
+    out: dict[str, str | None] = {name: name for name in structure.groups}
+    for g, paths in structure.units.items():
+        kept = plan.keep.get(g)
+        if kept is None or len(kept) == len(paths):
+            continue
+        new_pos = {i: j for j, i in enumerate(sorted(kept))}
+        for name in structure.groups:
+            for i, path in enumerate(paths):
+                if name.startswith(path + "."):
+                    out[name] = f"{g}.{new_pos[i]}{name[len(path):]}" if i in new_pos else None
+    return out
 
 
 def _criterion_options(criterion: str, options: Mapping[str, Any] | None, structure: Structure,
@@ -162,6 +181,12 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
     if groups is None:
         groups = default_groups(structure, criterion, gates)
     result = PruneResult(model, structure, before, before)
+    current = {name: name for name in before}          # original group name -> its name now (None: removed)
+
+    def follow(structure: Structure, plan: KeepPlan) -> None:
+        renames = _renames(structure, plan)
+        for name, now in current.items():
+            current[name] = renames.get(now) if now is not None else None
     if t.metric == "shape":
         names = select_groups(structure, groups)
         sizes = shape_sizes(structure, t.shape, names)
@@ -169,6 +194,7 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
                             structure=structure, **_criterion_options(criterion, criterion_options, structure,
                                                                      None, None))
         plan = KeepPlan.from_scores(scores, sizes)
+        follow(structure, plan)
         apply_plan(model, plan, inplace=True)
         result.plans.append(plan)
         result.rounds.append({"round": 1, "shape": dict(t.shape), "budget": None, "achieved": None,
@@ -193,7 +219,8 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
                 entry["exchange_rates"] = rates
             plan = allocate_budget(structure, ranked, cost, budget, scope=scope, round_to=round_to,
                                    min_keep=min_keep, min_fraction=min_fraction, compare=how, rank=rank, fill=fill)
-            entry["achieved"] = float(cost(plan.dims(structure)))
+            entry["achieved"] = float(cost(plan.cost_dims(structure)))
+            follow(structure, plan)
             apply_plan(model, plan, inplace=True)
             if rnd < n_rounds and recover is not None:
                 model.train(was_training)
@@ -202,7 +229,8 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
             result.plans.append(plan)
             result.rounds.append(entry)
     model.train(was_training)
-    result.dims_after = structure_of(model).sizes()
+    now = structure_of(model).sizes()
+    result.dims_after = {name: now[cur] if cur is not None else 0 for name, cur in current.items()}
     return result
 
 

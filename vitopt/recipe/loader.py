@@ -100,7 +100,8 @@ def recipe_json_schema(choices: Choices | None = None) -> dict:
         defs = schema.get("$defs", {})
         _enum(defs, "PruneStage", "criterion", list(choices.criteria))
         _enum(defs, "PruneStage", "groups", list(choices.group_kinds), items=True)
-        _enum(defs, "SparseTrainStage", "groups", [k for k in choices.group_kinds if k != "embed"], items=True)
+        _enum(defs, "SparseTrainStage", "groups", [k for k in choices.group_kinds if k not in ("embed", "blocks")],
+              items=True)
         _enum(defs, "ValidateStage", "runtimes", list(choices.runtimes), items=True)
     return schema
 

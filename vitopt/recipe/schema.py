@@ -88,8 +88,9 @@ def _group_kind(value: str, info: ValidationInfo) -> str:
 
 
 def _block_kind(value: str, info: ValidationInfo) -> str:
+    """A per-block width kind (sparse training's gates and masks): every group kind but ``embed`` and depth."""
     choices = _choices(info)
-    return _check_choice(value, [k for k in choices.group_kinds if k != "embed"]) if choices else value
+    return _check_choice(value, [k for k in choices.group_kinds if k not in ("embed", "blocks")]) if choices else value
 
 
 def _criterion(value: str, info: ValidationInfo) -> str:
@@ -450,6 +451,8 @@ class Shape(_Config):
     heads: int | None = Field(default=None, ge=1, description="Attention heads to keep in every block.")
     head_dim: int | None = Field(default=None, ge=1, description="Dims per head to keep in every block.")
     mlp: int | None = Field(default=None, ge=1, description="MLP hidden neurons to keep in every block.")
+    blocks: int | None = Field(default=None, ge=1, description="Transformer blocks to keep (depth; the criterion "
+                                                                "picks which; needs a criterion that scores blocks).")
 
 
 class Target(_Config):
@@ -525,7 +528,9 @@ class PruneStage(_StageBase):
     groups: GroupList | None = Field(
         default=None, description="Group kinds to prune; non-empty, no repeats. null: every kind the criterion can "
                                   "price - embed (the residual width, cut consistently as in UP-ViTs), heads, "
-                                  "head_dim and mlp (for 'gate': the kinds its gates cover).")
+                                  "head_dim and mlp (for 'gate': the kinds its gates cover). Depth is opt-in: "
+                                  "add 'blocks' (one unit per transformer block; ViT family) to prune width and "
+                                  "depth under one budget, e.g. [blocks, heads, mlp].")
     compare: Literal["normalized", "isomorphic", "calibrated"] = Field(
         default="calibrated", description="How units of different kinds compete under one budget: 'normalized' (each "
                                           "kind's scores divided by its mean score, times its mean unit cost), "
@@ -540,7 +545,7 @@ class PruneStage(_StageBase):
     round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] | Annotated[
         str, Field(pattern="^auto$")] = Field(
         default=8, description="Kept counts are rounded to multiples of this (tensor-core friendly); an integer "
-                               "applies to every group but heads (heads round to 1), a mapping sets it per group; "
+                               "applies to every group but heads and blocks (they round to 1), a mapping sets it per group; "
                                "'auto' keeps the sizes deploy_target's fused TensorRT kernels accept at "
                                "deploy_precision (vitopt.deploy.kernel_rules).")
     # --- issue 15: kernel-friendly sizes for a deployment target (round_to: auto, LUT target check)
@@ -580,16 +585,16 @@ class PruneStage(_StageBase):
         return self
 
     def round_for(self, group: str) -> int:
-        """Rounding multiple of ``group``: heads 1 and others ``round_to`` unless a mapping names them.
+        """Rounding multiple of ``group``: heads and blocks 1, others ``round_to`` unless a mapping names them.
 
         With ``round_to: auto`` this is the plain default (heads 1, others 8); the prune stage replaces it
         by the kernel rules of ``deploy_target`` (the recipe package imports no deploy code)."""
-        default = 1 if group == "heads" else 8
+        default = 1 if group in ("heads", "blocks") else 8
         if self.round_to == "auto":
             return default
         if isinstance(self.round_to, dict):
             return self.round_to.get(group, default)
-        return 1 if group == "heads" else self.round_to
+        return 1 if group in ("heads", "blocks") else self.round_to
 
     def min_keep_for(self, group: str) -> int:
         """Minimum kept units per block for ``group`` (1 unless ``min_keep`` names it)."""

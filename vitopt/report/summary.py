@@ -157,14 +157,16 @@ def stage_line(record: dict[str, Any]) -> str:
 
 def _blocks_table(record: dict) -> str:
     m = record["metrics"]
-    rows = [[b["block"]] + [f"{b[k]} -> {b[k + '_kept']}" for k in ("heads", "head_dim", "mlp")] for b in m["blocks"]]
+    kinds = [k for k in ("heads", "head_dim", "mlp") if any(k in b for b in m["blocks"])]   # Swin v2 has no head_dim
+    rows = [[b["block"]] + [f"{b[k]} -> {b[k + '_kept']}" if k in b else "-" for k in kinds] for b in m["blocks"]]
     target = m["target"]
     target = ", ".join(f"{k} {v}" for k, v in target.items() if v is not None) if isinstance(target, dict) else f"{target:g}"
     head = (f"### {record['stage']}: criterion `{m['criterion']}`, scope `{m['scope']}`, "
             f"schedule `{m.get('schedule', 'one_shot')}`, target {m['target_metric']} {target} "
             f"-> achieved FLOPs ratio {m['flops_ratio']:.3f}, params ratio {m['params_ratio']:.3f}; "
-            f"embed_dim {m['embed']['before']} -> {m['embed']['after']}\n\n")
-    return head + _table(["block", "heads", "head_dim", "mlp hidden"], rows)
+            f"embed_dim {m['embed']['before']} -> {m['embed']['after']}"
+            + (f", depth {m['depth']['before']} -> {m['depth']['after']}" if m.get("depth") else "") + "\n\n")
+    return head + _table(["block", *[{"mlp": "mlp hidden"}.get(k, k) for k in kinds]], rows)
 
 
 def render_summary(run_dir: str | Path) -> str:

@@ -182,7 +182,8 @@ def structure_table(structure: Structure, after: dict[str, int]) -> list[dict[st
     """Rows ``{block, [stage,] heads, heads_kept, head_dim, head_dim_kept, mlp, mlp_kept}`` per block of any
     family, from the Structure taken before pruning (``Group.block`` counts blocks over the whole model).
 
-    ``after`` maps group name -> kept units; the group names of a model do not change when it is pruned.
+    ``after`` maps group name (of ``structure``) -> kept units; a block removed by depth pruning has 0 kept
+    (:attr:`vitopt.pruning.prune.PruneResult.dims_after` maps renumbered blocks back).
     """
     rows: dict[int, dict[str, int]] = {}
     for g in structure.groups.values():

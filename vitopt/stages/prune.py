@@ -27,7 +27,7 @@ from vitopt.train.loop import evaluate
 __all__ = ["run", "stage_target", "round_to_for"]
 
 
-def _print_table(rows: list[dict], embed: tuple, title: str) -> None:
+def _print_table(rows: list[dict], embed: tuple, title: str, depth: tuple | None = None) -> None:
     table = Table(title=title)
     table.add_column("block", justify="right")
     staged = any("stage" in r for r in rows)
@@ -35,10 +35,10 @@ def _print_table(rows: list[dict], embed: tuple, title: str) -> None:
         table.add_column("stage", justify="right")
     for kind in ("heads", "head_dim", "mlp"):
         table.add_column(kind, justify="right")
-    for r in rows:
+    for r in rows:   # a kind the family has no group of (Swin v2: head_dim) shows "-"
         table.add_row(str(r["block"]), *([str(r["stage"])] if staged else []),
-                      *(f"{r[k]} -> {r[k + '_kept']}" for k in ("heads", "head_dim", "mlp")))
-    table.caption = f"embed_dim {embed[0]} -> {embed[1]}"
+                      *(f"{r[k]} -> {r[k + '_kept']}" if k in r else "-" for k in ("heads", "head_dim", "mlp")))
+    table.caption = f"embed_dim {embed[0]} -> {embed[1]}" + (f", depth {depth[0]} -> {depth[1]}" if depth else "")
     Console().print(table)
 
 
@@ -101,7 +101,9 @@ def run(cfg, state: State, sd: StageDir) -> State:
     before, after, structure_before = result.dims_before, result.dims_after, result.structure_before
     rows = structure_table(structure_before, after)
     embed = (embed_widths(structure_before, before), embed_widths(structure_before, after))
-    _print_table(rows, embed, f"{sd.label}: kept units ({cfg.criterion}, {cfg.scope})")
+    units = list(structure_before.units)      # depth: one blocks group (ViT) or one per stage
+    depth = (sum(before[g] for g in units), sum(after[g] for g in units)) if units else None
+    _print_table(rows, embed, f"{sd.label}: kept units ({cfg.criterion}, {cfg.scope})", depth)
     state.gates = None                         # gates indexed the old dims
     sd.save_model(state)
     val = make_loader(state.data.val, 256, shuffle=False, seed=0, num_workers=state.data.num_workers)
@@ -114,6 +116,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
                **pruned_cost, "flops_ratio": pruned_cost["flops"] / state.dense["flops"],
                "params_ratio": pruned_cost["params"] / state.dense["params"],
                "embed": {"before": embed[0], "after": embed[1]}, "blocks": rows,
+               **({"depth": {"before": depth[0], "after": depth[1]}} if depth else {}),
                "rounds": [{**r, "shape": cfg.target.shape.model_dump()} if cfg.target.metric == "shape" else r
                           for r in result.rounds]}
     state.model.train()

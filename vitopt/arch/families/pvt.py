@@ -14,6 +14,8 @@ fc1 and fc2; each stage ends with its own LayerNorm. Groups, named after the tim
 * ``stages.s.blocks.j.head_dim`` - per-head dims, uniform across the block's heads.
 * ``stages.s.blocks.j.mlp`` - hidden neurons: fc1 rows, the depth-wise conv's channels (its
   ``groups`` follow the hidden width) and fc2 columns.
+* ``stages.s.blocks`` - depth of stage s, one unit per block (``Structure.units``), masked at the
+  block's ``drop_path1`` / ``drop_path2`` outputs; surgery takes the block out of the stage.
 
 timm's PVTv2 ``Attention.forward`` reshapes the attention output to the block's input width ``C``,
 so it assumes heads x head_dim == embed. When a prune makes them differ, :meth:`PvtV2Family.set_dims`
@@ -38,7 +40,7 @@ from timm.models.pvt_v2 import Block, MlpWithDepthwiseConv, PyramidVisionTransfo
 from torch import nn
 
 from vitopt.arch.builder import StructureBuilder, is_layernorm
-from vitopt.arch.structure import Structure
+from vitopt.arch.structure import Structure, removed_units, skeleton_depth
 from vitopt.errors import VitoptError
 
 __all__ = ["PvtV2Family", "PrunedSRAttention", "input_size"]
@@ -130,6 +132,7 @@ class PvtV2Family:
         dims: dict[str, int] = {}
         for s, stage in enumerate(model.stages):
             dims[f"stages.{s}.embed"] = _stage_embed(model, s)
+            dims[f"stages.{s}.blocks"] = len(stage.blocks)
             for j, blk in enumerate(stage.blocks):
                 p = f"stages.{s}.blocks.{j}"
                 dims[f"{p}.heads"] = int(blk.attn.num_heads)
@@ -150,6 +153,9 @@ class PvtV2Family:
         block = 0
         for s, stage in enumerate(model.stages):
             E = b.group(f"stages.{s}.embed", "embed", dims[f"stages.{s}.embed"], stage=s)
+            depth = f"stages.{s}.blocks"
+            b.group(depth, "blocks", dims[depth], stage=s)
+            b.units[depth] = [f"{depth}.{j}" for j in range(len(stage.blocks))]
             pe = "patch_embed" if s == 0 else f"stages.{s}.downsample"
             b.lay(f"{pe}.proj.weight", 0, E)
             if prev is not None:
@@ -186,6 +192,8 @@ class PvtV2Family:
                 b.choke(M[0], f"{p}.mlp.fc2", "input", M)
                 b.choke(E[0], f"{a}.proj", "output", E)
                 b.choke(E[0], f"{p}.mlp.fc2", "output", E)
+                b.unit_choke(depth, f"{p}.drop_path1", "output", j)      # depth: both residual branches
+                b.unit_choke(depth, f"{p}.drop_path2", "output", j)
                 block += 1
             b.ln(f"stages.{s}.norm", E)
             prev = E
@@ -261,14 +269,18 @@ class PvtV2Family:
         return out
 
     def constructor_kwargs(self, model: nn.Module) -> dict[str, Any]:
-        """``timm.create_model`` kwargs read back from the model: input size, channels and classes.
+        """``timm.create_model`` kwargs read back from the model: input size, channels, classes and per-stage
+        depths (a depth-pruned stage: the skeleton holding its kept blocks at their original indices,
+        :func:`~vitopt.arch.structure.skeleton_depth`).
 
         Other constructor arguments keep the model name's defaults; :func:`vitopt.arch.config.save`
         checks the rebuild and asks for explicit kwargs when these are not enough.
         """
         pe = model.patch_embed
         size = getattr(pe, "img_size", None)
-        out: dict[str, Any] = {"in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes)}
+        out: dict[str, Any] = {"in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes),
+                               "depths": [skeleton_depth(model, f"stages.{s}.blocks", len(st.blocks))
+                                          for s, st in enumerate(model.stages)]}
         if size is not None:
             out["img_size"] = list(size) if not isinstance(size, int) else size
         return out
@@ -293,6 +305,8 @@ class PvtV2Family:
         sizes = self.stage_sizes(model)
         out: dict = {}
         prev = model.patch_embed.proj.in_channels
+        gone = removed_units({f"stages.{s}.blocks": [f"stages.{s}.blocks.{j}" for j in range(len(st.blocks))]
+                              for s, st in enumerate(model.stages)}, dims)
         for s, stage in enumerate(model.stages):
             H, W = sizes[s]
             N = H * W
@@ -301,6 +315,9 @@ class PvtV2Family:
             out[f"stages.{s}.patch_embed"] = N * E * prev * conv.kernel_size[0] * conv.kernel_size[1]
             for j, blk in enumerate(stage.blocks):
                 p = f"stages.{s}.blocks.{j}"
+                if p in gone:                                  # depth: a removed block costs nothing
+                    out[p] = 0
+                    continue
                 A = dims[f"{p}.heads"] * dims[f"{p}.head_dim"]
                 m = dims[f"{p}.mlp"]
                 attn = blk.attn

@@ -16,6 +16,9 @@ stage's width). Groups, named after the timm module paths:
   is unchanged; the shifted-window mask ``attn_mask`` is per position and also unchanged.
 * ``layers.s.blocks.j.head_dim`` - per-head q/k/v dims, uniform across the block's heads.
 * ``layers.s.blocks.j.mlp`` - MLP hidden neurons (fc1 rows, fc2 columns).
+* ``layers.s.blocks`` - depth of stage s, one unit per block (``Structure.units``), masked at the
+  block's ``drop_path1`` / ``drop_path2`` outputs (both residual branches); surgery takes the block out
+  of the stage and every kept block keeps its own window shift and mask.
 
 ``Group.block`` counts blocks over the whole model (stage 0 first).
 
@@ -41,7 +44,7 @@ from timm.models.swin_transformer import (
 from torch import nn
 
 from vitopt.arch.builder import StructureBuilder, is_layernorm
-from vitopt.arch.structure import Structure
+from vitopt.arch.structure import Structure, removed_units, skeleton_depth
 from vitopt.errors import VitoptError
 
 __all__ = ["SwinFamily"]
@@ -95,6 +98,7 @@ class SwinFamily:
         dims: dict[str, int] = {}
         for s, stage in enumerate(model.layers):
             dims[f"layers.{s}.embed"] = _stage_embed(model, s)
+            dims[f"layers.{s}.blocks"] = len(stage.blocks)
             for j, blk in enumerate(stage.blocks):
                 p = f"layers.{s}.blocks.{j}"
                 dims[f"{p}.heads"] = int(blk.attn.num_heads)
@@ -115,6 +119,9 @@ class SwinFamily:
         block = 0
         for s, stage in enumerate(model.layers):
             E = b.group(f"layers.{s}.embed", "embed", dims[f"layers.{s}.embed"], stage=s)
+            depth = f"layers.{s}.blocks"
+            b.group(depth, "blocks", dims[depth], stage=s)
+            b.units[depth] = [f"{depth}.{j}" for j in range(len(stage.blocks))]
             if s == 0:
                 b.lay("patch_embed.proj.weight", 0, E)
                 b.lay("patch_embed.proj.bias", 0, E)
@@ -147,6 +154,8 @@ class SwinFamily:
                 b.choke(M[0], f"{p}.mlp.fc2", "input", M)
                 b.choke(E[0], f"{p}.attn.proj", "output", E)
                 b.choke(E[0], f"{p}.mlp.fc2", "output", E)
+                b.unit_choke(depth, f"{p}.drop_path1", "output", j)      # depth: both residual branches
+                b.unit_choke(depth, f"{p}.drop_path2", "output", j)
                 block += 1
             prev = E
         b.ln("norm", prev)
@@ -216,14 +225,18 @@ class SwinFamily:
 
     # ------------------------------------------------------------------------------------------ cost
     def constructor_kwargs(self, model: nn.Module) -> dict[str, Any]:
-        """``timm.create_model`` kwargs read back from the model: input size, channels and classes.
+        """``timm.create_model`` kwargs read back from the model: input size, channels, classes and per-stage
+        depths (a depth-pruned stage: the skeleton holding its kept blocks at their original indices,
+        :func:`~vitopt.arch.structure.skeleton_depth`).
 
         Other constructor arguments keep the model name's defaults; :func:`vitopt.arch.config.save`
         checks the rebuild and asks for explicit kwargs when these are not enough.
         """
         pe = model.patch_embed
         size = getattr(pe, "img_size", None)
-        out: dict[str, Any] = {"in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes)}
+        out: dict[str, Any] = {"in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes),
+                               "depths": [skeleton_depth(model, f"layers.{s}.blocks", len(st.blocks))
+                                          for s, st in enumerate(model.layers)]}
         if size is not None:
             out["img_size"] = list(size) if not isinstance(size, int) else size
         return out
@@ -250,6 +263,8 @@ class SwinFamily:
         gh, gw = model.patch_embed.grid_size
         out = {"patch_embed": gh * gw * dims["layers.0.embed"] * conv.in_channels * conv.kernel_size[0]
                * conv.kernel_size[1]}
+        gone = removed_units({f"layers.{s}.blocks": [f"layers.{s}.blocks.{j}" for j in range(len(st.blocks))]
+                              for s, st in enumerate(model.layers)}, dims)
         for s, stage in enumerate(model.layers):
             E = dims[f"layers.{s}.embed"]
             if s > 0:
@@ -257,6 +272,9 @@ class SwinFamily:
                 out[f"layers.{s}.downsample"] = oh * ow * 4 * dims[f"layers.{s - 1}.embed"] * E
             for j, blk in enumerate(stage.blocks):
                 p = f"layers.{s}.blocks.{j}"
+                if p in gone:                                  # depth: a removed block costs nothing
+                    out[p] = 0
+                    continue
                 H, W = blk.input_resolution
                 wh, ww = blk.window_size
                 n, npad = H * W, math.ceil(H / wh) * wh * math.ceil(W / ww) * ww

@@ -10,6 +10,11 @@ Groups (docs/architecture.md, "The Structure"):
 * ``blocks.i.head_dim`` - per-head q/k/v dims of block i, uniform across the block's heads so fused
   attention kernels still apply (the q, k and v index j is removed together in every head).
 * ``blocks.i.mlp`` - MLP hidden neurons of block i (fc1 rows, fc2 columns).
+* ``blocks`` - depth: one unit per transformer block (``Structure.units``: ``blocks.i``). Its choke
+  points are the outputs of ``attn.proj`` and ``mlp.fc2`` of block i (both residual branches, before
+  LayerScale): a 0 there makes the block the identity, which is what surgery builds by taking the
+  block out of ``model.blocks`` (Gromov et al. 2024, arXiv 2403.17887; Men et al. 2024, ShortGPT,
+  arXiv 2403.03853).
 
 Attention scale (invariant 2 of docs/architecture.md): timm's fused path calls ``scaled_dot_product_attention``
 whose default scale is 1/sqrt(head_dim); after a head_dim prune that would silently change the
@@ -29,7 +34,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from vitopt.arch.structure import AxisLayout, ChokePoint, Group, Structure
+from vitopt.arch.structure import AxisLayout, ChokePoint, Group, Structure, removed_units, skeleton_depth
 from vitopt.errors import VitoptError
 
 __all__ = ["VitFamily"]
@@ -83,8 +88,9 @@ class VitFamily:
 
     # -------------------------------------------------------------------------------------- structure
     def read_dims(self, model: nn.Module) -> dict[str, int]:
-        """Current dims: ``{"embed": D, "blocks.i.heads": H, "blocks.i.head_dim": d, "blocks.i.mlp": m}``."""
-        dims = {"embed": int(model.embed_dim)}
+        """Current dims: ``{"embed": D, "blocks": depth, "blocks.i.heads": H, "blocks.i.head_dim": d,
+        "blocks.i.mlp": m}``."""
+        dims = {"embed": int(model.embed_dim), "blocks": len(model.blocks)}
         for i, blk in enumerate(model.blocks):
             dims[f"blocks.{i}.heads"] = int(blk.attn.num_heads)
             dims[f"blocks.{i}.head_dim"] = int(blk.attn.head_dim)
@@ -100,9 +106,10 @@ class VitFamily:
         self.check_supported(model)
         dims = self.read_dims(model)
         E = ("embed", dims["embed"])
-        groups = {"embed": Group("embed", "embed", None, dims["embed"])}
+        groups = {"embed": Group("embed", "embed", None, dims["embed"]),
+                  "blocks": Group("blocks", "blocks", None, dims["blocks"])}
         layouts: list[AxisLayout] = []
-        chokes: dict[str, list[ChokePoint]] = {"embed": [ChokePoint("norm_pre", "input", (E,))]}
+        chokes: dict[str, list[ChokePoint]] = {"embed": [ChokePoint("norm_pre", "input", (E,))], "blocks": []}
         norms: list[str] = []
         params = dict(model.named_parameters())
 
@@ -151,12 +158,15 @@ class VitFamily:
             chokes[M[0]] = [ChokePoint(f"{p}.mlp.fc2", "input", (M,))]
             chokes["embed"] += [ChokePoint(f"{p}.attn.proj", "output", (E,)),
                                 ChokePoint(f"{p}.mlp.fc2", "output", (E,))]
+            chokes["blocks"] += [ChokePoint(f"{p}.attn.proj", "output", (), unit=i),
+                                 ChokePoint(f"{p}.mlp.fc2", "output", (), unit=i)]
         ln("norm")
         ln("fc_norm")
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
                 lay(f"{head}.weight", 1, E)
-        return Structure(self.name, groups, layouts, chokes, {"embed": norms})
+        return Structure(self.name, groups, layouts, chokes, {"embed": norms},
+                         units={"blocks": [f"blocks.{i}" for i in range(len(model.blocks))]})
 
     # ----------------------------------------------------------------------------- attribute updates
     def set_dims(self, model: nn.Module, dims: dict[str, int]) -> None:
@@ -209,12 +219,14 @@ class VitFamily:
 
         Read back from the model: input size, patch size, channels, classes, pooling, depth, and the
         flags that decide which parameters exist (qkv bias, class/register tokens, LayerScale, pre-norm,
-        fc_norm). ``num_heads`` is 1 (any value works: the stored dims set the real heads).
+        fc_norm). ``num_heads`` is 1 (any value works: the stored dims set the real heads). A depth-pruned
+        model's ``depth`` is that of the skeleton holding its kept blocks (:func:`~vitopt.arch.structure.skeleton_depth`).
         """
         pe, blk = model.patch_embed, model.blocks[0]
         return {"img_size": list(pe.img_size), "patch_size": list(pe.patch_size),
                 "in_chans": int(pe.proj.in_channels), "num_classes": int(model.num_classes),
-                "global_pool": model.global_pool, "embed_dim": int(model.embed_dim), "depth": len(model.blocks),
+                "global_pool": model.global_pool, "embed_dim": int(model.embed_dim),
+                "depth": skeleton_depth(model, "blocks", len(model.blocks)),
                 "num_heads": 1, "qkv_bias": blk.attn.qkv.bias is not None,
                 "class_token": model.cls_token is not None, "reg_tokens": int(model.num_reg_tokens),
                 "no_embed_class": bool(model.no_embed_class),
@@ -233,17 +245,19 @@ class VitFamily:
 
         Counts every matmul and convolution (patch embedding, qkv, q@k^T, attn@v, proj, fc1, fc2,
         heads), as fvcore and ``torch.utils.flop_counter`` do; norms, softmax, GELU and adds are
-        excluded. FLOPs = 2 x MACs. Returns ``{"patch_embed": .., "blocks.i": .., "head": ..,
-        "total": ..}``.
+        excluded. FLOPs = 2 x MACs. A block removed at ``dims`` (depth:
+        :func:`vitopt.arch.structure.removed_units`) costs 0. Returns ``{"patch_embed": .., "blocks.i": ..,
+        "head": .., "total": ..}``.
         """
         D, N = dims["embed"], self.num_tokens(model)
+        gone = removed_units({"blocks": [f"blocks.{i}" for i in range(len(model.blocks))]}, dims)
         conv = model.patch_embed.proj
         k = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         out = {"patch_embed": int(model.patch_embed.num_patches) * D * k}
         for i in range(len(model.blocks)):
             A = dims[f"blocks.{i}.heads"] * dims[f"blocks.{i}.head_dim"]
             m = dims[f"blocks.{i}.mlp"]
-            out[f"blocks.{i}"] = N * D * 3 * A + 2 * N * N * A + N * A * D + 2 * N * D * m
+            out[f"blocks.{i}"] = 0 if f"blocks.{i}" in gone else N * D * 3 * A + 2 * N * N * A + N * A * D + 2 * N * D * m
         out["head"] = sum(D * getattr(model, h).out_features for h in ("head", "head_dist")
                           if isinstance(getattr(model, h, None), nn.Linear))
         out["total"] = sum(out.values())

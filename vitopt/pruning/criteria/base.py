@@ -25,13 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitopt.arch.structure import Structure
+from vitopt.arch.structure import GROUP_KINDS, Structure
 from vitopt.errors import VitoptError
 
-__all__ = ["Batches", "Scores", "Criterion", "need_batches", "eval_mode", "logits_of", "device_of",
+__all__ = ["Batches", "Scores", "Criterion", "WIDTH_KINDS", "ALL_KINDS", "need_batches", "eval_mode", "logits_of", "device_of",
            "teacher_log_probs", "coupled_counts"]
 
 log = logging.getLogger("vitopt.pruning.criteria")
+
+#: the width kinds (every kind but depth): what a criterion scores unless its record says more.
+WIDTH_KINDS: frozenset[str] = frozenset(k for k in GROUP_KINDS if k != "blocks")
+#: every group kind, depth included.
+ALL_KINDS: frozenset[str] = frozenset(GROUP_KINDS)
 
 #: calibration data: a list of ``(images [B, C, H, W], labels [B] int64)``.
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -74,6 +79,8 @@ class Criterion:
             ``"batches"`` (shuffled batches) or ``"per_class"`` (a few images of every class).
         description: one line for help texts and the recipe schema.
         source: the paper it follows.
+        kinds: the group kinds it can score (default :data:`WIDTH_KINDS`; ``blocks`` only where a block's
+            score means something: taylor, hessian, kl, gate, angular).
     """
 
     name: str
@@ -84,6 +91,7 @@ class Criterion:
     calibration: str = "batches"
     description: str = ""
     source: str = ""
+    kinds: frozenset[str] = WIDTH_KINDS
 
 
 def need_batches(name: str, batches: Any) -> None:
@@ -144,11 +152,18 @@ def coupled_counts(model: nn.Module, structure: Structure, groups: list[str]) ->
     the number of ``w * dL/dw`` terms the layouts' ``reduce`` sums per unit. Used by
     :func:`hessian_scores`.
 
+    A block (kind ``blocks``) owns every parameter under its module; its count is the mean over the
+    group's blocks (one constant per group, so the ranking of blocks is unchanged by it).
+
     Returns:
         group -> int (elements per unit).
     """
     out = {}
     for g in groups:
         size = structure.groups[g].size
+        if g in structure.units:
+            owned = [sum(p.numel() for p in model.get_submodule(u).parameters()) for u in structure.units[g]]
+            out[g] = max(1, round(sum(owned) / len(owned)))
+            continue
         out[g] = sum(model.get_parameter(lay.param).numel() // size for lay in structure.layouts_of(g))
     return out

@@ -1,4 +1,11 @@
-"""Per-unit sums of ``w * dL/dw`` per calibration batch: the shared core of ``taylor`` and ``hessian``."""
+"""Per-unit sums of ``w * dL/dw`` per calibration batch: the shared core of ``taylor`` and ``hessian``.
+
+For a width unit the sum runs over its coupled slices (the Structure's layouts). A block (kind
+``blocks``, depth) owns no slice of a shared tensor; its sum is taken through a gate instead: a
+multiplier ``s_u = 1`` on both residual branches of block u (its choke points, the outputs of
+``attn.proj`` and ``mlp.fc2``) has ``dL/ds_u = sum over those Linears' weight and bias of w * dL/dw``,
+the first-order change of the loss when the block becomes the identity.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitopt.arch.hooks import attach_scalers
 from vitopt.arch.structure import Structure
 from vitopt.pruning.criteria.base import (
     Batches,
@@ -37,12 +45,15 @@ def weight_gradient_sums(name: str, model: nn.Module, structure: Structure, grou
     """
     need_batches(name, batches)
     start = time.perf_counter()
+    gated = [g for g in groups if g in structure.units]            # depth: scored through a gate
     names = list(dict.fromkeys(lay.param for g in groups for lay in structure.layouts_of(g)))
     params = [model.get_parameter(n) for n in names]
     flags = [p.requires_grad for p in params]
     dev = device_of(model)
     sums: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
     rows = 0
+    gates = {g: torch.ones(structure.groups[g].size, device=dev, requires_grad=True) for g in gated}
+    handle = attach_scalers(model, structure, gates) if gates else None
     try:
         for p in params:
             p.requires_grad_(True)
@@ -55,17 +66,24 @@ def weight_gradient_sums(name: str, model: nn.Module, structure: Structure, grou
                 else:
                     logp_t = teacher_log_probs(teacher, x, out.shape, name).to(dev)
                     loss = F.kl_div(F.log_softmax(out.double(), -1), logp_t, log_target=True, reduction="batchmean")
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = torch.autograd.grad(loss, [*params, *gates.values()], allow_unused=True)
                 wg = {n: (p.detach().double() * g.double()).cpu() if g is not None
                       else torch.zeros(p.shape, dtype=torch.float64)
                       for n, p, g in zip(names, params, grads)}
+                for g, grad in zip(gates, grads[len(params):]):
+                    sums[g].append(grad.detach().double().cpu() if grad is not None
+                                   else torch.zeros(structure.groups[g].size, dtype=torch.float64))
                 for g in groups:
+                    if g in gates:
+                        continue
                     s = torch.zeros(structure.groups[g].size, dtype=torch.float64)
                     for lay in structure.layouts_of(g):
                         s += lay.reduce(wg[lay.param], g)
                     sums[g].append(s)
                 rows += x.shape[0]
     finally:
+        if handle is not None:
+            handle.remove()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
     cost = {"forward_passes": len(batches), "backward_passes": len(batches),

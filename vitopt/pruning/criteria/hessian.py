@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from vitopt.arch.structure import Structure
-from vitopt.pruning.criteria.base import Batches, Criterion, Scores, coupled_counts
+from vitopt.pruning.criteria.base import ALL_KINDS, Batches, Criterion, Scores, coupled_counts
 from vitopt.pruning.criteria.gradients import weight_gradient_sums
 
 __all__ = ["hessian_scores", "CRITERION"]
@@ -46,4 +46,5 @@ def hessian_scores(model: nn.Module, structure: Structure, groups: list[str], *,
 #: registry entry
 CRITERION = Criterion("hessian", hessian_scores, needs=frozenset({"data"}), uses=frozenset({"teacher"}),
                       description="NViT Hessian-aware saliency (sum w*dL/dw)^2 per coupled element",
-                      source="Yang et al., CVPR 2023, arXiv 2110.04869")
+                      source="Yang et al., CVPR 2023, arXiv 2110.04869",
+                      kinds=ALL_KINDS)

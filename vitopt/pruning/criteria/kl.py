@@ -13,6 +13,7 @@ from vitopt.arch.hooks import attach_replica_masks
 from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
 from vitopt.pruning.criteria.base import (
+    ALL_KINDS,
     Batches,
     Criterion,
     Scores,
@@ -36,7 +37,8 @@ def kl_scores(model: nn.Module, structure: Structure, groups: list[str], *, batc
     ``mean over images of sum_c p_t(c) (log p_t(c) - log p_{-u}(c))``. ``teacher`` defaults to the
     unmasked model itself. Removal is simulated exactly with per-replica hard masks
     (:func:`vitopt.arch.hooks.attach_replica_masks`; for ``embed`` LayerNorm statistics are taken over
-    the kept channels), equal to physical surgery up to float error: each batch of B images is
+    the kept channels; a block, kind ``blocks``, has both residual branches zeroed, i.e. the model
+    without that block), equal to physical surgery up to float error: each batch of B images is
     replicated R = max(1, max_rows // B) times and each replica removes a different unit (units of all
     requested groups are packed together), so one forward scores R units.
 
@@ -112,4 +114,5 @@ def kl_scores(model: nn.Module, structure: Structure, groups: list[str], *, batc
 CRITERION = Criterion("kl", kl_scores, needs=frozenset({"data"}), uses=frozenset({"teacher"}),
                       options={"max_rows": 512}, calibration="per_class",
                       description="UP-ViTs: KL(teacher || model without the unit) on a proxy set",
-                      source="Yu & Wu 2021, arXiv 2111.15127")
+                      source="Yu & Wu 2021, arXiv 2111.15127",
+                      kinds=ALL_KINDS)

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from vitopt.arch.structure import Structure
-from vitopt.pruning.criteria.base import Batches, Criterion, Scores
+from vitopt.pruning.criteria.base import ALL_KINDS, Batches, Criterion, Scores
 from vitopt.pruning.criteria.gradients import weight_gradient_sums
 
 __all__ = ["taylor_scores", "CRITERION"]
@@ -49,4 +49,5 @@ def taylor_scores(model: nn.Module, structure: Structure, groups: list[str], *, 
 #: registry entry
 CRITERION = Criterion("taylor", taylor_scores, needs=frozenset({"data"}), uses=frozenset({"teacher"}),
                       description="first-order Taylor |sum w*dL/dw| per unit on calibration batches",
-                      source="Molchanov et al. 2019, arXiv 1906.10771")
+                      source="Molchanov et al. 2019, arXiv 1906.10771",
+                      kinds=ALL_KINDS)
