@@ -222,8 +222,9 @@ def test_unsupported_models_are_named():
     resnet = timm.create_model("resnet10t", num_classes=3)
     with pytest.raises(VitoptError, match="not supported.*VisionTransformer"):
         family_of(resnet)
-    qk = timm.create_model("vit_tiny_patch16_224", **SMALL, qk_norm=True)
-    with pytest.raises(VitoptError, match="qk_norm"):
+    # qk_norm is supported (tests/test_vit_variants.py); an RmsNorm anywhere is named with its module
+    qk = timm.create_model("vit_tiny_patch16_224", **SMALL, qk_norm=True, norm_layer="rmsnorm")
+    with pytest.raises(VitoptError, match="the ViT's norm is a RmsNorm; only LayerNorm"):
         family_of(qk).structure(qk)
 
 

@@ -66,19 +66,31 @@ def _norm_mask(mask: torch.Tensor, factors, group: str) -> torch.Tensor:
     return mask if factors is None else AxisLayout("", -1, factors).expand({group: mask})
 
 
+#: attribute a renorm hook leaves on its output: the channels it kept, so that a second group's hook on
+#: the same LayerNorm (an attention-output norm over ``(heads) x (head_dim)``) keeps the intersection.
+_KEPT_ATTR = "_vitopt_renorm_kept"
+
+
 def _renorm_hook(mask: torch.Tensor, factors=None, group: str = ""):
     """LayerNorm forward over the channels where ``mask != 0``; removed channels output 0.
 
     ``factors`` (from ``Structure.norm_factors``) expands a per-unit mask over a LayerNorm wider than
-    the group, e.g. Swin's PatchMerging norm over ``4 x C``.
+    the group, e.g. Swin's PatchMerging norm over ``4 x C``, or an attention-output norm over
+    ``(heads) x (head_dim)``. When several groups renormalise the same LayerNorm, their hooks run in
+    turn and the later ones keep the channels every group keeps (the product of the masks).
     """
     def hook(module: nn.LayerNorm, args, out):
         x = args[0]
-        keep = (_norm_mask(mask, factors, group) != 0).nonzero().squeeze(1).to(x.device)
+        kept = _norm_mask(mask, factors, group).to(x.device) != 0
+        prev = getattr(out, _KEPT_ATTR, None)          # another group's renorm ran first on this module
+        if prev is not None:
+            kept = kept & prev
+        keep = kept.nonzero().squeeze(1)
         y = torch.zeros_like(out)
         w = module.weight[keep] if module.weight is not None else None
         b = module.bias[keep] if module.bias is not None else None
         y[..., keep] = F.layer_norm(x[..., keep], (keep.numel(),), w, b, module.eps)
+        setattr(y, _KEPT_ATTR, kept)
         return y
     return hook
 
@@ -175,6 +187,9 @@ def _replica_renorm_hook(name: str, masks: torch.Tensor, factors=None, group: st
             raise ValueError(f"{name}: input of shape {tuple(x.shape)} cannot be split into {R} replicas of "
                              f"width {D}.")
         m = full.to(device=x.device, dtype=x.dtype)[:, None, :]           # [R, 1, D]
+        prev = getattr(out, _KEPT_ATTR, None)                             # another group's hook ran first
+        if prev is not None:
+            m = m * prev
         xr = x.reshape(R, -1, D)                                          # [R, B*..., D]
         n = m.sum(-1, keepdim=True)
         mean = (xr * m).sum(-1, keepdim=True) / n
@@ -184,7 +199,9 @@ def _replica_renorm_hook(name: str, masks: torch.Tensor, factors=None, group: st
             y = y * module.weight
         if module.bias is not None:
             y = y + module.bias
-        return (y * m).reshape(x.shape)
+        y = (y * m).reshape(x.shape)
+        setattr(y, _KEPT_ATTR, m)
+        return y
     return hook
 
 

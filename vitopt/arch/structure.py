@@ -147,8 +147,9 @@ class Structure:
         groups: name -> :class:`Group`, in a stable order (embed first, then block by block).
         layouts: every coupled parameter axis.
         chokes: group name -> choke points where gates / hard masks act.
-        norms: group name -> LayerNorm modules that normalise over that group's units (only the
-            residual width); masked simulation recomputes their statistics over kept units.
+        norms: group name -> LayerNorm modules that normalise over that group's units (the residual
+            width; also an MLP's hidden norm, qk_norm over head_dim, an attention-output norm over heads
+            and head_dim); masked simulation recomputes their statistics over kept units.
         norm_factors: LayerNorm module -> layout of its normalised dim, for a LayerNorm whose width is
             not just its group's units. Swin's PatchMerging norm spans ``4 x C`` channels of the
             previous stage, ``((None, 4), ("layers.0.embed", C))``. A LayerNorm absent from this map
