@@ -112,6 +112,7 @@ def check_onnx(pruned, path, input_shape, attention_modules: int) -> None:
     graph = onnx.load(info["path"]).graph
     assert attention_softmaxes_follow_scaled_matmul(graph) == attention_modules
     assert sum(n.op_type == "LayerNormalization" for n in graph.node) > 0
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}       # RoPE, GLU gates: plain standard ops
 
 
 def check_reload(pruned, tmp_path, model_name: str, x) -> dict:

@@ -162,6 +162,9 @@ class Structure:
     chokes: dict[str, list[ChokePoint]] = field(default_factory=dict)
     norms: dict[str, list[str]] = field(default_factory=dict)
     norm_factors: dict[str, tuple[Factor, ...]] = field(default_factory=dict)
+    #: group kind -> the sentence saying why this model has no groups of that kind although its family
+    #: prunes it elsewhere (Eva's head_dim under RoPE); :func:`vitopt.pruning.importance.select_groups` raises it.
+    fixed_kinds: dict[str, str] = field(default_factory=dict)
     #: the :class:`vitopt.arch.cost.CostModel` of the model this Structure describes, set by
     #: :func:`vitopt.arch.cost.structure_of` (``vitopt.structure``); None for a bare family Structure.
     cost_model: Any = field(default=None, repr=False, compare=False)

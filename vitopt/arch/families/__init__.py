@@ -2,7 +2,8 @@
 
 Each family is one module implementing :class:`~vitopt.arch.families.base.Family` and one entry of
 :data:`FAMILIES`: ViT/DeiT (:mod:`~vitopt.arch.families.vit`), Swin v1
-(:mod:`~vitopt.arch.families.swin`) and PVTv2 (:mod:`~vitopt.arch.families.pvt`).
+(:mod:`~vitopt.arch.families.swin`), PVTv2 (:mod:`~vitopt.arch.families.pvt`) and Eva / EVA-02 / DINOv3
+(:mod:`~vitopt.arch.families.eva`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from vitopt.arch.families.base import Family
+from vitopt.arch.families.eva import EvaFamily
 from vitopt.arch.families.pvt import PvtV2Family
 from vitopt.arch.families.swin import SwinFamily
 from vitopt.arch.families.vit import VitFamily
@@ -18,7 +20,7 @@ from vitopt.errors import VitoptError
 __all__ = ["FAMILIES", "Family", "family_of", "get_family"]
 
 #: family key -> family object, in the order they are tried.
-FAMILIES: dict[str, Family] = {f.name: f for f in (VitFamily(), SwinFamily(), PvtV2Family())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (VitFamily(), SwinFamily(), PvtV2Family(), EvaFamily())}
 
 
 def family_of(model: nn.Module) -> Family:
