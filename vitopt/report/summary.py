@@ -157,7 +157,8 @@ def stage_line(record: dict[str, Any]) -> str:
 
 def _blocks_table(record: dict) -> str:
     m = record["metrics"]
-    rows = [[b["block"]] + [f"{b[k]} -> {b[k + '_kept']}" for k in ("heads", "head_dim", "mlp")] for b in m["blocks"]]
+    rows = [[b["block"]] + [f"{b[k]} -> {b[k + '_kept']}" if k in b else "-" for k in ("heads", "head_dim", "mlp")]
+            for b in m["blocks"]]
     target = m["target"]
     target = ", ".join(f"{k} {v}" for k, v in target.items() if v is not None) if isinstance(target, dict) else f"{target:g}"
     head = (f"### {record['stage']}: criterion `{m['criterion']}`, scope `{m['scope']}`, "

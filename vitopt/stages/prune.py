@@ -37,7 +37,7 @@ def _print_table(rows: list[dict], embed: tuple, title: str) -> None:
         table.add_column(kind, justify="right")
     for r in rows:
         table.add_row(str(r["block"]), *([str(r["stage"])] if staged else []),
-                      *(f"{r[k]} -> {r[k + '_kept']}" for k in ("heads", "head_dim", "mlp")))
+                      *(f"{r[k]} -> {r[k + '_kept']}" if k in r else "-" for k in ("heads", "head_dim", "mlp")))
     table.caption = f"embed_dim {embed[0]} -> {embed[1]}"
     Console().print(table)
 
