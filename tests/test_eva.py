@@ -171,3 +171,18 @@ def test_unsupported_eva_variants_are_named():
                               num_kv_heads=2)
     with pytest.raises(VitoptError, match=r"blocks\.0\.attn uses grouped-query attention"):
         family_of(model).structure(model)
+
+
+def test_latency_table_prices_eva_with_fixed_head_dim():
+    """A latency LUT measured on an EVA-02 model (head_dim fixed under RoPE) prices heads x head_dim and
+    predicts the dense model; allocation's cost function accepts dims without head_dim."""
+    from vitopt.arch.latency_table import cost_fn
+    from vitopt.deploy.lut import measure_lut
+
+    model = make("eva02_tiny")
+    table = measure_lut(model, runtime="pytorch", grid_points=2, warmup=0, repeats=1, threads=1, progress=False)
+    assert table.head_dim == 16 and table.attn_grid[-1] == 48
+    cost = cost_fn(table, model)
+    dense = cost({})
+    assert dense == pytest.approx(table.predicted_model_ms, rel=1e-9)
+    assert cost({"embed": 16, "blocks.0.heads": 1, "blocks.1.heads": 1, "blocks.0.mlp": 8}) <= dense
