@@ -156,7 +156,7 @@ def test_dynamic_size_dinov3_runs_at_another_size_after_pruning():
         assert pruned(torch.randn(1, 3, 48, 40)).shape == (1, 5)
 
 
-@pytest.mark.parametrize("variant", ["eva02_tiny", "eva02_base_subln", "dinov3", "pe_map"])
+@pytest.mark.parametrize("variant", NAMES)
 def test_onnx_parity_of_pruned_eva(variant, tmp_path):
     model = make(variant)
     pruned = apply_plan(model, random_plan(model, _kinds_of(variant, ALL), 5))

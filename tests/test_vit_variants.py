@@ -157,7 +157,7 @@ def test_dynamic_img_size_runs_at_another_size_after_pruning():
         assert pruned(torch.randn(1, 3, 48, 40)).shape == (1, 5)
 
 
-@pytest.mark.parametrize("variant", ["dinov2_reg_subln", "siglip", "swiglu_qknorm"])
+@pytest.mark.parametrize("variant", NAMES)
 def test_onnx_parity_of_pruned_variant(variant, tmp_path):
     model = make(variant)
     pruned = apply_plan(model, random_plan(model, ALL, 5))
