@@ -222,9 +222,10 @@ def test_unsupported_models_are_named():
     resnet = timm.create_model("resnet10t", num_classes=3)
     with pytest.raises(VitoptError, match="not supported.*VisionTransformer"):
         family_of(resnet)
-    # qk_norm is supported (tests/test_vit_variants.py); an RmsNorm anywhere is named with its module
-    qk = timm.create_model("vit_tiny_patch16_224", **SMALL, qk_norm=True, norm_layer="rmsnorm")
-    with pytest.raises(VitoptError, match="the ViT's norm is a RmsNorm; only LayerNorm"):
+    # qk_norm and RmsNorm are supported (tests/test_vit_variants.py); another norm is named with its module
+    qk = timm.create_model("vit_tiny_patch16_224", **SMALL, qk_norm=True)
+    qk.blocks[1].attn.k_norm = torch.nn.BatchNorm1d(qk.blocks[1].attn.head_dim)
+    with pytest.raises(VitoptError, match=r"blocks\.1\.attn\.k_norm is a BatchNorm1d; only LayerNorm, RmsNorm"):
         family_of(qk).structure(qk)
 
 

@@ -1,5 +1,5 @@
 """Downstream of the new structures (issue 16 item 5): every criterion through ``vitopt.prune`` on a DINOv2-style
-ViT, a SigLIP ViT and an EVA-02 model; a recipe run (prune + export) by model name string for each; and
+ViT, a SigLIP ViT, an EVA-02 model and an AIMv2 (RmsNorm) ViT; a recipe run (prune + export) by model name string for each; and
 ``vitopt inspect`` on the result."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ MODELS = {
     "dinov2": ("vit_giant_patch14_reg4_dinov2", dict(DIGITS, mlp_ratio=4.0)),
     "siglip": ("vit_base_patch16_siglip_224", dict(DIGITS)),
     "eva02": ("eva02_tiny_patch14_224", dict(DIGITS, scale_attn_inner=True)),
+    "aimv2": ("aimv2_large_patch14_224", dict(DIGITS)),          # RmsNorm everywhere, split SwiGLU
 }
 
 

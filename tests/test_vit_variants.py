@@ -49,6 +49,9 @@ VARIANTS = {
     "gated": ("vit_small_patch16_224", dict(SMALL, qk_norm=True, init_values=0.1), False),
     # SigLIP: MAP head (AttentionPoolLatent), no class token, qk_norm, dynamic_img_size
     "siglip": ("vit_base_patch16_siglip_224", dict(SMALL, qk_norm=True, dynamic_img_size=True), True),
+    # AIMv2: RmsNorm everywhere (patch embed, residual, final), split SwiGLU, no qkv/proj bias, avg pool;
+    # qk_norm (RmsNorm over head_dim) added
+    "aimv2_rmsnorm": ("aimv2_large_patch14_224", dict(SMALL, qk_norm=True), True),
 }
 NAMES = list(VARIANTS)
 KINDS = [("heads",), ("head_dim",), ("mlp",), ("embed",), ALL]
@@ -181,3 +184,29 @@ def test_unsupported_variants_are_named():
     model = timm.create_model("vit_small_patch16_224", **SMALL, mlp_layer=partial(timm.layers.GluMlp, use_conv=True))
     with pytest.raises(VitoptError, match=r"blocks\.0\.mlp uses 1x1 convolutions"):
         family_of(model).structure(model)
+
+
+@pytest.mark.parametrize("variant,group", [("aimv2_rmsnorm", "embed"), ("aimv2_rmsnorm", "blocks.0.head_dim"),
+                                           ("swiglu_qknorm", "blocks.1.heads"), ("dinov2_reg_subln", "blocks.0.mlp")])
+def test_replica_masks_equal_surgery(variant, group):
+    """The KL criterion's replicated-batch masks renormalise RmsNorm / qk_norm / output and hidden norms per
+    replica over that replica's kept units: each replica equals the surgered model."""
+    from vitopt.arch.hooks import attach_replica_masks
+
+    model = make(variant)
+    st = family_of(model).structure(model)
+    size = st.groups[group].size
+    g = torch.Generator().manual_seed(7)
+    keeps = [sorted(torch.randperm(size, generator=g)[: max(1, size // 2 + r)].tolist()) for r in range(2)]
+    masks = torch.zeros(3, size)
+    for r, keep in enumerate(keeps):
+        masks[r, keep] = 1.0
+    masks[2] = 1.0
+    x = img()
+    with torch.no_grad():
+        with attach_replica_masks(model, st, group, masks):
+            rep = model(x.repeat(3, 1, 1, 1)).reshape(3, 2, -1)
+        for r, keep in enumerate(keeps):
+            ref = apply_plan(model, KeepPlan({group: keep}))(x)
+            assert (rep[r] - ref).abs().max().item() <= 1e-5
+        assert (rep[2] - model(x)).abs().max().item() <= 1e-5

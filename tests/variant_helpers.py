@@ -111,7 +111,8 @@ def check_onnx(pruned, path, input_shape, attention_modules: int) -> None:
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     graph = onnx.load(info["path"]).graph
     assert attention_softmaxes_follow_scaled_matmul(graph) == attention_modules
-    assert sum(n.op_type == "LayerNormalization" for n in graph.node) > 0
+    layernorms = sum(isinstance(m, torch.nn.LayerNorm) for m in pruned.modules())
+    assert sum(n.op_type == "LayerNormalization" for n in graph.node) == layernorms
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}       # RoPE, GLU gates: plain standard ops
 
 

@@ -5,8 +5,8 @@ choke point of a group, the module's input or output by one value per unit, expa
 choke point's layout. With 0/1 values this is a hard mask equal to removing the units (invariant 1 of
 docs/architecture.md); with learnable values it is a VTP gate (Zhu, Tang, Han 2021, arXiv 2104.08500).
 
-For the residual width (``embed``), a hard mask must also take LayerNorm statistics over the kept
-channels only; with ``renorm=True`` the LayerNorms listed in ``Structure.norms`` are recomputed that
+For the residual width (``embed``), a hard mask must also take LayerNorm (or RMS norm) statistics over
+the kept channels only; with ``renorm=True`` the LayerNorms listed in ``Structure.norms`` are recomputed that
 way (the UP-ViTs consistency requirement, Yu & Wu 2021).
 
 :func:`attach_replica_masks` is the batched variant used by one-at-a-time removal criteria (UP-ViTs'
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitopt.arch.builder import is_rmsnorm
 from vitopt.arch.structure import AxisLayout, ChokePoint, Structure
 
 __all__ = ["ScalerHandle", "attach_scalers", "attach_replica_masks"]
@@ -88,8 +89,11 @@ def _renorm_hook(mask: torch.Tensor, factors=None, group: str = ""):
         keep = kept.nonzero().squeeze(1)
         y = torch.zeros_like(out)
         w = module.weight[keep] if module.weight is not None else None
-        b = module.bias[keep] if module.bias is not None else None
-        y[..., keep] = F.layer_norm(x[..., keep], (keep.numel(),), w, b, module.eps)
+        if is_rmsnorm(module):
+            y[..., keep] = F.rms_norm(x[..., keep], (keep.numel(),), w, module.eps)
+        else:
+            b = module.bias[keep] if module.bias is not None else None
+            y[..., keep] = F.layer_norm(x[..., keep], (keep.numel(),), w, b, module.eps)
         setattr(y, _KEPT_ATTR, kept)
         return y
     return hook
@@ -192,12 +196,16 @@ def _replica_renorm_hook(name: str, masks: torch.Tensor, factors=None, group: st
             m = m * prev
         xr = x.reshape(R, -1, D)                                          # [R, B*..., D]
         n = m.sum(-1, keepdim=True)
-        mean = (xr * m).sum(-1, keepdim=True) / n
-        var = ((xr - mean) ** 2 * m).sum(-1, keepdim=True) / n
-        y = (xr - mean) * torch.rsqrt(var + module.eps)
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        if is_rmsnorm(module):                                            # RMS over kept channels, no centring
+            y = xr * torch.rsqrt((xr ** 2 * m).sum(-1, keepdim=True) / n + eps)
+        else:
+            mean = (xr * m).sum(-1, keepdim=True) / n
+            var = ((xr - mean) ** 2 * m).sum(-1, keepdim=True) / n
+            y = (xr - mean) * torch.rsqrt(var + eps)
         if module.weight is not None:
             y = y * module.weight
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             y = y + module.bias
         y = (y * m).reshape(x.shape)
         setattr(y, _KEPT_ATTR, m)

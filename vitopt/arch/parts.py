@@ -28,7 +28,7 @@ from typing import Any
 from timm.layers import AttentionPoolLatent, GluMlp, Mlp, SwiGLU
 from torch import nn
 
-from vitopt.arch.builder import StructureBuilder, is_layernorm
+from vitopt.arch.builder import StructureBuilder, is_token_norm
 from vitopt.arch.forwards import attention_pool_latent_forward, install
 from vitopt.arch.structure import Factor
 from vitopt.errors import VitoptError
@@ -41,7 +41,7 @@ __all__ = ["check_mlp", "mlp_hidden", "lay_mlp", "set_mlp_dims", "mlp_macs", "ch
 # ----------------------------------------------------------------------------------------------- MLP
 def check_mlp(where: str, mlp: nn.Module) -> None:
     """Raise VitoptError unless ``mlp`` is a token-wise timm Mlp, GluMlp/SwiGLUPacked or SwiGLU with an
-    optional LayerNorm hidden norm."""
+    optional LayerNorm / RmsNorm hidden norm."""
     if type(mlp) not in (Mlp, GluMlp, SwiGLU):
         raise VitoptError(f"{where} is a {type(mlp).__name__}; only timm's Mlp, GluMlp/SwiGLUPacked and SwiGLU "
                           "MLPs are supported.")
@@ -51,9 +51,9 @@ def check_mlp(where: str, mlp: nn.Module) -> None:
 
 
 def check_norm_or_identity(where: str, norm: nn.Module) -> None:
-    """Raise VitoptError unless ``norm`` is a LayerNorm or Identity (RmsNorm etc. are not supported)."""
-    if not (is_layernorm(norm) or isinstance(norm, nn.Identity)):
-        raise VitoptError(f"{where} is a {type(norm).__name__}; only LayerNorm (or no norm) is supported there.")
+    """Raise VitoptError unless ``norm`` is a LayerNorm, an RMS norm or Identity (BatchNorm etc. are not supported)."""
+    if not (is_token_norm(norm) or isinstance(norm, nn.Identity)):
+        raise VitoptError(f"{where} is a {type(norm).__name__}; only LayerNorm, RmsNorm or no norm is supported there.")
 
 
 def mlp_hidden(mlp: nn.Module) -> int:
@@ -82,7 +82,7 @@ def lay_mlp(b: StructureBuilder, prefix: str, mlp: nn.Module, E: Factor, M: Fact
     b.lay(f"{prefix}.fc2.weight", 1, M)
     b.lay(f"{prefix}.fc2.weight", 0, E)
     b.lay(f"{prefix}.fc2.bias", 0, E)
-    if is_layernorm(mlp.norm):
+    if is_token_norm(mlp.norm):
         b.choke(M[0], f"{prefix}.norm", "input", M)
     else:
         b.choke(M[0], f"{prefix}.fc2", "input", M)
@@ -114,7 +114,7 @@ def lay_attn_extras(b: StructureBuilder, prefix: str, attn: nn.Module, E: Factor
     (so its statistics can be taken over kept heads), else ``proj``.
     """
     for qk in ("q_norm", "k_norm"):
-        if is_layernorm(getattr(attn, qk, None)):
+        if is_token_norm(getattr(attn, qk, None)):
             b.lay(f"{prefix}.{qk}.weight", 0, d)
             b.lay(f"{prefix}.{qk}.bias", 0, d)
             if d[0] is not None:
@@ -124,7 +124,7 @@ def lay_attn_extras(b: StructureBuilder, prefix: str, attn: nn.Module, E: Factor
         b.lay(f"{prefix}.gate.weight", 0, H, d)
         b.lay(f"{prefix}.gate.bias", 0, H, d)
         b.lay(f"{prefix}.gate.weight", 1, E)
-    if is_layernorm(getattr(attn, "norm", None)):
+    if is_token_norm(getattr(attn, "norm", None)):
         b.lay(f"{prefix}.norm.weight", 0, H, d)
         b.lay(f"{prefix}.norm.bias", 0, H, d)
         for g in (H[0], d[0]):

@@ -27,7 +27,7 @@ already uses its attention width.
 
 Not supported, each refused with a sentence naming the module: post-norm blocks (``use_post_norm``),
 ``rope_type='mixed'`` (learnable per-head frequencies), grouped-query attention (``num_kv_heads``),
-non-LayerNorm norms.
+norms other than LayerNorm / RmsNorm.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
 from vitopt.arch import parts
-from vitopt.arch.builder import StructureBuilder, is_layernorm
+from vitopt.arch.builder import StructureBuilder, is_token_norm
 from vitopt.arch.forwards import eva_attention_forward, install
 from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
@@ -95,9 +95,9 @@ class EvaFamily:
                 parts.check_norm_or_identity(f"{where}.attn.{flag}", getattr(attn, flag))
             parts.check_mlp(f"{where}.mlp", blk.mlp)
             for norm in ("norm1", "norm2"):
-                if not is_layernorm(getattr(blk, norm)):
-                    raise VitoptError(f"{where}.{norm} is a {type(getattr(blk, norm)).__name__}; only LayerNorm "
-                                      "is supported on the residual stream.")
+                if not is_token_norm(getattr(blk, norm)):
+                    raise VitoptError(f"{where}.{norm} is a {type(getattr(blk, norm)).__name__}; only LayerNorm or RmsNorm "
+                                      "or RmsNorm is supported on the residual stream.")
 
     def head_dim_fixed(self, model: nn.Module) -> bool:
         """True when the model uses rotary position embedding (head_dim is then not a group)."""
@@ -200,7 +200,7 @@ class EvaFamily:
             info["num_chs"] = D
         model.patch_embed.proj.out_channels = D
         for mod in model.modules():
-            if is_layernorm(mod) and mod.weight is not None:
+            if is_token_norm(mod) and mod.weight is not None:
                 mod.normalized_shape = (mod.weight.shape[0],)
         if isinstance(model.head, nn.Linear):
             model.head.in_features = D
@@ -241,8 +241,8 @@ class EvaFamily:
             if new_d == attn.head_dim:
                 continue
             ratio = math.sqrt(new_d / attn.head_dim)
-            if is_layernorm(attn.q_norm):
-                tensors = [t for t in (attn.q_norm.weight, attn.q_norm.bias) if t is not None]
+            if is_token_norm(attn.q_norm):
+                tensors = [t for t in (attn.q_norm.weight, getattr(attn.q_norm, "bias", None)) if t is not None]
             else:
                 rows = attn.num_heads * attn.head_dim
                 tensors = [t[:rows] for t in _q_rows(attn)]

@@ -19,7 +19,7 @@ attention-output norm (``scale_attn_norm``) and the sigmoid output gate of timm 
 register tokens with or without ``no_embed_class``, ``class_token=False``, ``global_pool`` token/avg/map,
 LayerScale, ``dynamic_img_size`` and the SigLIP MAP head (``AttentionPoolLatent``: the residual width
 runs through it, its own heads and MLP hidden stay whole). Residual, qk and hidden norms must be
-LayerNorm (RmsNorm is rejected with a sentence).
+LayerNorm or RmsNorm (AIMv2); other norms are rejected with a sentence.
 
 Attention scale (invariant 2 of docs/architecture.md): timm's fused path calls ``scaled_dot_product_attention``
 whose default scale is 1/sqrt(head_dim); after a head_dim prune that would silently change the
@@ -40,7 +40,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from vitopt.arch import parts
-from vitopt.arch.builder import StructureBuilder
+from vitopt.arch.builder import StructureBuilder, is_token_norm
 from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
 
@@ -48,7 +48,8 @@ __all__ = ["VitFamily"]
 
 
 def _is_ln(module: nn.Module | None) -> bool:
-    return isinstance(module, nn.LayerNorm)
+    """A LayerNorm or RMS norm over the last dim (the masked-norm hooks handle both)."""
+    return is_token_norm(module)
 
 
 class VitFamily:
@@ -90,7 +91,7 @@ class VitFamily:
             for norm in ("norm1", "norm2"):
                 if not _is_ln(getattr(blk, norm)):
                     raise VitoptError(f"{where}.{norm} is a {type(getattr(blk, norm)).__name__}; only "
-                                      "LayerNorm is supported on the residual stream.")
+                                      "LayerNorm or RmsNorm is supported on the residual stream.")
 
     # -------------------------------------------------------------------------------------- structure
     def read_dims(self, model: nn.Module) -> dict[str, int]:
@@ -164,7 +165,7 @@ class VitFamily:
             model.head_hidden_size = D
         model.patch_embed.proj.out_channels = D
         for mod in model.modules():
-            if isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+            if _is_ln(mod) and mod.weight is not None:
                 mod.normalized_shape = (mod.weight.shape[0],)
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
@@ -195,7 +196,7 @@ class VitFamily:
                 continue
             ratio = math.sqrt(new_d / attn.head_dim)
             if _is_ln(attn.q_norm):
-                for t in (attn.q_norm.weight, attn.q_norm.bias):
+                for t in (attn.q_norm.weight, getattr(attn.q_norm, "bias", None)):
                     if t is not None:
                         t *= ratio
                 continue
