@@ -57,7 +57,8 @@ class VitFamily:
 
     name = "vit"
     description = ("timm VisionTransformer: vit_*, deit_* (incl. distilled), deit3_*, DINOv2 (SwiGLUPacked), "
-                   "SigLIP (MAP head), ViTs with register tokens, qk_norm, SwiGLU/GLU MLPs or global average pooling")
+                   "SigLIP (MAP head), AIMv2 (RmsNorm), ViTs with register tokens, qk_norm, SwiGLU/GLU MLPs or "
+                   "global average pooling")
 
     # ----------------------------------------------------------------------------------------- checks
     def matches(self, model: nn.Module) -> bool:
