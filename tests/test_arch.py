@@ -222,8 +222,10 @@ def test_unsupported_models_are_named():
     resnet = timm.create_model("resnet10t", num_classes=3)
     with pytest.raises(VitoptError, match="not supported.*VisionTransformer"):
         family_of(resnet)
+    # qk_norm and RmsNorm are supported (tests/test_vit_variants.py); another norm is named with its module
     qk = timm.create_model("vit_tiny_patch16_224", **SMALL, qk_norm=True)
-    with pytest.raises(VitoptError, match="qk_norm"):
+    qk.blocks[1].attn.k_norm = torch.nn.BatchNorm1d(qk.blocks[1].attn.head_dim)
+    with pytest.raises(VitoptError, match=r"blocks\.1\.attn\.k_norm is a BatchNorm1d; only LayerNorm, RmsNorm"):
         family_of(qk).structure(qk)
 
 

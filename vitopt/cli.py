@@ -113,7 +113,8 @@ def inspect(path: Path = typer.Argument(..., help="Model folder (arch.json + mod
                       *(str(r.get(k, "-")) for k in ("heads", "head_dim", "mlp")),
                       f"{2 * float(macs[r['prefix']]) / 1e6:.2f}")
     table.caption = (f"total {cm.flops(dims) / 1e6:.2f} MFLOPs (2 x MACs, one image), "
-                     f"{cm.params(dims) / 1e6:.4f} M params")
+                     f"{cm.params(dims) / 1e6:.4f} M params"
+                     + ("; head_dim fixed under RoPE" if "head_dim" in cm.structure.fixed_kinds else ""))
     console.print(table)
 
 

@@ -8,16 +8,30 @@ LayerScale), ``ln`` records a LayerNorm's weight/bias and lists it for renormali
 
 from __future__ import annotations
 
+from timm.layers import RmsNorm
 from torch import nn
 
 from vitopt.arch.structure import AxisLayout, ChokePoint, Factor, Group, Structure
 
-__all__ = ["StructureBuilder", "is_layernorm"]
+__all__ = ["StructureBuilder", "is_layernorm", "is_rmsnorm", "is_token_norm"]
 
 
 def is_layernorm(module: nn.Module | None) -> bool:
     """True for ``nn.LayerNorm`` and its subclasses (timm's ``LayerNorm`` included)."""
     return isinstance(module, nn.LayerNorm)
+
+
+def is_rmsnorm(module: nn.Module | None) -> bool:
+    """True for RMS norms over the last dim: timm ``RmsNorm`` and ``torch.nn.RMSNorm`` (Zhang & Sennrich 2019)."""
+    return isinstance(module, (RmsNorm, nn.RMSNorm))
+
+
+def is_token_norm(module: nn.Module | None) -> bool:
+    """True for a per-token norm over the last dim whose weight (and bias) follow a group: LayerNorm or RMS norm.
+
+    The masked-norm hooks (:mod:`vitopt.arch.hooks`) recompute either over kept channels only.
+    """
+    return is_layernorm(module) or is_rmsnorm(module)
 
 
 class StructureBuilder:
@@ -68,10 +82,10 @@ class StructureBuilder:
         self.lay(f"{prefix}.fc2.bias", 0, embed)
 
     def ln(self, module: str, *factors: Factor) -> None:
-        """Record a LayerNorm over ``factors`` (default one group): its weight/bias, and renorm under
-        the factors' only group. Skipped when ``module`` is not a LayerNorm (e.g. Identity)."""
+        """Record a LayerNorm or RMS norm over ``factors`` (default one group): its weight/bias, and renorm
+        under the factors' only group. Skipped when ``module`` is neither (e.g. Identity)."""
         mod = self.model.get_submodule(module)
-        if not is_layernorm(mod):
+        if not is_token_norm(mod):
             return
         self.lay(f"{module}.weight", 0, *factors)
         self.lay(f"{module}.bias", 0, *factors)

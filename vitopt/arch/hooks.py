@@ -5,8 +5,8 @@ choke point of a group, the module's input or output by one value per unit, expa
 choke point's layout. With 0/1 values this is a hard mask equal to removing the units (invariant 1 of
 docs/architecture.md); with learnable values it is a VTP gate (Zhu, Tang, Han 2021, arXiv 2104.08500).
 
-For the residual width (``embed``), a hard mask must also take LayerNorm statistics over the kept
-channels only; with ``renorm=True`` the LayerNorms listed in ``Structure.norms`` are recomputed that
+For the residual width (``embed``), a hard mask must also take LayerNorm (or RMS norm) statistics over
+the kept channels only; with ``renorm=True`` the LayerNorms listed in ``Structure.norms`` are recomputed that
 way (the UP-ViTs consistency requirement, Yu & Wu 2021).
 
 :func:`attach_replica_masks` is the batched variant used by one-at-a-time removal criteria (UP-ViTs'
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitopt.arch.builder import is_rmsnorm
 from vitopt.arch.structure import AxisLayout, ChokePoint, Structure
 
 __all__ = ["ScalerHandle", "attach_scalers", "attach_replica_masks"]
@@ -66,19 +67,34 @@ def _norm_mask(mask: torch.Tensor, factors, group: str) -> torch.Tensor:
     return mask if factors is None else AxisLayout("", -1, factors).expand({group: mask})
 
 
+#: attribute a renorm hook leaves on its output: the channels it kept, so that a second group's hook on
+#: the same LayerNorm (an attention-output norm over ``(heads) x (head_dim)``) keeps the intersection.
+_KEPT_ATTR = "_vitopt_renorm_kept"
+
+
 def _renorm_hook(mask: torch.Tensor, factors=None, group: str = ""):
     """LayerNorm forward over the channels where ``mask != 0``; removed channels output 0.
 
     ``factors`` (from ``Structure.norm_factors``) expands a per-unit mask over a LayerNorm wider than
-    the group, e.g. Swin's PatchMerging norm over ``4 x C``.
+    the group, e.g. Swin's PatchMerging norm over ``4 x C``, or an attention-output norm over
+    ``(heads) x (head_dim)``. When several groups renormalise the same LayerNorm, their hooks run in
+    turn and the later ones keep the channels every group keeps (the product of the masks).
     """
     def hook(module: nn.LayerNorm, args, out):
         x = args[0]
-        keep = (_norm_mask(mask, factors, group) != 0).nonzero().squeeze(1).to(x.device)
+        kept = _norm_mask(mask, factors, group).to(x.device) != 0
+        prev = getattr(out, _KEPT_ATTR, None)          # another group's renorm ran first on this module
+        if prev is not None:
+            kept = kept & prev
+        keep = kept.nonzero().squeeze(1)
         y = torch.zeros_like(out)
         w = module.weight[keep] if module.weight is not None else None
-        b = module.bias[keep] if module.bias is not None else None
-        y[..., keep] = F.layer_norm(x[..., keep], (keep.numel(),), w, b, module.eps)
+        if is_rmsnorm(module):
+            y[..., keep] = F.rms_norm(x[..., keep], (keep.numel(),), w, module.eps)
+        else:
+            b = module.bias[keep] if module.bias is not None else None
+            y[..., keep] = F.layer_norm(x[..., keep], (keep.numel(),), w, b, module.eps)
+        setattr(y, _KEPT_ATTR, kept)
         return y
     return hook
 
@@ -178,16 +194,25 @@ def _replica_renorm_hook(name: str, masks: torch.Tensor, factors=None, group: st
             raise ValueError(f"{name}: input of shape {tuple(x.shape)} cannot be split into {R} replicas of "
                              f"width {D}.")
         m = full.to(device=x.device, dtype=x.dtype)[:, None, :]           # [R, 1, D]
+        prev = getattr(out, _KEPT_ATTR, None)                             # another group's hook ran first
+        if prev is not None:
+            m = m * prev
         xr = x.reshape(R, -1, D)                                          # [R, B*..., D]
         n = m.sum(-1, keepdim=True)
-        mean = (xr * m).sum(-1, keepdim=True) / n
-        var = ((xr - mean) ** 2 * m).sum(-1, keepdim=True) / n
-        y = (xr - mean) * torch.rsqrt(var + module.eps)
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        if is_rmsnorm(module):                                            # RMS over kept channels, no centring
+            y = xr * torch.rsqrt((xr ** 2 * m).sum(-1, keepdim=True) / n + eps)
+        else:
+            mean = (xr * m).sum(-1, keepdim=True) / n
+            var = ((xr - mean) ** 2 * m).sum(-1, keepdim=True) / n
+            y = (xr - mean) * torch.rsqrt(var + eps)
         if module.weight is not None:
             y = y * module.weight
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             y = y + module.bias
-        return (y * m).reshape(x.shape)
+        y = (y * m).reshape(x.shape)
+        setattr(y, _KEPT_ATTR, m)
+        return y
     return hook
 
 

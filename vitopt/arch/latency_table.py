@@ -370,7 +370,9 @@ def cost_fn(table: LatencyTable, model: nn.Module) -> Callable[[dict[str, int]],
         raise VitoptError(f"the latency table was measured for {table.depth} blocks at {table.num_tokens} tokens, "
                           f"but the model has {depth} blocks at {n} tokens; measure a table for this model "
                           "(vitopt measure-lut).")
-    base = {**fam.read_dims(model), **{f"blocks.{i}": 0 for i in range(depth, table.depth)}}
+    # a fixed head_dim (Eva under RoPE) is no group but the table still prices heads x head_dim
+    base = {**{f"blocks.{i}.head_dim": int(blk.attn.head_dim) for i, blk in enumerate(model.blocks)},
+            **fam.read_dims(model), **{f"blocks.{i}": 0 for i in range(depth, table.depth)}}
 
     def cost(dims: dict[str, int]) -> float:
         return table.latency_ms({**base, **dims})

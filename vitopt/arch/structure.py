@@ -168,8 +168,9 @@ class Structure:
         groups: name -> :class:`Group`, in a stable order (embed first, then block by block).
         layouts: every coupled parameter axis.
         chokes: group name -> choke points where gates / hard masks act.
-        norms: group name -> LayerNorm modules that normalise over that group's units (only the
-            residual width); masked simulation recomputes their statistics over kept units.
+        norms: group name -> LayerNorm modules that normalise over that group's units (the residual
+            width; also an MLP's hidden norm, qk_norm over head_dim, an attention-output norm over heads
+            and head_dim); masked simulation recomputes their statistics over kept units.
         norm_factors: LayerNorm module -> layout of its normalised dim, for a LayerNorm whose width is
             not just its group's units. Swin's PatchMerging norm spans ``4 x C`` channels of the
             previous stage, ``((None, 4), ("layers.0.embed", C))``. A LayerNorm absent from this map
@@ -189,6 +190,9 @@ class Structure:
     norms: dict[str, list[str]] = field(default_factory=dict)
     norm_factors: dict[str, tuple[Factor, ...]] = field(default_factory=dict)
     units: dict[str, list[str]] = field(default_factory=dict)
+    #: group kind -> the sentence saying why this model has no groups of that kind although its family
+    #: prunes it elsewhere (Eva's head_dim under RoPE); :func:`vitopt.pruning.importance.select_groups` raises it.
+    fixed_kinds: dict[str, str] = field(default_factory=dict)
     #: the :class:`vitopt.arch.cost.CostModel` of the model this Structure describes, set by
     #: :func:`vitopt.arch.cost.structure_of` (``vitopt.structure``); None for a bare family Structure.
     cost_model: Any = field(default=None, repr=False, compare=False)

@@ -149,7 +149,9 @@ def _skeleton(model: nn.Module) -> nn.Module:
 
 def _block_probe(skel: nn.Module, D: int, heads: int, head_dim: int, M: int, num_tokens: int) -> nn.Module:
     m = copy.deepcopy(skel)
-    resize_to(m, {"embed": D, "blocks.0.heads": heads, "blocks.0.head_dim": head_dim, "blocks.0.mlp": M})
+    want = {"embed": D, "blocks.0.heads": heads, "blocks.0.head_dim": head_dim, "blocks.0.mlp": M}
+    groups = family_of(m).read_dims(m)                 # no head_dim group where it is fixed (Eva under RoPE)
+    resize_to(m, {k: v for k, v in want.items() if k in groups})
     return _BlockProbe(_randomise(m.blocks[0]), num_tokens).eval()
 
 
@@ -362,7 +364,9 @@ def measure_lut(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: i
     _check_device("cuda" if runtime == "tensorrt" and device == "cpu" else device)
     fam = family_of(model)
     fam.check_supported(model)
-    dims = fam.read_dims(model)
+    # a family without head_dim groups (Eva under RoPE: head_dim fixed) still has one per block
+    dims = {**{f"blocks.{i}.head_dim": int(blk.attn.head_dim) for i, blk in enumerate(model.blocks)},
+            **fam.read_dims(model)}
     depth = len(model.blocks)
     if depth < 1:
         raise VitoptError("the model has no transformer blocks; a latency table needs at least one.")

@@ -163,6 +163,38 @@ def _opset_of(model: onnx.ModelProto) -> int:
     return -1
 
 
+def _split_sizes_below_opset_18(proto: onnx.ModelProto) -> None:
+    """Rewrite ``Split(num_outputs=k)`` as opset-13 ``Split(x, sizes)`` in a graph below opset 18, in place.
+
+    ``num_outputs`` is an opset-18 attribute (https://onnx.ai/onnx/operators/onnx__Split.html); the
+    dynamo exporter's 18 -> 17 conversion leaves it on the Split that ``torch.chunk`` becomes (the
+    packed SwiGLU / GluMlp of DINOv2), and the checker then rejects the graph. Sizes follow opset 18's
+    rule: ``ceil(n / k)`` per output, the last one smaller. A split axis of unknown length is left alone.
+    """
+    if _opset_of(proto) >= 18:
+        return
+    nodes = [n for n in proto.graph.node
+             if n.op_type == "Split" and any(a.name == "num_outputs" for a in n.attribute)]
+    if not nodes:
+        return
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {v.name: v.type.tensor_type.shape
+              for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    for i, node in enumerate(nodes):
+        attrs = {a.name: a for a in node.attribute}
+        k, axis = int(attrs["num_outputs"].i), int(attrs["axis"].i) if "axis" in attrs else 0
+        shape = shapes.get(node.input[0])
+        if shape is None or len(node.input) > 1 or not shape.dim or not shape.dim[axis].HasField("dim_value"):
+            continue
+        n = int(shape.dim[axis].dim_value)
+        step = -(-n // k)
+        name = f"vitopt_split_sizes_{i}"
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(
+            np.array([step] * (k - 1) + [n - step * (k - 1)], dtype=np.int64), name))
+        node.input.append(name)
+        node.attribute.remove(attrs["num_outputs"])
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else type(exc).__name__
@@ -391,6 +423,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
                 proto = onnx.load(str(tmp_file))  # loads external data, if any, into memory
             except Exception as exc:
                 raise VitoptError(f"the exporter wrote an unreadable ONNX file ({_first_line(exc)}).") from None
+            _split_sizes_below_opset_18(proto)
 
     simplify_error = None
     if simplify:

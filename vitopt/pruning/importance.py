@@ -62,6 +62,9 @@ def select_groups(structure: Structure, groups: Sequence[str] | None = None) -> 
     wanted = list(DEFAULT_GROUPS if groups is None else groups)
     kinds = {g.kind for g in structure.groups.values()}
     bad = [w for w in wanted if w not in kinds and w not in structure.groups]
+    fixed = [w for w in bad if w in structure.fixed_kinds]
+    if fixed:
+        raise VitoptError(structure.fixed_kinds[fixed[0]])
     if bad:
         raise VitoptError(f"groups {bad} are neither group kinds of this {structure.family} model "
                           f"({', '.join(sorted(kinds))}) nor its group names (e.g. {next(iter(structure.groups))!r}).")

@@ -2,8 +2,8 @@
 
 Each family is one module implementing :class:`~vitopt.arch.families.base.Family` and one entry of
 :data:`FAMILIES`: ViT/DeiT (:mod:`~vitopt.arch.families.vit`), Swin v1
-(:mod:`~vitopt.arch.families.swin`), PVTv2 (:mod:`~vitopt.arch.families.pvt`) and Swin v2
-(:mod:`~vitopt.arch.families.swinv2`).
+(:mod:`~vitopt.arch.families.swin`), PVTv2 (:mod:`~vitopt.arch.families.pvt`), Swin v2
+(:mod:`~vitopt.arch.families.swinv2`) and Eva / EVA-02 / DINOv3 (:mod:`~vitopt.arch.families.eva`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from vitopt.arch.families.base import Family
+from vitopt.arch.families.eva import EvaFamily
 from vitopt.arch.families.pvt import PvtV2Family
 from vitopt.arch.families.swin import SwinFamily
 from vitopt.arch.families.swinv2 import SwinV2Family
@@ -20,7 +21,8 @@ from vitopt.errors import VitoptError
 __all__ = ["FAMILIES", "Family", "family_of", "get_family"]
 
 #: family key -> family object, in the order they are tried.
-FAMILIES: dict[str, Family] = {f.name: f for f in (VitFamily(), SwinFamily(), PvtV2Family(), SwinV2Family())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (VitFamily(), SwinFamily(), PvtV2Family(), SwinV2Family(),
+                                                   EvaFamily())}
 
 
 def family_of(model: nn.Module) -> Family:
