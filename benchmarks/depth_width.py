@@ -3,8 +3,9 @@
 ModelOpt's guidance and NVIDIA's MDP (Sun et al., "Multidimensional Vision Model Pruning with Latency
 Constraint", CVPR 2025) find that removing whole blocks buys more real latency per point of accuracy
 than width at the same cost. This script tests that on the embedded digits data with a DINOv2-style
-ViT (LayerScale, 4 register tokens with ``no_embed_class``; 16 px, width 128, ``--depth`` blocks), one
-seed:
+ViT (``--model dinov2``: LayerScale, 4 register tokens with ``no_embed_class``) or an EVA-02-style Eva
+(``--model eva02``: RoPE, q/v bias, packed SwiGLU; head_dim is fixed under RoPE, so width is embed, heads
+and mlp); 16 px, width 128, ``--depth`` blocks, one seed:
 
 1. the dense model is trained on digits (the quickstart recipe's dense training);
 2. one set of ``taylor`` scores (8 calibration batches of 64) prices every kind; each variant is
@@ -52,10 +53,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SCRIPT = "depth_width"
-TIMM_NAME = "vit_small_patch14_reg4_dinov2"
-#: DINOv2-style: LayerScale (init_values), 4 register tokens, no_embed_class, class token, pos_embed at 16 px
-KWARGS: dict[str, Any] = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 128, "num_heads": 4,
-                          "num_classes": 10, "init_values": 1e-5, "dynamic_img_size": False}
+#: --model -> (timm name, kwargs) at 16 px, width 128, 4 heads
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    # DINOv2-style: LayerScale (init_values), 4 register tokens, no_embed_class, class token, pos_embed
+    "dinov2": ("vit_small_patch14_reg4_dinov2", {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 128,
+                                                 "num_heads": 4, "num_classes": 10, "init_values": 1e-5,
+                                                 "dynamic_img_size": False}),
+    # EVA-02-style (eva family): rotary position embedding (head_dim fixed), fused qkv with q/v bias, packed SwiGLU
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 128,
+                                         "num_heads": 4, "num_classes": 10}),
+}
 WIDTH = ["embed", "heads", "head_dim", "mlp"]
 #: variant -> (criterion, groups, FLOPs target: None = --flops, else the variant whose achieved FLOPs to match)
 VARIANTS: dict[str, tuple[str, list[str], str | None]] = {
@@ -82,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_timing_args(ap)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime / torch CPU threads (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="dinov2", choices=list(MODELS), help="dense model style (default dinov2)")
     ap.add_argument("--compare", default="normalized", choices=["normalized", "calibrated", "isomorphic"],
                     help="how width and depth units compete (default normalized, as the committed results were made; "
                          "the library default is calibrated)")
@@ -141,12 +149,13 @@ def run(args, tmp: Path) -> dict[str, Any]:
     from vitopt.train.data import load_data
     from vitopt.train.inputs import model_input
 
-    kwargs = {**KWARGS, "depth": args.depth}
+    timm_name, kwargs = MODELS[args.model]
+    kwargs = {**kwargs, "depth": args.depth}
     torch.manual_seed(args.seed)
-    dense = create_model(TIMM_NAME, dict(kwargs)).eval()
+    dense = create_model(timm_name, dict(kwargs)).eval()
     mi = model_input(dense)
     shape = (mi.in_chans, *mi.img_size)
-    out: dict[str, Any] = {"timm": TIMM_NAME, "kwargs": kwargs, "input_shape": list(shape), "flops_target": args.flops}
+    out: dict[str, Any] = {"model": args.model, "timm": timm_name, "kwargs": kwargs, "compare": args.compare, "input_shape": list(shape), "flops_target": args.flops}
     data = load_data(SimpleNamespace(type="digits", val_fraction=0.2), mi, args.seed)
     t0 = time.perf_counter()
     dense_top1 = _train_dense(dense, data, args)
@@ -154,6 +163,7 @@ def run(args, tmp: Path) -> dict[str, Any]:
     calib = calibration_batches(data.train, "taylor", batches=8, batch_size=64, seed=args.seed + 5)
     base = vitopt.structure(dense)
     dense_flops, dense_params = base.cost("flops"), base.cost("params")
+    kinds = {g.kind for g in base.groups.values()}
     teacher = copy.deepcopy(dense).eval().requires_grad_(False)
     models = {"dense": dense}
     rows: dict[str, dict[str, Any]] = {"dense": {"criterion": None, "groups": [], "flops_ratio": 1.0,
@@ -163,6 +173,7 @@ def run(args, tmp: Path) -> dict[str, Any]:
         target = args.flops if match is None else rows[match]["flops_ratio"]
         common.console.rule(f"{label}: prune to {target:.3f} of dense FLOPs ({criterion}, {groups})")
         t1 = time.perf_counter()
+        groups = [g for g in groups if g in kinds]     # Eva under RoPE has no head_dim group
         res = prune_with_report(dense, target={"flops": target}, criterion=criterion, groups=groups, data=calib,
                                 round_to=ROUND_TO, compare=args.compare)
         m = res.model.eval()
@@ -218,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res = run(args, Path(tmp))
     table = [[label, r["flops_ratio"], r["params_ratio"], r["blocks"], r.get("top1_one_shot"), r["top1"], r["ms"],
               common.fmt_ratio(r["ratio_to_dense"], 3), r["speed_per_point"]] for label, r in res["rows"].items()]
-    common.print_table(f"Width vs depth at {args.flops} of dense FLOPs, DINOv2-style ViT on digits (ONNX Runtime CPU, "
+    style = {"dinov2": "DINOv2-style ViT", "eva02": "EVA-02-style Eva"}[args.model]
+    common.print_table(f"Width vs depth at {args.flops} of dense FLOPs, {style} on digits (ONNX Runtime CPU, "
                        f"batch 1, {args.threads} thread(s); {args.final_rounds} interleaved rounds; one seed)",
                        [("variant", "left"), "FLOPs ratio", "params ratio", "blocks", "top-1 one-shot",
                         "top-1 fine-tuned", "ms", ("x dense (min-max)", "left"), "speed per point"], table)
