@@ -270,17 +270,16 @@ def test_noise_floor_quick(tmp_path):
 
 
 def test_accuracy_best_tp_is_chosen_among_variants_that_reached_the_target():
-    """A Torch-Pruning variant that overshot the FLOPs target on a seed is reported, not called the best."""
+    """A Torch-Pruning variant more than 2% over the FLOPs target on a seed is reported, not called the best."""
     import accuracy
 
-    def run(method, seed, top1, note=None):
-        r = {"seed": seed, "target": 0.3, "method": method, "top1": top1, "top1_pruned": top1, "flops_ratio": 0.3,
-             "params_ratio": 0.3, "tool": "vitopt" if method == "vitopt" else "torch-pruning"}
-        return {**r, "note": note} if note else r
+    def run(method, seed, top1, flops=0.3):
+        return {"seed": seed, "target": 0.3, "method": method, "top1": top1, "top1_pruned": top1, "flops_ratio": flops,
+                "params_ratio": 0.3, "tool": "vitopt" if method == "vitopt" else "torch-pruning"}
 
-    runs = [run("vitopt", 0, 90.0), run("vitopt", 1, 92.0),
-            run("tp-a", 0, 89.0), run("tp-a", 1, 90.0),
-            run("tp-b", 0, 99.0, note="Torch-Pruning could not reach 0.3 within 1%"), run("tp-b", 1, 99.0)]
+    runs = [run("vitopt", 0, 90.0, 0.299), run("vitopt", 1, 92.0, 0.298),
+            run("tp-a", 0, 89.0, 0.305), run("tp-a", 1, 90.0, 0.29),       # within 2% over the budget
+            run("tp-b", 0, 99.0, 0.3065), run("tp-b", 1, 99.0)]             # 2.2% over on seed 0
     summary = accuracy.summarize(runs, ["vitopt", "tp-a", "tp-b"], [0.3])
     assert [s["reached_target"] for s in summary] == [True, True, False]
     (paired,) = accuracy.paired_differences(runs, summary, [0.3])
