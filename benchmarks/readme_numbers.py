@@ -192,10 +192,14 @@ def render_accuracy(doc: dict) -> list[str]:
         return f"{s['mean']:.{d}f} ± {s['std']:.{d}f}" if s.get("n", 1) > 1 else f"{s['mean']:.{d}f}"
 
     dense = [d["top1"] for d in doc.get("dense", [])]
-    rows = [["dense (per seed)", "", "1.000", " / ".join(f"{v:.1f}" for v in dense), ""]]
-    rows += [[s["method"], s["target"], pm(s["flops_ratio"], 3), pm(s["top1"]), pm(s["top1_pruned"])]
+    def reached(s):
+        return "" if s["tool"] != "torch-pruning" else ("yes" if s.get("reached_target") else "**no**")
+
+    rows = [["dense (per seed)", "", "1.000", " / ".join(f"{v:.1f}" for v in dense), "", ""]]
+    rows += [[s["method"], s["target"], pm(s["flops_ratio"], 3), pm(s["top1"]), pm(s["top1_pruned"]), reached(s)]
              for s in doc["summary"]]
-    out = [_md(["method", "target", "FLOPs ratio", "top-1 fine-tuned (%)", "top-1 one-shot (%)"], rows)]
+    out = [_md(["method", "target", "FLOPs ratio", "top-1 fine-tuned (%)", "top-1 one-shot (%)",
+                "TP at most 2% over target"], rows)]
     paired = [[p["target"], p["best_tp"], f"{p['diff']['mean']:+.2f}", f"{p['diff']['std']:.2f}",
                f"{p['diff']['min']:+.2f}", f"{p['diff']['max']:+.2f}", f"{p['wins']}/{len(p['seeds'])}"]
               for p in doc.get("paired", [])]
