@@ -60,6 +60,19 @@ class StructureBuilder:
         self.chokes.setdefault(name, [])
         return (name, int(size))
 
+    def depth(self, name: str, size: int, *, stage: int | None = None) -> Factor:
+        """Declare a ``blocks`` group ``name`` whose ``size`` units are the modules ``name.0`` ... (depth);
+        its choke points are added per block with :meth:`unit_choke`."""
+        factor = self.group(name, "blocks", size, stage=stage)
+        self.units[name] = [f"{name}.{j}" for j in range(int(size))]
+        return factor
+
+    def patch_embed(self, prefix: str, embed: Factor) -> None:
+        """Lay out a patch-embedding convolution ``prefix.proj`` (output channels = ``embed``) and its norm."""
+        self.lay(f"{prefix}.proj.weight", 0, embed)
+        self.lay(f"{prefix}.proj.bias", 0, embed)
+        self.ln(f"{prefix}.norm", embed)
+
     def lay(self, param: str, axis: int, *factors: Factor) -> None:
         """Record that axis ``axis`` of ``param`` factorises as ``factors`` (skipped if ``param`` is absent)."""
         if param in self.params:

@@ -129,11 +129,8 @@ class EvaFamily:
         b = StructureBuilder(self.name, model)
         E = b.group("embed", "embed", dims["embed"])
         b.choke("embed", "norm_pre", "input", E)
-        b.group("blocks", "blocks", dims["blocks"])
-        b.units["blocks"] = [f"blocks.{i}" for i in range(len(model.blocks))]
-        b.lay("patch_embed.proj.weight", 0, E)
-        b.lay("patch_embed.proj.bias", 0, E)
-        b.ln("patch_embed.norm", E)
+        b.depth("blocks", dims["blocks"])
+        b.patch_embed("patch_embed", E)
         for tok in ("cls_token", "reg_token", "pos_embed"):
             b.lay(tok, 2, E)
         b.ln("norm_pre", E)

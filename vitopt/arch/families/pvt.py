@@ -154,8 +154,7 @@ class PvtV2Family:
         for s, stage in enumerate(model.stages):
             E = b.group(f"stages.{s}.embed", "embed", dims[f"stages.{s}.embed"], stage=s)
             depth = f"stages.{s}.blocks"
-            b.group(depth, "blocks", dims[depth], stage=s)
-            b.units[depth] = [f"{depth}.{j}" for j in range(len(stage.blocks))]
+            b.depth(depth, dims[depth], stage=s)
             pe = "patch_embed" if s == 0 else f"stages.{s}.downsample"
             b.lay(f"{pe}.proj.weight", 0, E)
             if prev is not None:

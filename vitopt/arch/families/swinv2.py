@@ -196,12 +196,9 @@ class SwinV2Family:
         for s, stage in enumerate(model.layers):
             E = b.group(f"layers.{s}.embed", "embed", dims[f"layers.{s}.embed"], stage=s)
             depth = f"layers.{s}.blocks"
-            b.group(depth, "blocks", dims[depth], stage=s)
-            b.units[depth] = [f"{depth}.{j}" for j in range(len(stage.blocks))]
+            b.depth(depth, dims[depth], stage=s)
             if s == 0:
-                b.lay("patch_embed.proj.weight", 0, E)
-                b.lay("patch_embed.proj.bias", 0, E)
-                b.ln("patch_embed.norm", E)
+                b.patch_embed("patch_embed", E)
                 b.choke(E[0], "patch_embed", "output", E)
             else:
                 d = f"layers.{s}.downsample"
