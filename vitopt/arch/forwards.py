@@ -66,6 +66,21 @@ def attention_pool_latent_forward(self, x: torch.Tensor, attn_mask: torch.Tensor
     return x
 
 
+def fused_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's fused q/k/v projection with separate ``q_bias`` / ``k_bias`` / ``v_bias`` (EVA, Swin v2).
+
+    Shapes: x ``[B, N, C]`` -> ``[B, N, 3 * heads * head_dim]`` (layout ``(3) x (heads) x (head_dim)``).
+    ``attn.qkv_bias_separate`` adds the bias after the matmul, as timm does; without ``q_bias`` the
+    Linear's own bias (if any) is used.
+    """
+    if attn.q_bias is None:
+        return attn.qkv(x)
+    qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    if getattr(attn, "qkv_bias_separate", False):
+        return attn.qkv(x) + qkv_bias
+    return F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
+
+
 def eva_attention_forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                           attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """timm ``EvaAttention.forward`` with the attention output reshaped to ``num_heads * head_dim``.
@@ -78,16 +93,7 @@ def eva_attention_forward(self, x: torch.Tensor, rope: torch.Tensor | None = Non
     A = self.num_heads * self.head_dim
     gate = self.gate(x).sigmoid() if self.gate is not None else None
     if self.qkv is not None:
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.qkv_bias_separate:
-                qkv = self.qkv(x)
-                qkv += qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = fused_qkv(self, x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
     else:
         q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)

@@ -56,6 +56,7 @@ from timm.models.swin_transformer_v2 import (
 from torch import nn
 
 from vitopt.arch.builder import StructureBuilder, is_layernorm
+from vitopt.arch.forwards import fused_qkv
 from vitopt.arch.structure import Structure, removed_units, skeleton_depth
 from vitopt.errors import VitoptError
 
@@ -87,16 +88,7 @@ def window_attention_forward(self: WindowAttention, x: torch.Tensor, mask: torch
         ``[windows * B, N, C]``.
     """
     B_, N, _ = x.shape
-    if self.q_bias is None:
-        qkv = self.qkv(x)
-    else:
-        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        if self.qkv_bias_separate:
-            qkv = self.qkv(x)
-            qkv += qkv_bias
-        else:
-            qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-    qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = fused_qkv(self, x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
     logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
