@@ -33,10 +33,13 @@ from vitopt.errors import VitoptError
 from vitopt.pruning.allocation import COMPARE, allocate_budget, parse_target, shape_sizes, target_cost
 from vitopt.pruning.criteria import get_criterion
 from vitopt.pruning.importance import as_batches, default_groups, importance, select_groups
-from vitopt.pruning.sensitivity import calibrate_scores, exchange_rates
+from vitopt.pruning.sensitivity import CURVE_PROBES, calibrate_by_curves, sensitivity_curves
 from vitopt.train.loop import TrainHParams, fit
 
-__all__ = ["prune", "prune_with_report", "PruneResult", "kd_recovery", "SCHEDULES"]
+__all__ = ["prune", "prune_with_report", "PruneResult", "kd_recovery", "SCHEDULES", "CALIBRATED"]
+
+#: ``compare`` values that measure each kind's loss on the calibration data -> the removal fractions probed.
+CALIBRATED = {"calibrated": (0.25,), "calibrated_curve": CURVE_PROBES}
 
 #: ``schedule`` values.
 SCHEDULES = ("one_shot", "iterative")
@@ -133,9 +136,12 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
         calibration_batches: batches of ``data`` to use (None: all of it).
         criterion_options: criterion options (``max_rows`` for kl; ``steps``, ``lr``, ``penalty`` for search).
         compare: how units of different kinds are compared: ``"normalized"``, ``"isomorphic"``,
-            ``"raw"`` (see :func:`vitopt.pruning.allocation.allocate_budget`) or ``"calibrated"``: each
+            ``"raw"`` (see :func:`vitopt.pruning.allocation.allocate_budget`), ``"calibrated"``: each
             kind's scores are converted to measured loss per unit on the calibration data first
-            (:mod:`vitopt.pruning.sensitivity`), then ranked by loss per cost saved.
+            (:mod:`vitopt.pruning.sensitivity`, one probe removing 25% of every group), then ranked by
+            loss per cost saved, or ``"calibrated_curve"``: the same with a rate per removal depth
+            (probes at 25/50/75%, lower convex hull), so deep cuts of one block are priced at their
+            measured, steeper marginal loss.
         min_fraction: kind -> minimum kept fraction of every group (a per-block floor).
         fill: re-add removed chunks that still fit under the budget (lands just under it).
         rank: allocation ranking, ``"per_cost"`` (default) or ``"score"``.
@@ -161,9 +167,9 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
         raise VitoptError("schedule 'iterative' re-scores after every round, but gates only score the unpruned "
                           "model; use criterion l1, taylor, hessian, kl or search.")
     batches = as_batches(data, calibration_batches)
-    if compare not in (*COMPARE, "calibrated"):
-        raise VitoptError(f"unknown compare {compare!r} (known: {', '.join((*COMPARE, 'calibrated'))}).")
-    calibrated = compare == "calibrated" and t.metric != "shape"      # a shape target compares nothing
+    if compare not in (*COMPARE, *CALIBRATED):
+        raise VitoptError(f"unknown compare {compare!r} (known: {', '.join((*COMPARE, *CALIBRATED))}).")
+    calibrated = compare in CALIBRATED and t.metric != "shape"      # a shape target compares nothing
     if not batches and ("data" in crit.needs or calibrated):
         what = [f"criterion {criterion!r}"] * ("data" in crit.needs) + [f"compare={compare!r}"] * calibrated
         raise VitoptError(f"{' and '.join(what)} needs data: pass data= (a DataLoader or a list of (images, labels) "
@@ -213,10 +219,13 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
                                 structure=structure, **opts)
             entry: dict[str, Any] = {"round": rnd, "budget": budget, "criterion_cost": scores.cost}
             ranked, how = scores, compare
-            if compare == "calibrated":
-                rates = exchange_rates(model, structure, scores, batches or [])
-                ranked, how = calibrate_scores(scores, structure, rates), "raw"
-                entry["exchange_rates"] = rates
+            if compare in CALIBRATED:
+                probes = CALIBRATED[compare]
+                curves = sensitivity_curves(model, structure, scores, batches or [], probes=probes)
+                ranked, how = calibrate_by_curves(scores, structure, curves, probes), "raw"
+                entry["exchange_rates"] = {k: c[0] for k, c in curves.items()}
+                if len(probes) > 1:
+                    entry["rate_curves"] = curves
             plan = allocate_budget(structure, ranked, cost, budget, scope=scope, round_to=round_to,
                                    min_keep=min_keep, min_fraction=min_fraction, compare=how, rank=rank, fill=fill)
             entry["achieved"] = float(cost(plan.cost_dims(structure)))

@@ -531,12 +531,14 @@ class PruneStage(_StageBase):
                                   "head_dim and mlp (for 'gate': the kinds its gates cover). Depth is opt-in: "
                                   "add 'blocks' (one unit per transformer block; ViT family) to prune width and "
                                   "depth under one budget, e.g. [blocks, heads, mlp].")
-    compare: Literal["normalized", "isomorphic", "calibrated"] = Field(
+    compare: Literal["normalized", "isomorphic", "calibrated", "calibrated_curve"] = Field(
         default="calibrated", description="How units of different kinds compete under one budget: 'normalized' (each "
                                           "kind's scores divided by its mean score, times its mean unit cost), "
                                           "'isomorphic' (every kind gives up the same fraction; ranking only within a "
                                           "kind, Fang et al. ECCV 2024), 'calibrated' (each kind's scores converted to "
-                                          "measured loss on the calibration data, then ranked by loss per cost saved).")
+                                          "measured loss on the calibration data, then ranked by loss per cost saved), "
+                                          "'calibrated_curve' (the same with a measured rate per removal depth, "
+                                          "25/50/75% of every group, so deep cuts of one block cost more).")
     min_fraction: dict[Group, Annotated[float, Field(ge=0, le=1)]] = Field(
         default={}, description="Minimum kept fraction of every group of a kind (a per-block floor), e.g. "
                                 "{heads: 0.25, mlp: 0.25}.")

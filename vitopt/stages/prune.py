@@ -79,7 +79,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
     cal = cfg.calibration
     calib = calibration_batches(state.data.train, cfg.criterion, batches=cal.batches, batch_size=cal.batch_size,
                                 per_class=cal.per_class, seed=seed, num_workers=state.data.num_workers,
-                                always=cfg.compare == "calibrated")
+                                always=cfg.compare.startswith("calibrated"))
     recover = None
     if cfg.schedule == "iterative" and cfg.iterative.train_steps > 0:
         it = cfg.iterative
