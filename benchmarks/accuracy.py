@@ -25,6 +25,12 @@ Methods:
 The summary gives mean ± std of top-1 over seeds, the achieved FLOPs of every method, the best
 Torch-Pruning variant per target, and the paired difference ``vitopt - best TP`` per seed with its spread.
 
+``--reuse EARLIER.json`` takes the runs of the methods not named in ``--methods`` from an earlier file
+made with the same settings, once each seed's dense model has reproduced that file's dense top-1 and
+FLOPs exactly (training here is deterministic at a fixed thread count); the methods run again and also
+present there are compared run by run (``reused.reproduced``). ``vitopt`` and ``vitopt-iterative`` mean
+the library defaults of their day, recorded as ``defaults``, and are reused only under the same ones.
+
     python benchmarks/accuracy.py [--quick] [--seeds 0 1 2] [--imagefolder PATH] [--out benchmarks/results/accuracy.json]
 """
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import statistics
 import sys
@@ -99,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp-max-iter", type=int)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=common.default_out(SCRIPT))
+    ap.add_argument("--reuse", type=Path, metavar="RESULTS_JSON",
+                    help="take the runs of every method of an earlier results file that is not in --methods, "
+                         "instead of running them again: same settings required, and every seed's dense model must "
+                         "reproduce that file's dense top-1 and FLOPs exactly (methods run in both are compared too)")
     ap.add_argument("--summarize", type=Path, metavar="RESULTS_JSON",
                     help="recompute the summary and paired differences of an earlier results file from its runs "
                          "(rewrites that file; no training)")
@@ -176,7 +187,7 @@ def prune(args, method: str, dense, data, calib, target: float, seed: int, teach
                                    inplace=True, **cfg)
     info = {"config": {k: v for k, v in cfg.items() if k != "round_to"}, "seconds": time.perf_counter() - t0,
             "rounds": [{k: r[k] for k in ("budget", "achieved") if k in r} for r in res.rounds],
-            "exchange_rates": res.rounds[-1].get("exchange_rates")}
+            "exchange_rates": res.rounds[-1].get("exchange_rates"), "rate_curves": res.rounds[-1].get("rate_curves")}
     return res.model, info, ft_epochs
 
 
@@ -195,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             vitopt_config(m)                                   # fail early on a malformed name
     if skipped:
         common.console.print(f"[yellow]skipping {', '.join(skipped)}: {tp_msg}[/]")
+    reuse = load_reuse(args.reuse, args) if args.reuse else None
     t_start = time.perf_counter()
     load_start = common.load_average()
     runs: list[dict] = []
@@ -222,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dense_cost = V.cost(model)
         dense_runs.append({"seed": seed, "top1": evaluate(model, val)["top1"], **dense_cost,
                            "seconds": time.perf_counter() - t0})
+        if reuse is not None:
+            runs += reused_runs(reuse, args.reuse, seed, dense_runs[-1], methods, args.targets)
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         calib = {c: calibration_batches(data.train, c, batches=args.calib_batches, batch_size=args.batch_size,
                                         seed=seed * 1000 + 7, always=True) for c in ("taylor", "kl")}
@@ -257,16 +271,88 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      f"{run['top1_pruned']:.1f} -> fine-tuned {run['top1']:.1f}")
                 runs.append(run)
                 del pruned
-    summary = summarize(runs, methods, args.targets, args.tp_over)
+    all_methods = list(dict.fromkeys([*methods, *(r["method"] for r in runs)]))
+    summary = summarize(runs, all_methods, args.targets, args.tp_over)
     paired = paired_differences(runs, summary, args.targets)
     print_summary(summary, paired, dense_runs, data_name, args)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    payload = {"config": config, "data": data_name, "threads": threads, "tp_available": tp_ok, "tp_skipped": skipped,
+    checks = reproduced(reuse, runs)
+    if checks:
+        same = sum(c["equal"] for c in checks)
+        common.console.print(f"reproduced {same}/{len(checks)} runs of {args.reuse} exactly (top-1)")
+    payload = {"config": config, "defaults": library_defaults(), "data": data_name, "threads": threads, "tp_available": tp_ok, "tp_skipped": skipped,
+               "reused": {"from": str(args.reuse), "methods": sorted({r["method"] for r in runs if "reused_from" in r}),
+                          "reproduced": checks} if reuse is not None else None,
                "load_average": {"start": load_start, "end": common.load_average()},
                "dense": dense_runs, "runs": runs, "summary": summary, "paired": paired,
                "seconds": time.perf_counter() - t_start}
     common.write_json(args.out, payload, script=SCRIPT, args=config, argv=argv)
     return payload
+
+
+#: settings that must be equal for runs of an earlier results file to be reused (``--reuse``)
+SAME_FOR_REUSE = ("imagefolder", "depth", "split_seed", "dense_epochs", "finetune_epochs", "batch_size", "lr",
+                  "warmup_epochs", "ft_lr", "kd_alpha", "kd_tau", "calib_batches", "iterative_rounds", "tp_tol",
+                  "tp_grid", "tp_max_iter", "threads")
+
+
+def library_defaults() -> dict[str, Any]:
+    """``vitopt.prune_with_report``'s default criterion and compare: what the methods ``vitopt`` and
+    ``vitopt-iterative`` meant when a results file was written."""
+    sig = inspect.signature(vitopt.prune_with_report).parameters
+    return {"criterion": sig["criterion"].default, "compare": sig["compare"].default}
+
+
+def _same_meaning(doc: dict[str, Any], method: str) -> bool:
+    """Whether ``method`` in the results file ``doc`` names the configuration it names now (``vitopt`` and
+    ``vitopt-iterative`` follow the library defaults, which a file records since ``defaults`` exists)."""
+    return method not in ("vitopt", "vitopt-iterative") or doc.get("defaults") == library_defaults()
+
+
+def load_reuse(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The earlier results file ``path`` checked against ``args``: same settings, its seeds and targets
+    covering ours. Raises SystemExit with one sentence otherwise."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        cfg = doc["config"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"--reuse {path}: not a readable accuracy results file ({common.first_line(exc)}).") from None
+    ours = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    differ = [f"{k} ({cfg.get(k)!r} there, {ours[k]!r} here)" for k in SAME_FOR_REUSE if cfg.get(k) != ours[k]]
+    missing = [f"seed {x}" for x in args.seeds if x not in cfg["seeds"]] + \
+              [f"target {t}" for t in args.targets if t not in cfg["targets"]]
+    if differ or missing:
+        raise SystemExit(f"--reuse {path}: its runs were made differently: {', '.join(differ + missing)}.")
+    return doc
+
+
+def reused_runs(doc: dict[str, Any], path: Path, seed: int, dense: dict[str, Any], methods: list[str],
+                targets: list[float]) -> list[dict]:
+    """The runs of ``doc`` for ``seed`` whose method is not in ``methods`` (and means what it means now,
+    see :func:`_same_meaning`), after checking that ``dense``
+    (this run's dense model) reproduces ``doc``'s dense top-1 and FLOPs for that seed exactly."""
+    earlier = next((d for d in doc["dense"] if d["seed"] == seed), None)
+    if earlier is None or earlier["top1"] != dense["top1"] or earlier["flops"] != dense["flops"]:
+        raise SystemExit(f"--reuse {path}: the dense model of seed {seed} does not reproduce ({dense['top1']} top-1 "
+                         f"here, {earlier and earlier['top1']} there); its runs cannot be reused.")
+    return [{**r, "reused_from": str(path)} for r in doc["runs"]
+            if r["seed"] == seed and r["target"] in targets and r["method"] not in methods
+            and _same_meaning(doc, r["method"])]
+
+
+def reproduced(doc: dict[str, Any] | None, runs: list[dict]) -> list[dict]:
+    """For every run made here whose (seed, target, method) the reused file also has: both top-1 values."""
+    if doc is None:
+        return []
+    earlier = {(r["seed"], r["target"], r["method"]): r for r in doc["runs"] if "top1" in r
+               and _same_meaning(doc, r["method"])}
+    out = []
+    for r in runs:
+        e = earlier.get((r["seed"], r["target"], r["method"]))
+        if e is not None and "top1" in r and "reused_from" not in r:
+            out.append({"seed": r["seed"], "target": r["target"], "method": r["method"], "top1_here": r["top1"],
+                        "top1_there": e["top1"], "equal": r["top1"] == e["top1"]})
+    return out
 
 
 def resummarize(path: Path) -> dict[str, Any]:

@@ -287,6 +287,52 @@ def test_accuracy_best_tp_is_chosen_among_variants_that_reached_the_target():
     assert paired["diff"]["values"] == [1.0, 2.0] and paired["wins"] == 2
 
 
+def _earlier_accuracy_file(tmp_path, defaults=None):
+    import accuracy
+
+    args = accuracy.resolve_args(["--threads", "1"])
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    runs = [{"seed": s, "target": t, "method": m, "tool": "torch-pruning" if m.startswith("tp-") else "vitopt",
+             "top1": 90.0 + s, "top1_pruned": 80.0, "flops_ratio": t, "params_ratio": t}
+            for s in (0, 1, 2) for t in (0.5, 0.3, 0.15) for m in ("vitopt", "tp-magnitude", "tp-taylor")]
+    doc = {"config": config, "dense": [{"seed": s, "top1": 95.0 + s, "flops": 1000} for s in (0, 1, 2)], "runs": runs}
+    if defaults is not None:
+        doc["defaults"] = defaults
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(doc))
+    return accuracy, args, path
+
+
+def test_accuracy_reuse_takes_other_methods_only_from_a_reproduced_dense_model(tmp_path):
+    """--reuse: runs of methods not rerun come back for a seed whose dense model reproduces exactly; a
+    different dense model, different settings, or a 'vitopt' written under other library defaults do not."""
+    accuracy, args, path = _earlier_accuracy_file(tmp_path)
+    doc = accuracy.load_reuse(path, args)
+    got = accuracy.reused_runs(doc, path, 1, {"top1": 96.0, "flops": 1000}, ["vitopt", "tp-taylor"], [0.5, 0.3])
+    assert sorted((r["method"], r["target"]) for r in got) == [("tp-magnitude", 0.3), ("tp-magnitude", 0.5)]
+    assert all(r["seed"] == 1 and r["reused_from"] == str(path) for r in got)
+    # 'vitopt' of a file without recorded defaults is never reused: its meaning may have changed
+    got = accuracy.reused_runs(doc, path, 1, {"top1": 96.0, "flops": 1000}, ["tp-taylor"], [0.5])
+    assert [r["method"] for r in got] == ["tp-magnitude"]
+    with pytest.raises(SystemExit, match="dense model of seed 1 does not reproduce"):
+        accuracy.reused_runs(doc, path, 1, {"top1": 96.0 + 1e-9, "flops": 1000}, ["vitopt"], [0.5])
+    other = accuracy.resolve_args(["--threads", "1", "--finetune-epochs", "3"])
+    with pytest.raises(SystemExit, match="finetune_epochs"):
+        accuracy.load_reuse(path, other)
+    with pytest.raises(SystemExit, match="seed 7"):
+        accuracy.load_reuse(path, accuracy.resolve_args(["--threads", "1", "--seeds", "7"]))
+    _, _, same = _earlier_accuracy_file(tmp_path, defaults=accuracy.library_defaults())
+    got = accuracy.reused_runs(accuracy.load_reuse(same, args), same, 0, {"top1": 95.0, "flops": 1000},
+                               ["tp-taylor"], [0.5])
+    assert sorted(r["method"] for r in got) == ["tp-magnitude", "vitopt"]
+    # a method run here that the earlier file also has is compared with it, run by run
+    again = {"seed": 0, "target": 0.5, "method": "tp-magnitude", "top1": 90.5}
+    same_again = {"seed": 0, "target": 0.3, "method": "tp-magnitude", "top1": 90.0}
+    check, ok = accuracy.reproduced(doc, [*got, again, same_again])
+    assert ok["equal"] is True
+    assert check["equal"] is False and check["top1_here"] == check["top1_there"] + 0.5
+
+
 # ---------------------------------------------------------------------------------- depth vs width
 import depth_width  # noqa: E402
 
