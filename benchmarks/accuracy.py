@@ -25,7 +25,8 @@ Methods:
 The summary gives mean ± std of top-1 over seeds, the achieved FLOPs of every method, the best
 Torch-Pruning variant per target, and the paired difference ``vitopt - best TP`` per seed with its spread.
 
-``--reuse EARLIER.json`` takes the runs of the methods not named in ``--methods`` from an earlier file
+``--merge A.json B.json --out C.json`` combines files of the same settings and dense models without
+training. ``--reuse EARLIER.json`` takes the runs of the methods not named in ``--methods`` from an earlier file
 made with the same settings, once each seed's dense model has reproduced that file's dense top-1 and
 FLOPs exactly (training here is deterministic at a fixed thread count); the methods run again and also
 present there are compared run by run (``reused.reproduced``). ``vitopt`` and ``vitopt-iterative`` mean
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="take the runs of every method of an earlier results file that is not in --methods, "
                          "instead of running them again: same settings required, and every seed's dense model must "
                          "reproduce that file's dense top-1 and FLOPs exactly (methods run in both are compared too)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
+                    help="combine the runs of results files made with the same settings and the same dense models "
+                         "(equal dense top-1 and FLOPs per seed) into --out, with a new summary (no training)")
     ap.add_argument("--summarize", type=Path, metavar="RESULTS_JSON",
                     help="recompute the summary and paired differences of an earlier results file from its runs "
                          "(rewrites that file; no training)")
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = resolve_args(argv)
     if args.summarize:
         return resummarize(args.summarize)
+    if args.merge:
+        return merge(args.merge, args.out, argv)
     threads = common.set_threads(args.threads)
     tp_ok, tp_msg = common.tp_status()
     methods = [m for m in args.methods if tp_ok or m not in TP_METHODS]
@@ -353,6 +359,50 @@ def reproduced(doc: dict[str, Any] | None, runs: list[dict]) -> list[dict]:
             out.append({"seed": r["seed"], "target": r["target"], "method": r["method"], "top1_here": r["top1"],
                         "top1_there": e["top1"], "equal": r["top1"] == e["top1"]})
     return out
+
+
+def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any]:
+    """One results file from several made with the same settings and dense models (``--merge``).
+
+    Raises SystemExit with one sentence when two files differ in a setting of :data:`SAME_FOR_REUSE`
+    or in a shared seed's dense model, or give one (seed, target, method) two different results."""
+    docs = []
+    for p in paths:
+        try:
+            docs.append(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--merge {p}: not a readable results file ({common.first_line(exc)}).") from None
+    first, cfg = docs[0], dict(docs[0]["config"])
+    dense: dict[Any, dict] = {}
+    runs: dict[tuple, dict] = {}
+    for p, doc in zip(paths, docs):
+        differ = [k for k in SAME_FOR_REUSE if doc["config"].get(k) != cfg.get(k)]
+        if differ:
+            raise SystemExit(f"--merge {p}: made with other settings than {paths[0]} ({', '.join(differ)}).")
+        if doc.get("defaults") != first.get("defaults"):
+            raise SystemExit(f"--merge {p}: written under other library defaults than {paths[0]}.")
+        for d in doc["dense"]:
+            seen = dense.setdefault(d["seed"], d)
+            if (seen["top1"], seen["flops"]) != (d["top1"], d["flops"]):
+                raise SystemExit(f"--merge {p}: the dense model of seed {d['seed']} differs from another file's.")
+        for r in doc["runs"]:
+            key = (r["seed"], r["target"], r["method"])
+            if key in runs and runs[key].get("top1") != r.get("top1"):
+                raise SystemExit(f"--merge {p}: seed {key[0]}, target {key[1]}, {key[2]} has another result in "
+                                 "another file.")
+            runs.setdefault(key, {k: v for k, v in r.items() if k != "reused_from"})
+    merged = list(runs.values())
+    cfg["seeds"] = sorted(dense)
+    cfg["targets"] = sorted({r["target"] for r in merged}, reverse=True)
+    cfg["methods"] = list(dict.fromkeys(r["method"] for r in merged))
+    summary = summarize(merged, cfg["methods"], cfg["targets"], cfg.get("tp_over", 0.02))
+    paired = paired_differences(merged, summary, cfg["targets"])
+    print_summary(summary, paired, list(dense.values()), first.get("data"), SimpleNamespace(**cfg))
+    payload = {"config": cfg, "defaults": first.get("defaults"), "data": first.get("data"),
+               "merged_from": [str(p) for p in paths], "dense": [dense[k] for k in sorted(dense)], "runs": merged,
+               "summary": summary, "paired": paired}
+    common.write_json(out, payload, script=SCRIPT, args={"merge": [str(p) for p in paths], "out": str(out)}, argv=argv)
+    return payload
 
 
 def resummarize(path: Path) -> dict[str, Any]:

@@ -333,6 +333,30 @@ def test_accuracy_reuse_takes_other_methods_only_from_a_reproduced_dense_model(t
     assert check["equal"] is False and check["top1_here"] == check["top1_there"] + 0.5
 
 
+def test_accuracy_merge_unions_runs_of_the_same_dense_models_and_refuses_others(tmp_path):
+    accuracy, args, path = _earlier_accuracy_file(tmp_path)
+    doc = json.loads(path.read_text())
+    extra = {**doc, "runs": [{**r, "method": "kl:calibrated", "top1": r["top1"] + 1}
+                             for r in doc["runs"] if r["method"] == "vitopt"]}
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(extra))
+    out = tmp_path / "merged.json"
+    merged = accuracy.merge([path, b], out, [])
+    assert json.loads(out.read_text())["merged_from"] == [str(path), str(b)]
+    assert len(merged["runs"]) == len(doc["runs"]) + 9
+    kl = next(s for s in merged["summary"] if s["method"] == "kl:calibrated" and s["target"] == 0.5)
+    assert kl["top1"]["values"] == [91.0, 92.0, 93.0]
+    assert {p["target"] for p in merged["paired"]} == {0.5, 0.3, 0.15}
+    other_dense = tmp_path / "c.json"
+    other_dense.write_text(json.dumps({**extra, "dense": [{**d, "top1": d["top1"] + 0.1} for d in extra["dense"]]}))
+    with pytest.raises(SystemExit, match="dense model of seed 0 differs"):
+        accuracy.merge([path, other_dense], out, [])
+    clash = tmp_path / "d.json"
+    clash.write_text(json.dumps({**doc, "runs": [{**doc["runs"][0], "top1": 1.0}]}))
+    with pytest.raises(SystemExit, match="has another result"):
+        accuracy.merge([path, clash], out, [])
+
+
 # ---------------------------------------------------------------------------------- depth vs width
 import depth_width  # noqa: E402
 
