@@ -399,7 +399,9 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any
     paired = paired_differences(merged, summary, cfg["targets"])
     print_summary(summary, paired, list(dense.values()), first.get("data"), SimpleNamespace(**cfg))
     payload = {"config": cfg, "defaults": first.get("defaults"), "data": first.get("data"),
-               "merged_from": [str(p) for p in paths], "dense": [dense[k] for k in sorted(dense)], "runs": merged,
+               "merged_from": [{"path": str(p), "command": d.get("command"), "date": d.get("date"),
+                                "load_average": d.get("load_average"), "seconds": d.get("seconds")}
+                               for p, d in zip(paths, docs)], "dense": [dense[k] for k in sorted(dense)], "runs": merged,
                "summary": summary, "paired": paired}
     common.write_json(out, payload, script=SCRIPT, args={"merge": [str(p) for p in paths], "out": str(out)}, argv=argv)
     return payload

@@ -342,7 +342,7 @@ def test_accuracy_merge_unions_runs_of_the_same_dense_models_and_refuses_others(
     b.write_text(json.dumps(extra))
     out = tmp_path / "merged.json"
     merged = accuracy.merge([path, b], out, [])
-    assert json.loads(out.read_text())["merged_from"] == [str(path), str(b)]
+    assert [m["path"] for m in json.loads(out.read_text())["merged_from"]] == [str(path), str(b)]
     assert len(merged["runs"]) == len(doc["runs"]) + 9
     kl = next(s for s in merged["summary"] if s["method"] == "kl:calibrated" and s["target"] == 0.5)
     assert kl["top1"]["values"] == [91.0, 92.0, 93.0]
