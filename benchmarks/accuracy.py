@@ -379,8 +379,10 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any
         differ = [k for k in SAME_FOR_REUSE if doc["config"].get(k) != cfg.get(k)]
         if differ:
             raise SystemExit(f"--merge {p}: made with other settings than {paths[0]} ({', '.join(differ)}).")
-        if doc.get("defaults") != first.get("defaults"):
-            raise SystemExit(f"--merge {p}: written under other library defaults than {paths[0]}.")
+        named = {r["method"] for d in docs for r in d["runs"]} & {"vitopt", "vitopt-iterative"}
+        if named and doc.get("defaults") != first.get("defaults"):
+            raise SystemExit(f"--merge {p}: written under other library defaults than {paths[0]}, and "
+                             f"{', '.join(sorted(named))} follow(s) them.")
         for d in doc["dense"]:
             seen = dense.setdefault(d["seed"], d)
             if (seen["top1"], seen["flops"]) != (d["top1"], d["flops"]):

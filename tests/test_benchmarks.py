@@ -351,6 +351,10 @@ def test_accuracy_merge_unions_runs_of_the_same_dense_models_and_refuses_others(
     other_dense.write_text(json.dumps({**extra, "dense": [{**d, "top1": d["top1"] + 0.1} for d in extra["dense"]]}))
     with pytest.raises(SystemExit, match="dense model of seed 0 differs"):
         accuracy.merge([path, other_dense], out, [])
+    other_defaults = tmp_path / "e.json"
+    other_defaults.write_text(json.dumps({**extra, "defaults": {"criterion": "l1", "compare": "raw"}}))
+    with pytest.raises(SystemExit, match="other library defaults"):
+        accuracy.merge([path, other_defaults], out, [])                 # path has 'vitopt' runs
     clash = tmp_path / "d.json"
     clash.write_text(json.dumps({**doc, "runs": [{**doc["runs"][0], "top1": 1.0}]}))
     with pytest.raises(SystemExit, match="has another result"):
