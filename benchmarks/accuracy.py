@@ -11,10 +11,11 @@ Methods:
 
 * ``vitopt`` - ``vitopt.prune`` with its defaults (what a recipe's prune stage does by default): the
   library's one default criterion and allocation, residual width included;
-* ``CRITERION:COMPARE[:noembed][:minF]`` - a vitopt configuration for comparisons (e.g.
+* ``CRITERION:COMPARE[:noembed][:minF][:recon]`` - a vitopt configuration for comparisons (e.g.
   ``taylor:calibrated``, ``l1:normalized:noembed``, ``kl:isomorphic:min0.25``): criterion, how kinds are
   compared (``vitopt.pruning.prune.prune_with_report``'s ``compare``), the residual width excluded,
-  a per-block minimum kept fraction of heads and MLP neurons;
+  a per-block minimum kept fraction of heads and MLP neurons, least-squares reconstruction of the
+  layers consuming removed units (``reconstruct=True``);
 * ``vitopt-iterative`` - the defaults with NViT's schedule: 3 rounds with KD recovery between them,
   the recovery steps taken out of the fine-tune budget so the total number of training steps is the same;
 * Torch-Pruning 1.6 (its documented timm-ViT recipe, ratio searched to the same achieved FLOPs):
@@ -147,6 +148,8 @@ def vitopt_config(method: str) -> dict[str, Any]:
     for extra in parts[2:]:
         if extra == "noembed":
             cfg["groups"] = ("heads", "head_dim", "mlp")
+        elif extra == "recon":
+            cfg["reconstruct"] = True
         elif extra.startswith("min"):
             f = float(extra[3:])
             cfg["min_fraction"] = {"heads": f, "mlp": f}
@@ -191,7 +194,8 @@ def prune(args, method: str, dense, data, calib, target: float, seed: int, teach
                                    inplace=True, **cfg)
     info = {"config": {k: v for k, v in cfg.items() if k != "round_to"}, "seconds": time.perf_counter() - t0,
             "rounds": [{k: r[k] for k in ("budget", "achieved") if k in r} for r in res.rounds],
-            "exchange_rates": res.rounds[-1].get("exchange_rates"), "rate_curves": res.rounds[-1].get("rate_curves")}
+            "exchange_rates": res.rounds[-1].get("exchange_rates"), "rate_curves": res.rounds[-1].get("rate_curves"),
+            "reconstruction": [r["reconstruction"] for r in res.rounds if "reconstruction" in r] or None}
     return res.model, info, ft_epochs
 
 

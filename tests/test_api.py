@@ -68,8 +68,10 @@ def test_inplace_prunes_the_given_model():
         timm.create_model("deit_tiny_patch16_224", **TINY)).cost("flops")
 
 
-def test_prune_equals_the_recipe_path(tmp_path):
-    """The prune stage and vitopt.prune give the same kept units (the same weights) for the same seed and data."""
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_prune_equals_the_recipe_path(tmp_path, reconstruct):
+    """The prune stage and vitopt.prune give the same kept units (the same weights) for the same seed and data,
+    also with the least-squares refit of the consumers (``reconstruct``) that the stage passes through."""
     from vitopt.pipeline import run_recipe
     from vitopt.recipe import load_recipe
     from vitopt.stages import recipe_choices
@@ -90,6 +92,7 @@ stages:
     target: {{flops: 0.5}}
     groups: [embed, heads, head_dim, mlp]
     calibration: {{batches: 3, batch_size: 32}}
+    reconstruct: {str(reconstruct).lower()}
 """
     path = tmp_path / "r.yaml"
     path.write_text(recipe_text)
@@ -101,7 +104,7 @@ stages:
     calib = calibration_batches(data.train, "taylor", batches=3, batch_size=32, seed=recipe.seed * 1000 + 0)
     api_model = vitopt.prune(dense, target={"flops": 0.5}, criterion="taylor", data=calib,
                              groups=("embed", "heads", "head_dim", "mlp"),
-                             round_to={"heads": 1, "head_dim": 8, "mlp": 8, "embed": 8})
+                             round_to={"heads": 1, "head_dim": 8, "mlp": 8, "embed": 8}, reconstruct=reconstruct)
     a, b = api_model.state_dict(), stage_model.state_dict()
     assert a.keys() == b.keys()
     assert all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)

@@ -33,6 +33,8 @@ from vitopt.errors import VitoptError
 from vitopt.pruning.allocation import COMPARE, allocate_budget, parse_target, shape_sizes, target_cost
 from vitopt.pruning.criteria import get_criterion
 from vitopt.pruning.importance import as_batches, default_groups, importance, select_groups
+from vitopt.pruning.reconstruction import mean_error
+from vitopt.pruning.reconstruction import reconstruct as refit_consumers
 from vitopt.pruning.sensitivity import CURVE_PROBES, calibrate_by_curves, sensitivity_curves
 from vitopt.train.loop import TrainHParams, fit
 
@@ -110,7 +112,8 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
                       schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
                       calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
                       compare: str = "calibrated", min_fraction: Mapping[str, float] | None = None,
-                      fill: bool = True, rank: str = "per_cost", inplace: bool = False) -> PruneResult:
+                      fill: bool = True, rank: str = "per_cost", reconstruct: bool = False,
+                      inplace: bool = False) -> PruneResult:
     """Prune ``model`` to ``target``; returns the pruned model and a report of every round.
 
     Args:
@@ -145,6 +148,11 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
         min_fraction: kind -> minimum kept fraction of every group (a per-block floor).
         fill: re-add removed chunks that still fit under the budget (lands just under it).
         rank: allocation ranking, ``"per_cost"`` (default) or ``"score"``.
+        reconstruct: before each cut, refit the layers that consume removed heads / head_dim / MLP
+            units (``attn.proj``, ``mlp.fc2``) by least squares on the calibration activations
+            (:mod:`vitopt.pruning.reconstruction`; Kwon et al. NeurIPS 2022); needs ``data``. Each
+            round's report gets ``reconstruction``: the mean relative output error of those layers
+            with the units simply dropped (``before``) and after the refit (``after``).
         inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` is untouched.
 
     Returns:
@@ -170,8 +178,9 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
     if compare not in (*COMPARE, *CALIBRATED):
         raise VitoptError(f"unknown compare {compare!r} (known: {', '.join((*COMPARE, *CALIBRATED))}).")
     calibrated = compare in CALIBRATED and t.metric != "shape"      # a shape target compares nothing
-    if not batches and ("data" in crit.needs or calibrated):
-        what = [f"criterion {criterion!r}"] * ("data" in crit.needs) + [f"compare={compare!r}"] * calibrated
+    if not batches and ("data" in crit.needs or calibrated or reconstruct):
+        what = ([f"criterion {criterion!r}"] * ("data" in crit.needs) + [f"compare={compare!r}"] * calibrated
+                + ["reconstruct=True"] * bool(reconstruct))
         raise VitoptError(f"{' and '.join(what)} needs data: pass data= (a DataLoader or a list of (images, labels) "
                           "batches from the training set), or prune without data with criterion='l1', "
                           "compare='normalized'.")
@@ -200,11 +209,12 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
                             structure=structure, **_criterion_options(criterion, criterion_options, structure,
                                                                      None, None))
         plan = KeepPlan.from_scores(scores, sizes)
+        refit = {"reconstruction": _refit(model, structure, plan, batches)} if reconstruct else {}
         follow(structure, plan)
         apply_plan(model, plan, inplace=True)
         result.plans.append(plan)
         result.rounds.append({"round": 1, "shape": dict(t.shape), "budget": None, "achieved": None,
-                              "criterion_cost": scores.cost})
+                              "criterion_cost": scores.cost, **refit})
     else:
         cost, final = target_cost(structure, t)
         start = float(cost(before))
@@ -229,6 +239,8 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
             plan = allocate_budget(structure, ranked, cost, budget, scope=scope, round_to=round_to,
                                    min_keep=min_keep, min_fraction=min_fraction, compare=how, rank=rank, fill=fill)
             entry["achieved"] = float(cost(plan.cost_dims(structure)))
+            if reconstruct:
+                entry["reconstruction"] = _refit(model, structure, plan, batches)
             follow(structure, plan)
             apply_plan(model, plan, inplace=True)
             if rnd < n_rounds and recover is not None:
@@ -243,13 +255,18 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
     return result
 
 
+def _refit(model: nn.Module, structure: Structure, plan: KeepPlan, batches: Any) -> dict[str, float]:
+    """Refit the consumers of the units ``plan`` removes, in place; the mean errors before/after."""
+    return mean_error(refit_consumers(model, structure, plan, batches or [], inplace=True)[1])
+
+
 def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "taylor", groups: Sequence[str] | None = None,
           data: Any = None, teacher: nn.Module | None = None, gates: dict[str, torch.Tensor] | None = None,
           scope: str = "global", round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
           schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
           calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
           compare: str = "calibrated", min_fraction: Mapping[str, float] | None = None, fill: bool = True,
-          inplace: bool = False) -> nn.Module:
+          reconstruct: bool = False, inplace: bool = False) -> nn.Module:
     """Prune ``model`` to ``target`` and return the pruned model (``vitopt.prune``).
 
     The same timm class, physically smaller, with ``num_heads``, ``head_dim``, ``embed_dim`` and the
@@ -266,7 +283,7 @@ def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "tayl
                              gates=gates, scope=scope, round_to=round_to, min_keep=min_keep, schedule=schedule,
                              rounds=rounds, recover=recover, calibration_batches=calibration_batches,
                              criterion_options=criterion_options, compare=compare, min_fraction=min_fraction,
-                             fill=fill, inplace=inplace).model
+                             fill=fill, reconstruct=reconstruct, inplace=inplace).model
 
 
 class _Limited:

@@ -79,7 +79,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
     cal = cfg.calibration
     calib = calibration_batches(state.data.train, cfg.criterion, batches=cal.batches, batch_size=cal.batch_size,
                                 per_class=cal.per_class, seed=seed, num_workers=state.data.num_workers,
-                                always=cfg.compare.startswith("calibrated"))
+                                always=cfg.compare.startswith("calibrated") or cfg.reconstruct)
     recover = None
     if cfg.schedule == "iterative" and cfg.iterative.train_steps > 0:
         it = cfg.iterative
@@ -95,7 +95,8 @@ def run(cfg, state: State, sd: StageDir) -> State:
         state.model, target=stage_target(cfg, state), criterion=cfg.criterion,
         groups=list(cfg.groups) if cfg.groups else None, data=calib, teacher=teacher, gates=state.gates,
         scope=cfg.scope, round_to=round_to_for(cfg, state.model), min_keep={k: cfg.min_keep_for(k) for k in kinds},
-        min_fraction=dict(cfg.min_fraction), compare=cfg.compare, fill=cfg.fill, schedule=cfg.schedule,
+        min_fraction=dict(cfg.min_fraction), compare=cfg.compare, fill=cfg.fill, reconstruct=cfg.reconstruct,
+        schedule=cfg.schedule,
         rounds=cfg.iterative.rounds, recover=recover, criterion_options=options, inplace=True)
     model = result.model
     before, after, structure_before = result.dims_before, result.dims_after, result.structure_before
