@@ -144,7 +144,8 @@ def vitopt_config(method: str) -> dict[str, Any]:
     parts = method.split(":")
     if len(parts) < 2:
         raise ValueError(f"unknown method {method!r}")
-    cfg: dict[str, Any] = {"criterion": parts[0], "compare": parts[1], "groups": ALL_KINDS, "round_to": ROUND_TO}
+    cfg: dict[str, Any] = {"criterion": parts[0], "compare": parts[1], "groups": ALL_KINDS, "round_to": ROUND_TO,
+                           "reconstruct": False}
     for extra in parts[2:]:
         if extra == "noembed":
             cfg["groups"] = ("heads", "head_dim", "mlp")
@@ -307,16 +308,22 @@ SAME_FOR_REUSE = ("imagefolder", "depth", "split_seed", "dense_epochs", "finetun
 
 
 def library_defaults() -> dict[str, Any]:
-    """``vitopt.prune_with_report``'s default criterion and compare: what the methods ``vitopt`` and
-    ``vitopt-iterative`` meant when a results file was written."""
+    """``vitopt.prune_with_report``'s default criterion, compare and reconstruct: what the methods ``vitopt``
+    and ``vitopt-iterative`` meant when a results file was written."""
     sig = inspect.signature(vitopt.prune_with_report).parameters
-    return {"criterion": sig["criterion"].default, "compare": sig["compare"].default}
+    return {k: sig[k].default for k in ("criterion", "compare", "reconstruct")}
+
+
+def recorded_defaults(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The library defaults a results file was written under (files older than ``reconstruct`` had it off)."""
+    d = doc.get("defaults")
+    return None if d is None else {"reconstruct": False, **d}
 
 
 def _same_meaning(doc: dict[str, Any], method: str) -> bool:
     """Whether ``method`` in the results file ``doc`` names the configuration it names now (``vitopt`` and
     ``vitopt-iterative`` follow the library defaults, which a file records since ``defaults`` exists)."""
-    return method not in ("vitopt", "vitopt-iterative") or doc.get("defaults") == library_defaults()
+    return method not in ("vitopt", "vitopt-iterative") or recorded_defaults(doc) == library_defaults()
 
 
 def load_reuse(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -384,7 +391,7 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any
         if differ:
             raise SystemExit(f"--merge {p}: made with other settings than {paths[0]} ({', '.join(differ)}).")
         named = {r["method"] for d in docs for r in d["runs"]} & {"vitopt", "vitopt-iterative"}
-        if named and doc.get("defaults") != first.get("defaults"):
+        if named and recorded_defaults(doc) != recorded_defaults(first):
             raise SystemExit(f"--merge {p}: written under other library defaults than {paths[0]}, and "
                              f"{', '.join(sorted(named))} follow(s) them.")
         for d in doc["dense"]:
@@ -404,7 +411,7 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any
     summary = summarize(merged, cfg["methods"], cfg["targets"], cfg.get("tp_over", 0.02))
     paired = paired_differences(merged, summary, cfg["targets"])
     print_summary(summary, paired, list(dense.values()), first.get("data"), SimpleNamespace(**cfg))
-    payload = {"config": cfg, "defaults": first.get("defaults"), "data": first.get("data"),
+    payload = {"config": cfg, "defaults": recorded_defaults(first), "data": first.get("data"),
                "merged_from": [{"path": str(p), "command": d.get("command"), "date": d.get("date"),
                                 "load_average": d.get("load_average"), "seconds": d.get("seconds")}
                                for p, d in zip(paths, docs)], "dense": [dense[k] for k in sorted(dense)], "runs": merged,

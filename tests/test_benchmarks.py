@@ -325,6 +325,12 @@ def test_accuracy_reuse_takes_other_methods_only_from_a_reproduced_dense_model(t
     got = accuracy.reused_runs(accuracy.load_reuse(same, args), same, 0, {"top1": 95.0, "flops": 1000},
                                ["tp-taylor"], [0.5])
     assert sorted(r["method"] for r in got) == ["tp-magnitude", "vitopt"]
+    # a file from before 'reconstruct' existed had it off: the same meaning as now only while it is off
+    older = {k: v for k, v in accuracy.library_defaults().items() if k != "reconstruct"}
+    _, _, before = _earlier_accuracy_file(tmp_path, defaults=older)
+    got = accuracy.reused_runs(accuracy.load_reuse(before, args), before, 0, {"top1": 95.0, "flops": 1000},
+                               ["tp-taylor"], [0.5])
+    assert ("vitopt" in {r["method"] for r in got}) is (accuracy.library_defaults()["reconstruct"] is False)
     # a method run here that the earlier file also has is compared with it, run by run
     again = {"seed": 0, "target": 0.5, "method": "tp-magnitude", "top1": 90.5}
     same_again = {"seed": 0, "target": 0.3, "method": "tp-magnitude", "top1": 90.0}

@@ -150,9 +150,11 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
         rank: allocation ranking, ``"per_cost"`` (default) or ``"score"``.
         reconstruct: before each cut, refit the layers that consume removed heads / head_dim / MLP
             units (``attn.proj``, ``mlp.fc2``) by least squares on the calibration activations
-            (:mod:`vitopt.pruning.reconstruction`; Kwon et al. NeurIPS 2022); needs ``data``. Each
-            round's report gets ``reconstruction``: the mean relative output error of those layers
-            with the units simply dropped (``before``) and after the refit (``after``).
+            (:mod:`vitopt.pruning.reconstruction`; Kwon et al. NeurIPS 2022); needs ``data``. Off by
+            default: it keeps far more accuracy one-shot, but not after the benchmark's fine-tune
+            (notes/allocation.md). Each round's report gets ``reconstruction``: the mean relative
+            output error of those layers with the units simply dropped (``before``) and after the
+            refit (``after``).
         inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` is untouched.
 
     Returns:

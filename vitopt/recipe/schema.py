@@ -545,8 +545,10 @@ class PruneStage(_StageBase):
     fill: bool = Field(default=True, description="Re-add removed units that still fit under the budget, so the model "
                                                  "lands just under the target instead of one rounded chunk below it.")
     reconstruct: bool = Field(default=False, description="Before each cut, refit the layers that consume removed heads, "
-                                                         "head_dim and MLP units (attn.proj, mlp.fc2) by least squares on "
-                                                         "the calibration activations (Kwon et al. NeurIPS 2022).")
+                                                         "head_dim and MLP units (attn.proj, mlp.fc2) by least squares "
+                                                         "on the calibration activations (Kwon et al. NeurIPS 2022); "
+                                                         "much better one-shot, not better after fine-tuning in "
+                                                         "vitopt's benchmark, so off by default.")
     round_to: Annotated[int, Field(ge=1)] | dict[Group, Annotated[int, Field(ge=1)]] | Annotated[
         str, Field(pattern="^auto$")] = Field(
         default=8, description="Kept counts are rounded to multiples of this (tensor-core friendly); an integer "

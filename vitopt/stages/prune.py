@@ -105,6 +105,12 @@ def run(cfg, state: State, sd: StageDir) -> State:
     units = list(structure_before.units)      # depth: one blocks group (ViT) or one per stage
     depth = (sum(before[g] for g in units), sum(after[g] for g in units)) if units else None
     _print_table(rows, embed, f"{sd.label}: kept units ({cfg.criterion}, {cfg.scope})", depth)
+    for r in result.rounds:
+        if r.get("reconstruction", {}).get("layers"):
+            rec = r["reconstruction"]
+            Console().print(f"round {r['round']}: refitted {rec['layers']} layers (attn.proj / mlp.fc2); relative output "
+                            f"error on the calibration data {rec['before']:.4f} with the units dropped -> "
+                            f"{rec['after']:.4f} after the least-squares refit")
     state.gates = None                         # gates indexed the old dims
     sd.save_model(state)
     val = make_loader(state.data.val, 256, shuffle=False, seed=0, num_workers=state.data.num_workers)
