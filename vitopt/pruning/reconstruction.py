@@ -31,7 +31,7 @@ from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
 from vitopt.pruning.criteria.base import Batches, device_of, eval_mode
 
-__all__ = ["reconstruct", "lstsq_refit", "mean_error", "RECONSTRUCTED_KINDS"]
+__all__ = ["reconstruct", "lstsq_refit", "mean_error", "RECONSTRUCTED_KINDS", "MOMENT_BUDGET"]
 
 #: group kinds whose removal is compensated in the consuming Linear.
 RECONSTRUCTED_KINDS = ("heads", "head_dim", "mlp")
@@ -129,22 +129,64 @@ def _moments(model: nn.Module, names: list[str], batches: Batches) -> dict[str, 
     return {n: sums[n] / max(counts[n], 1) for n in names if n in sums}
 
 
+#: float64 second moments held at once (bytes); more layers take more calibration passes.
+MOMENT_BUDGET = 1 << 30
+
+
+def _chunks(model: nn.Module, names: list[str], budget: int) -> list[list[str]]:
+    """``names`` split, in order, into runs whose float64 moments fit in ``budget`` bytes (at least one each)."""
+    out: list[list[str]] = []
+    used = budget + 1
+    for n in names:
+        size = 8 * (model.get_submodule(n).in_features + 1) ** 2
+        if used + size > budget:
+            out.append([])
+            used = 0
+        out[-1].append(n)
+        used += size
+    return out
+
+
+def _refit_one(layer: nn.Linear, moment: torch.Tensor, keep: torch.Tensor,
+               ridge: float) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """The refitted ``[out, in]`` weight (removed columns zero) and bias of one layer, on the CPU, and its
+    relative output error with the units dropped / after the refit."""
+    w = layer.weight.detach().cpu()
+    b = None if layer.bias is None else layer.bias.detach().cpu()
+    c = moment if b is not None else moment[:-1, :-1]
+    full = w.double() if b is None else torch.cat([w.double(), b.double()[:, None]], 1)
+    removed = torch.ones(w.shape[1], dtype=torch.bool)
+    removed[keep] = False
+    dropped = torch.zeros_like(full)                       # dense minus "units dropped": the removed columns
+    dropped[:, : w.shape[1]][:, removed] = full[:, : w.shape[1]][:, removed]
+    new_w, new_b = lstsq_refit(w, b, moment, keep, ridge)
+    weight = torch.zeros_like(w)
+    weight[:, keep] = new_w
+    refit = weight.double() if new_b is None else torch.cat([weight.double(), new_b.double()[:, None]], 1)
+    dense = max(_output_error(full, c), 1e-30)
+    return weight, new_b, {"before": _output_error(dropped, c) / dense, "after": _output_error(full - refit, c) / dense}
+
+
 @torch.no_grad()
 def reconstruct(model: nn.Module, structure: Structure, plan: KeepPlan, batches: Batches, *, ridge: float = 1e-4,
-                inplace: bool = False) -> tuple[nn.Module, dict[str, dict[str, float]]]:
+                inplace: bool = False, moment_budget: int = MOMENT_BUDGET) -> tuple[nn.Module, dict[str, dict[str, float]]]:
     """Refit the consumers of the heads / head_dim / MLP units that ``plan`` removes (before surgery).
 
     The kept input columns and bias of each consuming Linear (``attn.proj``, ``mlp.fc2``) are re-solved
-    by :func:`lstsq_refit` on the calibration activations of ``model``; the removed columns stay in place
-    for :func:`vitopt.arch.surgery.apply_plan` to cut. Apply the same ``plan`` afterwards.
+    by :func:`lstsq_refit` on the calibration activations of ``model`` as given (every layer on the same
+    dense inputs; the new weights are written only after all moments are taken), and the removed
+    columns are set to zero. The result computes what the cut model computes wherever only heads and
+    MLP units are removed; apply the same ``plan`` to it with :func:`vitopt.arch.surgery.apply_plan`.
 
     Args:
-        model: the model ``plan`` was made for (its current dims), not yet cut.
+        model: the model ``plan`` was made for (its current dims), not yet cut; any device.
         structure: ``model``'s Structure.
         plan: the kept units.
         batches: calibration ``(images [B, C, H, W], labels [B])`` batches (labels unused).
         ridge: relative ridge of the solve (see :func:`lstsq_refit`).
         inplace: refit ``model`` itself; by default a deep copy is refitted.
+        moment_budget: bytes of float64 input moments (``8 (in + 1)^2`` per layer, on the CPU) held at
+            once; layers beyond it are measured in further passes over ``batches``.
 
     Returns:
         ``(model, report)``: report maps each refitted Linear to ``before`` / ``after``, its output error
@@ -160,31 +202,17 @@ def reconstruct(model: nn.Module, structure: Structure, plan: KeepPlan, batches:
     if not inplace:
         model = copy.deepcopy(model)
     targets = _consumers(model, structure, plan)
-    moments = _moments(model, list(targets), batches)
+    new: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     report: dict[str, dict[str, float]] = {}
-    for name, keep in targets.items():
-        if name not in moments:
-            continue
-        layer: nn.Linear = model.get_submodule(name)
-        w, b, c = layer.weight.data, None if layer.bias is None else layer.bias.data, moments[name]
-        full = w.double() if b is None else torch.cat([w.double(), b.double()[:, None]], 1)
-        c_used = c if b is not None else c[:-1, :-1]
-        removed = torch.ones(w.shape[1], dtype=torch.bool)
-        removed[keep] = False
-        dropped = torch.zeros_like(full)
-        dropped[:, : w.shape[1]][:, removed] = full[:, : w.shape[1]][:, removed]
-        new_w, new_b = lstsq_refit(w, b, c, keep, ridge)
-        refit = full.clone()
-        refit[:, keep] = new_w.double()
-        refit[:, : w.shape[1]][:, removed] = 0.0
-        if b is not None:
-            refit[:, -1] = new_b.double()
-        dense = max(_output_error(full, c_used), 1e-30)
-        report[name] = {"before": _output_error(dropped, c_used) / dense,
-                        "after": _output_error(full - refit, c_used) / dense}
-        w[:, keep] = new_w.to(w.device)
-        if b is not None:
-            b.copy_(new_b.to(b.device))
+    for chunk in _chunks(model, list(targets), moment_budget):
+        for name, moment in _moments(model, chunk, batches).items():
+            weight, bias, report[name] = _refit_one(model.get_submodule(name), moment, targets[name], ridge)
+            new[name] = (weight, bias)
+    for name, (weight, bias) in new.items():
+        layer = model.get_submodule(name)
+        layer.weight.data.copy_(weight.to(layer.weight.device))
+        if bias is not None:
+            layer.bias.data.copy_(bias.to(layer.bias.device))
     return model, report
 
 
