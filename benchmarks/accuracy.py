@@ -384,16 +384,20 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--merge {p}: not a readable results file ({common.first_line(exc)}).") from None
     first, cfg = docs[0], dict(docs[0]["config"])
+    # 'vitopt' / 'vitopt-iterative' mean the library defaults of the file they were run in: every file
+    # that has such runs must have been written under the same ones, which the merged file then records
+    named = [(p, d) for p, d in zip(paths, docs) if {r["method"] for r in d["runs"]} & {"vitopt", "vitopt-iterative"}]
+    defaults = recorded_defaults(named[0][1]) if named else recorded_defaults(first)
+    for p, doc in named[1:]:
+        if recorded_defaults(doc) != defaults:
+            raise SystemExit(f"--merge {p}: written under other library defaults than {named[0][0]}, and both have "
+                             "runs of vitopt / vitopt-iterative, which follow them.")
     dense: dict[Any, dict] = {}
     runs: dict[tuple, dict] = {}
     for p, doc in zip(paths, docs):
         differ = [k for k in SAME_FOR_REUSE if doc["config"].get(k) != cfg.get(k)]
         if differ:
             raise SystemExit(f"--merge {p}: made with other settings than {paths[0]} ({', '.join(differ)}).")
-        named = {r["method"] for d in docs for r in d["runs"]} & {"vitopt", "vitopt-iterative"}
-        if named and recorded_defaults(doc) != recorded_defaults(first):
-            raise SystemExit(f"--merge {p}: written under other library defaults than {paths[0]}, and "
-                             f"{', '.join(sorted(named))} follow(s) them.")
         for d in doc["dense"]:
             seen = dense.setdefault(d["seed"], d)
             if (seen["top1"], seen["flops"]) != (d["top1"], d["flops"]):
@@ -411,7 +415,7 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any
     summary = summarize(merged, cfg["methods"], cfg["targets"], cfg.get("tp_over", 0.02))
     paired = paired_differences(merged, summary, cfg["targets"])
     print_summary(summary, paired, list(dense.values()), first.get("data"), SimpleNamespace(**cfg))
-    payload = {"config": cfg, "defaults": recorded_defaults(first), "data": first.get("data"),
+    payload = {"config": cfg, "defaults": defaults, "data": first.get("data"),
                "merged_from": [{"path": str(p), "command": d.get("command"), "date": d.get("date"),
                                 "load_average": d.get("load_average"), "seconds": d.get("seconds")}
                                for p, d in zip(paths, docs)], "dense": [dense[k] for k in sorted(dense)], "runs": merged,

@@ -359,8 +359,14 @@ def test_accuracy_merge_unions_runs_of_the_same_dense_models_and_refuses_others(
         accuracy.merge([path, other_dense], out, [])
     other_defaults = tmp_path / "e.json"
     other_defaults.write_text(json.dumps({**extra, "defaults": {"criterion": "l1", "compare": "raw"}}))
+    both_vitopt = tmp_path / "f.json"
+    both_vitopt.write_text(json.dumps({**doc, "runs": [{**r, "seed": r["seed"]} for r in doc["runs"]][:1],
+                                       "defaults": {"criterion": "l1", "compare": "raw"}}))
     with pytest.raises(SystemExit, match="other library defaults"):
-        accuracy.merge([path, other_defaults], out, [])                 # path has 'vitopt' runs
+        accuracy.merge([path, both_vitopt], out, [])                    # both have 'vitopt' runs
+    # a file without vitopt runs may come from other defaults; the merge records those of the vitopt runs
+    merged = accuracy.merge([other_defaults, path], out, [])
+    assert merged["defaults"] == accuracy.recorded_defaults(doc)
     clash = tmp_path / "d.json"
     clash.write_text(json.dumps({**doc, "runs": [{**doc["runs"][0], "top1": 1.0}]}))
     with pytest.raises(SystemExit, match="has another result"):
