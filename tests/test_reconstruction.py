@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from prune_helpers import noise_batches, tiny_deit
 
 import vitopt
 from vitopt.arch.cost import structure_of
@@ -22,14 +23,11 @@ from vitopt.pruning.reconstruction import lstsq_refit, reconstruct
 
 
 def _tiny(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-                             num_heads=2, mlp_ratio=4, num_classes=10).eval()
+    return tiny_deit(seed)
 
 
 def _batches(n: int = 3) -> list:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 1, 16, 16, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(n)]
+    return noise_batches(n, 16)
 
 
 def _moment(x: torch.Tensor) -> torch.Tensor:

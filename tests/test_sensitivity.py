@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prune_helpers import noise_batches, tiny_deit
 
 import vitopt
 from vitopt.errors import VitoptError
@@ -27,14 +27,11 @@ from vitopt.pruning.sensitivity import (
 
 
 def _tiny(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-                             num_heads=2, mlp_ratio=4, num_classes=10).eval()
+    return tiny_deit(seed)
 
 
 def _batches(n: int = 2) -> list:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 1, 16, 16, generator=g), torch.zeros(8, dtype=torch.long)) for _ in range(n)]
+    return noise_batches(n, 8)
 
 
 @settings(max_examples=200, deadline=None)
