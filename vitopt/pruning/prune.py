@@ -259,7 +259,7 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
 
 def _refit(model: nn.Module, structure: Structure, plan: KeepPlan, batches: Any) -> dict[str, float]:
     """Refit the consumers of the units ``plan`` removes, in place; the mean errors before/after."""
-    return mean_error(refit_consumers(model, structure, plan, batches or [], inplace=True)[1])
+    return mean_error(refit_consumers(model, structure, plan, batches, inplace=True)[1])
 
 
 def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "taylor", groups: Sequence[str] | None = None,
