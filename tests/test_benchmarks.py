@@ -258,6 +258,26 @@ def test_latency_aware_quick(latency_aware_json):
     assert f"{rows['latency-aware']['top1']:.2f}%" in res["verdict"]
 
 
+def test_latency_aware_refuses_a_table_that_prices_no_saving(tmp_path, monkeypatch):
+    """A table whose smallest sizes cost what the dense model costs (overhead, noise) is a clear error, not a
+    comparison of two unpruned models."""
+    import dataclasses
+
+    import vitopt.deploy.lut as lut
+
+    real = lut.measure_lut
+
+    def flat(*a, **k):
+        t = real(*a, **k)
+        top = max(v for plane in t.block_ms for row in plane for v in row)
+        return dataclasses.replace(t, block_ms=[[[top] * len(row) for row in plane] for plane in t.block_ms])
+
+    monkeypatch.setattr(lut, "measure_lut", flat)
+    with pytest.raises(SystemExit, match="no latency to trade"):
+        latency_aware.main(["--quick", "--out", str(tmp_path / "la.json")])
+    assert not (tmp_path / "la.json").exists()
+
+
 def test_noise_floor_quick(tmp_path):
     out = tmp_path / "nf.json"
     doc = noise_floor.main(["--quick", "--threads", "1", "--out", str(out)])
