@@ -12,7 +12,8 @@ For each model, with one set of importance scores (``--criterion``: ``taylor`` o
 the trained model, ``l1`` for the random one) over heads, head_dim and MLP hidden:
 
 1. a latency lookup table is measured on the dense model (:func:`vitopt.deploy.lut.measure_lut`,
-   ONNX Runtime CPU, batch 1, ``--threads``);
+   ONNX Runtime CPU, batch 1, ``--threads``); a table that prices the smallest sizes at 98% of the dense
+   model or more (per-call overhead, noise) stops the run with one sentence: there is nothing to trade;
 2. **latency-aware**: :func:`vitopt.allocate` with ``target={"latency_ms": f_lat x predicted dense ms,
    "lut": table}``;
 3. **FLOPs-aware**: :func:`vitopt.allocate` with ``target={"flops": f}``, ``f`` chosen to reach the
