@@ -11,11 +11,12 @@ Methods:
 
 * ``vitopt`` - ``vitopt.prune`` with its defaults (what a recipe's prune stage does by default): the
   library's one default criterion and allocation, residual width included;
-* ``CRITERION:COMPARE[:noembed][:minF][:recon]`` - a vitopt configuration for comparisons (e.g.
-  ``taylor:calibrated``, ``l1:normalized:noembed``, ``kl:isomorphic:min0.25``): criterion, how kinds are
-  compared (``vitopt.pruning.prune.prune_with_report``'s ``compare``), the residual width excluded,
+* ``CRITERION:COMPARE[:noembed][:minF][:recon][:perkind]`` - a vitopt configuration for comparisons
+  (e.g. ``taylor:calibrated``, ``l1:normalized:noembed``, ``kl:isomorphic:min0.25``): criterion, how kinds
+  are compared (``vitopt.pruning.prune.prune_with_report``'s ``compare``), the residual width excluded,
   a per-block minimum kept fraction of heads and MLP neurons, least-squares reconstruction of the
-  layers consuming removed units (``reconstruct=True``);
+  layers consuming removed units (``reconstruct=True``), one kept fraction per kind in every block
+  (``scope="per_kind"``);
 * ``vitopt-iterative`` - the defaults with NViT's schedule: 3 rounds with KD recovery between them,
   the recovery steps taken out of the fine-tune budget so the total number of training steps is the same;
 * Torch-Pruning 1.6 (its documented timm-ViT recipe, ratio searched to the same achieved FLOPs):
@@ -151,6 +152,8 @@ def vitopt_config(method: str) -> dict[str, Any]:
             cfg["groups"] = ("heads", "head_dim", "mlp")
         elif extra == "recon":
             cfg["reconstruct"] = True
+        elif extra == "perkind":
+            cfg["scope"] = "per_kind"
         elif extra.startswith("min"):
             f = float(extra[3:])
             cfg["min_fraction"] = {"heads": f, "mlp": f}

@@ -160,6 +160,64 @@ def test_isomorphic_removes_the_same_fraction_of_every_kind():
     assert abs(embed_frac - mlp_frac) <= 0.02, (embed_frac, mlp_frac)
 
 
+@settings(max_examples=40, deadline=None)
+@given(family=st.sampled_from(sorted(MODELS)), seed=st.integers(0, 10_000), target=st.floats(0.12, 0.95),
+       compare=st.sampled_from(["normalized", "raw"]), r_dim=st.sampled_from([1, 4, 8]),
+       r_mlp=st.sampled_from([1, 8, 16]))
+def test_per_kind_allocation_fills_the_budget(family, seed, target, compare, r_dim, r_mlp):
+    """scope='per_kind' meets the budget and its fill leaves no chunk that would still fit."""
+    model = _model(family)
+    structure = vitopt.structure(model)
+    g = torch.Generator().manual_seed(seed)
+    scores = {grp.name: torch.rand(grp.size, generator=g) ** 3 for grp in structure.groups.values()
+              if grp.kind != "blocks"}
+    cost = structure.cost_model.flops
+    rto = {"heads": 1, "head_dim": r_dim, "mlp": r_mlp, "embed": r_dim}
+    budget = target * cost(structure.sizes())
+    try:
+        plan = allocate_budget(structure, scores, cost, budget, scope="per_kind", round_to=rto,
+                               min_keep={k: 1 for k in rto}, compare=compare)
+    except VitoptError as exc:
+        assert "cannot be met" in str(exc)
+        return
+    _check_maximal(structure, plan, rto, cost, budget, {k: 1 for k in rto}, scores)
+
+
+def test_per_kind_keeps_one_fraction_per_kind_and_prices_kinds_by_their_scores():
+    """Every block keeps the same MLP width (even where one block's scores are lowest, which 'global'
+    would cut hardest), and the kind with the weaker scores gives up more of its units."""
+    model = _model("vit")
+    structure = vitopt.structure(model)
+    g = torch.Generator().manual_seed(7)
+    scores = {grp.name: torch.rand(grp.size, generator=g) * (0.1 if grp.block == 1 else 1.0)
+              for grp in structure.of_kind("mlp")}
+    scores.update({grp.name: 5 + torch.rand(grp.size, generator=g) for grp in structure.of_kind("head_dim")})
+    cost = structure.cost_model.flops
+    budget = 0.6 * cost(structure.sizes())
+    rto = {"head_dim": 4, "mlp": 8}
+    per_kind = allocate_budget(structure, scores, cost, budget, scope="per_kind", compare="raw", round_to=rto,
+                               fill=False).cost_dims(structure)
+    glob = allocate_budget(structure, scores, cost, budget, compare="raw", round_to=rto,
+                           fill=False).cost_dims(structure)
+    mlp = [per_kind[f"blocks.{i}.mlp"] for i in range(3)]
+    hd = [per_kind[f"blocks.{i}.head_dim"] for i in range(3)]
+    assert len(set(mlp)) == 1 and len(set(hd)) == 1, (mlp, hd)
+    assert mlp[0] / 384 < hd[0] / 32, (mlp, hd)                  # head_dim scores are far higher: mlp goes first
+    assert glob["blocks.1.mlp"] < glob["blocks.0.mlp"]           # while 'global' cuts block 1 hardest
+    assert cost(per_kind) <= budget
+
+
+def test_per_kind_rejects_isomorphic_and_unknown_scopes():
+    model = _model("vit")
+    structure = vitopt.structure(model)
+    scores = {grp.name: torch.rand(grp.size) for grp in structure.of_kind("mlp")}
+    cost = structure.cost_model.flops
+    with pytest.raises(VitoptError, match="per_kind"):
+        allocate_budget(structure, scores, cost, 0.5 * cost(structure.sizes()), scope="per_kind", compare="isomorphic")
+    with pytest.raises(VitoptError, match="unknown allocation scope"):
+        allocate_budget(structure, scores, cost, 0.5 * cost(structure.sizes()), scope="per_block")
+
+
 def test_exchange_rates_price_a_dead_kind_at_zero():
     """A kind whose probed units change nothing gets rate 0; one that changes the output gets a positive rate."""
     torch.manual_seed(0)

@@ -10,6 +10,10 @@ Two scopes:
   NViT's latency-aware global ranking (Yang et al., CVPR 2023) and HALP (Shen et al., NeurIPS 2022).
 * ``uniform`` - every selected group keeps the same fraction of its units; the fraction is the
   largest that meets the budget (bisection).
+* ``per_kind`` - every group of one kind keeps the same fraction of its units (all blocks alike, as
+  Torch-Pruning's uniform ratio does), but each kind has its own fraction: the kinds give up one rounding
+  step at a time, always the kind whose step loses the least importance per unit of cost saved, until
+  the cost is within budget.
 
 Kept counts are multiples of ``round_to[kind]`` (or the group's full size) and at least
 ``min_keep[kind]``. ``rank="score"`` replaces the cost-normalised ranking by a global threshold on
@@ -40,7 +44,7 @@ from vitopt.arch.plan import KeepPlan
 from vitopt.arch.structure import Structure
 from vitopt.errors import VitoptError
 
-__all__ = ["allocate", "allocate_budget", "RoundRule", "parse_target", "Target", "allowed_sizes", "DEFAULT_ROUND_TO",
+__all__ = ["allocate", "allocate_budget", "RoundRule", "parse_target", "Target", "allowed_sizes", "DEFAULT_ROUND_TO", "SCOPES",
            "TARGET_METRICS"]
 
 #: Default rounding of kept counts per group kind (8 for dims, heads and blocks by one: tensor-core multiples).
@@ -110,6 +114,9 @@ def _normalise(scores: dict[str, torch.Tensor], kinds: dict[str, str], base: dic
 #: how allocation puts scores of different kinds on one scale (see :func:`allocate_budget`).
 COMPARE = ("normalized", "isomorphic", "raw")
 
+#: allocation scopes (see :func:`allocate_budget`).
+SCOPES = ("global", "uniform", "per_kind")
+
 
 def allocate_budget(structure: Structure, scores: Mapping[str, torch.Tensor], cost: Callable[[dict[str, int]], float],
                     budget: float, *, scope: str = "global", round_to: Mapping[str, RoundRule] | None = None,
@@ -123,8 +130,10 @@ def allocate_budget(structure: Structure, scores: Mapping[str, torch.Tensor], co
         scores: group -> importance per unit (higher = keep); only these groups are pruned.
         cost: dims -> cost (e.g. ``CostModel.flops``); must not increase as units go.
         budget: the cost to reach, in the units of ``cost``.
-        scope: ``"global"`` (one ranking across blocks and kinds) or ``"uniform"`` (every group keeps the
-            same fraction).
+        scope: ``"global"`` (one ranking across blocks and kinds), ``"uniform"`` (every group keeps the
+            same fraction) or ``"per_kind"`` (every group of a kind keeps the same fraction; the
+            fractions of the kinds are chosen greedily by importance lost per cost saved, with the
+            scores put on one scale as ``compare`` says).
         round_to: kind -> rounding of kept counts (:data:`RoundRule`; defaults :data:`DEFAULT_ROUND_TO`).
         min_keep: kind -> minimum kept count per group (defaults: 1 head, ``round_to`` otherwise).
         min_fraction: kind -> minimum kept fraction of each group (a per-block floor, e.g.
@@ -141,17 +150,25 @@ def allocate_budget(structure: Structure, scores: Mapping[str, torch.Tensor], co
               :func:`vitopt.pruning.sensitivity.calibrate_scores`); chunks go by loss per cost saved.
         rank: ``"per_cost"`` (importance lost per cost saved, NViT / HALP) or ``"score"`` (importance
             lost per unit removed: a global threshold, for scores that already price their cost).
-        fill: (``global`` scope) after the budget is met, re-add the most important removed chunks that
-            still fit (a greedy knapsack pass), so the result lands just under the budget instead of one
-            large chunk below it. ``uniform`` keeps its one fraction for every group instead.
+        fill: (``global`` and ``per_kind`` scopes) after the budget is met, re-add the most important
+            removed chunks that still fit (a greedy knapsack pass), so the result lands just under the
+            budget instead of one large chunk below it; under ``per_kind`` a few groups may then keep one
+            rounding step more than the rest of their kind. ``uniform`` keeps its one fraction for every
+            group instead.
 
     Returns:
         A :class:`KeepPlan` over the scored groups. Its cost is <= ``budget``; with ``fill`` the slack is
         smaller than the cheapest chunk that could still be re-added.
 
     Raises:
-        VitoptError: the budget cannot be met at the minimum sizes, or an unknown scope / compare / rank.
+        VitoptError: the budget cannot be met at the minimum sizes, an unknown scope / compare / rank, or
+            ``per_kind`` with ``compare="isomorphic"`` (which already gives every kind one fraction).
     """
+    if scope not in SCOPES:
+        raise VitoptError(f"unknown allocation scope {scope!r} (known: {', '.join(SCOPES)}).")
+    if scope == "per_kind" and compare == "isomorphic":
+        raise VitoptError("scope 'per_kind' chooses one kept fraction per kind by importance per cost; "
+                          "compare 'isomorphic' has no cross-kind scale for it (use compare 'normalized' or 'raw').")
     if rank not in ("per_cost", "score"):
         raise VitoptError(f"unknown allocation rank {rank!r} (known: per_cost, score).")
     if compare not in COMPARE:
@@ -167,17 +184,16 @@ def allocate_budget(structure: Structure, scores: Mapping[str, torch.Tensor], co
                           f"still costs {cost(floor_dims) / cost(base):.1%} of its current cost; lower "
                           "min_keep/round_to or prune more groups.")
     kinds = {g: groups[g].kind for g in scores}
+    value = _normalise(scores, kinds, base, cost) if compare == "normalized" else scores
     if scope == "uniform":
         sizes = _uniform(ladders, base, cost, budget)
-    elif scope != "global":
-        raise VitoptError(f"unknown allocation scope {scope!r} (known: global, uniform).")
+    elif scope == "per_kind":
+        sizes = _per_kind(value, kinds, ladders, base, cost, budget)
     elif compare == "isomorphic":
         sizes = _isomorphic(scores, kinds, ladders, base, cost, budget)
     else:
-        norm = _normalise(scores, kinds, base, cost) if compare == "normalized" else scores
-        sizes = _global(norm, ladders, base, cost, budget, groups, per_cost=rank == "per_cost")
-    if fill and scope == "global":
-        value = _normalise(scores, kinds, base, cost) if compare == "normalized" else scores
+        sizes = _global(value, ladders, base, cost, budget, groups, per_cost=rank == "per_cost")
+    if fill and scope != "uniform":
         sizes = _fill(value, ladders, {**base, **sizes}, cost, budget)
     return KeepPlan.from_scores(scores, sizes)
 
@@ -328,6 +344,45 @@ def _global(norm: dict[str, torch.Tensor], ladders: dict[str, list[int]], base: 
     return {g: dims[g] for g in ladders}
 
 
+def _per_kind(value: dict[str, torch.Tensor], kinds: dict[str, str], ladders: dict[str, list[int]],
+              base: dict[str, int], cost: Callable, budget: float) -> dict[str, int]:
+    """One kept fraction per kind, shared by all its groups; greedily lower the fraction of the kind whose
+    next step loses the least ``value`` per cost saved (a step that saves nothing is merged with the next).
+
+    A kind's fractions are the sizes its groups' ladders allow, divided by the group size; a group keeps
+    the largest allowed size at or below its kind's fraction (its smallest size below the lowest)."""
+    by_kind: dict[str, list[str]] = {}
+    for g, k in kinds.items():
+        by_kind.setdefault(k, []).append(g)
+    grid = {k: sorted({s / ladders[g][0] for g in gs for s in ladders[g]}, reverse=True) for k, gs in by_kind.items()}
+    prefix = {g: torch.cat([torch.zeros(1, dtype=torch.float64), torch.sort(v).values.cumsum(0)]).tolist()
+              for g, v in value.items()}                                # prefix[g][r] = value of the r weakest units
+
+    def kept(g: str, frac: float) -> int:
+        fits = [s for s in ladders[g] if s <= frac * ladders[g][0] + 1e-9]
+        return fits[0] if fits else ladders[g][-1]
+
+    dims, step = dict(base), {k: 0 for k in by_kind}
+    current = cost(dims)
+    while current > budget:
+        best, best_ratio = None, math.inf
+        for k, gs in by_kind.items():
+            for j in range(step[k] + 1, len(grid[k])):
+                new = {g: kept(g, grid[k][j]) for g in gs}
+                saving = current - cost({**dims, **new})
+                if saving > 0:
+                    lost = sum(prefix[g][ladders[g][0] - new[g]] - prefix[g][ladders[g][0] - dims[g]] for g in gs)
+                    if lost / saving < best_ratio:
+                        best, best_ratio = (k, j, new), lost / saving
+                    break
+        if best is None:
+            break
+        step[best[0]] = best[1]
+        dims.update(best[2])
+        current = cost(dims)
+    return {g: dims[g] for g in ladders}
+
+
 def _uniform(ladders: dict[str, list[int]], base: dict[str, int], cost: Callable, budget: float) -> dict[str, int]:
     def sizes_at(rho: float) -> dict[str, int]:
         out = {}
@@ -471,8 +526,9 @@ def allocate(structure: Structure, scores: Mapping[str, torch.Tensor], *, target
         target: ``{"flops": f}`` / ``{"params": f}`` (keep that fraction of the current cost),
             ``{"latency_ms": ms, "lut": PATH}`` (a latency table from ``vitopt measure-lut``) or
             ``{"shape": {kind: units}}`` (an exact shape; the scores pick which units).
-        scope: ``"global"`` (one ranking across blocks and kinds) or ``"uniform"`` (the same kept
-            fraction in every group).
+        scope: ``"global"`` (one ranking across blocks and kinds), ``"uniform"`` (the same kept
+            fraction in every group) or ``"per_kind"`` (one kept fraction per kind, chosen by importance
+            per cost; see :func:`allocate_budget`).
         round_to: group kind -> multiple for kept counts (default :data:`DEFAULT_ROUND_TO`).
         min_keep: group kind -> minimum kept units per group (default 1 head, ``round_to`` otherwise).
         rank: ``"per_cost"`` or ``"score"`` (see :func:`allocate_budget`).

@@ -130,7 +130,7 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
             ``taylor``/``hessian`` (default: cross-entropy on the labels). Iterative recovery gets the
             model as given (unpruned) when None.
         gates: trained VTP gates (criterion ``gate``; one-shot only, they index the unpruned dims).
-        scope: ``"global"`` or ``"uniform"`` (:func:`vitopt.pruning.allocation.allocate`).
+        scope: ``"global"``, ``"uniform"`` or ``"per_kind"`` (:func:`vitopt.pruning.allocation.allocate_budget`).
         round_to, min_keep: kind -> kept-count multiple / minimum per group.
         schedule: ``"one_shot"`` or ``"iterative"``.
         rounds: rounds of the iterative schedule (>= 2).
