@@ -425,3 +425,12 @@ def test_every_shipped_recipe_validates():
         # the resolved recipe a run directory keeps (vitopt validate / bundle re-read it) loads back equal
         with tempfile.TemporaryDirectory() as tmp:
             assert load_recipe(write(Path(tmp), dump_resolved(recipe), "resolved.yaml")) == recipe, path
+
+
+def test_prune_stage_scopes_are_the_allocation_scopes():
+    """A recipe accepts exactly the scopes the allocator implements (the schema avoids importing torch)."""
+    from typing import get_args
+
+    from vitopt.pruning.allocation import SCOPES
+    assert set(get_args(PruneStage.model_fields["scope"].annotation)) == set(SCOPES)
+    assert PruneStage.model_validate({"target": {"flops": 0.5}, "scope": "per_kind"}).scope == "per_kind"
