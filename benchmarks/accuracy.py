@@ -16,7 +16,7 @@ Methods:
   are compared (``vitopt.pruning.prune.prune_with_report``'s ``compare``), the residual width excluded,
   a per-block minimum kept fraction of heads and MLP neurons, least-squares reconstruction of the
   layers consuming removed units (``reconstruct=True``), one kept fraction per kind in every block
-  (``scope="per_kind"``; without it such a name allocates with ``scope="global"``, as it always has);
+  (``scope="per_kind"``; without it such a name allocates with ``scope="global"``, whatever the default);
 * ``vitopt-iterative`` - the defaults with NViT's schedule: 3 rounds with KD recovery between them,
   the recovery steps taken out of the fine-tune budget so the total number of training steps is the same;
 * Torch-Pruning 1.6 (its documented timm-ViT recipe, ratio searched to the same achieved FLOPs):
@@ -60,7 +60,6 @@ import variants as V  # noqa: E402
 import vitopt  # noqa: E402
 from vitopt.arch.config import create_model  # noqa: E402
 from vitopt.pruning.calibration import calibration_batches  # noqa: E402
-from vitopt.pruning.prune import DEFAULT_SCOPE  # noqa: E402
 from vitopt.train.data import load_data, make_loader  # noqa: E402
 from vitopt.train.inputs import model_input  # noqa: E402
 from vitopt.train.loop import TrainHParams, evaluate, fit, set_seed  # noqa: E402
@@ -315,7 +314,7 @@ def library_defaults() -> dict[str, Any]:
     """``vitopt.prune_with_report``'s default criterion, compare, scope and reconstruct: what the methods
     ``vitopt`` and ``vitopt-iterative`` meant when a results file was written."""
     sig = inspect.signature(vitopt.prune_with_report).parameters
-    return {**{k: sig[k].default for k in ("criterion", "compare", "reconstruct")}, "scope": DEFAULT_SCOPE}
+    return {k: sig[k].default for k in ("criterion", "compare", "scope", "reconstruct")}
 
 
 def recorded_defaults(doc: dict[str, Any]) -> dict[str, Any] | None:

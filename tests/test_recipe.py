@@ -95,7 +95,7 @@ def test_full_recipe_stage_classes_and_defaults(tmp_path):
                                            ("train", "sparse_train", "prune", "finetune", "export", "validate")]
     sparse, prune, finetune, export, validate = r.stages[1:]
     assert sparse.lambda_ == 2e-4 and sparse.groups == ["heads", "head_dim", "mlp"] and sparse.threshold == 0.05
-    assert prune.target.flops == 0.5 and prune.target.params is None and prune.scope is None
+    assert prune.target.flops == 0.5 and prune.target.params is None and prune.scope == "global"
     assert finetune.kd.enabled and (finetune.kd.alpha, finetune.kd.tau) == (0.5, 4.0)
     assert (export.opset, export.dynamic_batch, export.simplify) == (17, True, True)
     assert validate.runtimes == ["pytorch", "onnxruntime"] and validate.batch_sizes == [1, 32]
@@ -432,6 +432,5 @@ def test_prune_stage_scopes_are_the_allocation_scopes():
     from typing import get_args
 
     from vitopt.pruning.allocation import SCOPES
-    literal, none = get_args(PruneStage.model_fields["scope"].annotation)       # Optional[Literal[...]]
-    assert set(get_args(literal)) == set(SCOPES) and none is type(None)
+    assert set(get_args(PruneStage.model_fields["scope"].annotation)) == set(SCOPES)
     assert PruneStage.model_validate({"target": {"flops": 0.5}, "scope": "per_kind"}).scope == "per_kind"

@@ -38,13 +38,10 @@ from vitopt.pruning.reconstruction import reconstruct as refit_consumers
 from vitopt.pruning.sensitivity import CURVE_PROBES, calibrate_by_curves, sensitivity_curves
 from vitopt.train.loop import TrainHParams, fit
 
-__all__ = ["prune", "prune_with_report", "PruneResult", "kd_recovery", "SCHEDULES", "CALIBRATED", "DEFAULT_SCOPE"]
+__all__ = ["prune", "prune_with_report", "PruneResult", "kd_recovery", "SCHEDULES", "CALIBRATED"]
 
 #: ``compare`` values that measure each kind's loss on the calibration data -> the removal fractions probed.
 CALIBRATED = {"calibrated": (0.25,), "calibrated_curve": CURVE_PROBES}
-
-#: the allocation scope used when ``scope`` is None (see :func:`prune_with_report`).
-DEFAULT_SCOPE = "per_kind"
 
 #: ``schedule`` values.
 SCHEDULES = ("one_shot", "iterative")
@@ -67,7 +64,6 @@ class PruneResult:
         rounds: one record per round: ``round``, ``budget`` and ``achieved`` (in the target's
             metric: FLOPs, params or ms; None for a shape), ``criterion_cost`` (the criterion's
             passes/images/seconds) and ``recovery`` (what ``recover`` returned, if it ran).
-        scope: the allocation scope used (``scope=None`` resolved; see :func:`prune_with_report`).
     """
 
     model: nn.Module
@@ -76,7 +72,6 @@ class PruneResult:
     dims_after: dict[str, int]
     plans: list[KeepPlan] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
-    scope: str = DEFAULT_SCOPE
 
 
 def _renames(structure: Structure, plan: KeepPlan) -> dict[str, str | None]:
@@ -112,7 +107,7 @@ def _criterion_options(criterion: str, options: Mapping[str, Any] | None, struct
 
 def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "taylor",
                       groups: Sequence[str] | None = None, data: Any = None, teacher: nn.Module | None = None,
-                      gates: dict[str, torch.Tensor] | None = None, scope: str | None = None,
+                      gates: dict[str, torch.Tensor] | None = None, scope: str = "global",
                       round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
                       schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
                       calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
@@ -135,11 +130,7 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
             ``taylor``/``hessian`` (default: cross-entropy on the labels). Iterative recovery gets the
             model as given (unpruned) when None.
         gates: trained VTP gates (criterion ``gate``; one-shot only, they index the unpruned dims).
-        scope: ``"per_kind"`` (one kept fraction per kind in every block), ``"global"`` (one ranking
-            across blocks, so blocks may differ) or ``"uniform"``
-            (:func:`vitopt.pruning.allocation.allocate_budget`). None: :data:`DEFAULT_SCOPE`, or
-            ``"global"`` with ``compare="isomorphic"`` (which sets one fraction for all kinds itself).
-            ``per_kind`` became the default by the selection in notes/allocation.md (stop 22).
+        scope: ``"global"``, ``"uniform"`` or ``"per_kind"`` (:func:`vitopt.pruning.allocation.allocate_budget`).
         round_to, min_keep: kind -> kept-count multiple / minimum per group.
         schedule: ``"one_shot"`` or ``"iterative"``.
         rounds: rounds of the iterative schedule (>= 2).
@@ -175,8 +166,6 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
     """
     t = parse_target(target)
     crit = get_criterion(criterion)
-    if scope is None:
-        scope = "global" if compare == "isomorphic" else DEFAULT_SCOPE
     if schedule not in SCHEDULES:
         raise VitoptError(f"unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)}).")
     n_rounds = 1 if schedule == "one_shot" else int(rounds)
@@ -208,7 +197,7 @@ def prune_with_report(model: nn.Module, *, target: Mapping[str, Any], criterion:
     before = structure.sizes()
     if groups is None:
         groups = default_groups(structure, criterion, gates)
-    result = PruneResult(model, structure, before, before, scope=scope)
+    result = PruneResult(model, structure, before, before)
     current = {name: name for name in before}          # original group name -> its name now (None: removed)
 
     def follow(structure: Structure, plan: KeepPlan) -> None:
@@ -275,7 +264,7 @@ def _refit(model: nn.Module, structure: Structure, plan: KeepPlan, batches: Any)
 
 def prune(model: nn.Module, *, target: Mapping[str, Any], criterion: str = "taylor", groups: Sequence[str] | None = None,
           data: Any = None, teacher: nn.Module | None = None, gates: dict[str, torch.Tensor] | None = None,
-          scope: str | None = None, round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
+          scope: str = "global", round_to: Mapping[str, int] | None = None, min_keep: Mapping[str, int] | None = None,
           schedule: str = "one_shot", rounds: int = 4, recover: Recovery | None = None,
           calibration_batches: int | None = None, criterion_options: Mapping[str, Any] | None = None,
           compare: str = "calibrated", min_fraction: Mapping[str, float] | None = None, fill: bool = True,

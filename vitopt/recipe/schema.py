@@ -522,12 +522,11 @@ class PruneStage(_StageBase):
                                               "batches of calibration.batch_size).")
     target: Target = Field(description="Budget of the pruned model (a fraction of the dense model, a latency "
                                        "in ms, or an exact shape).")
-    scope: Literal["global", "uniform", "per_kind"] | None = Field(
-        default=None, description="null: 'per_kind', or 'global' with compare 'isomorphic'. "
-                                  "'per_kind' keeps one fraction per kind in every block "
-                                  "(heads, head_dim, mlp and embed each their own, chosen by importance lost "
-                                  "per cost saved); 'global' ranks units of a group kind across all blocks, "
-                                  "so blocks may differ; 'uniform' keeps the same fraction of every group.")
+    scope: Literal["global", "uniform", "per_kind"] = Field(
+        default="global", description="'global' ranks units of a group kind across all blocks; 'uniform' keeps the "
+                                      "same fraction in every block; 'per_kind' keeps one fraction per kind in "
+                                      "every block (heads, head_dim, mlp and embed each their own, chosen by "
+                                      "importance lost per cost saved).")
     groups: GroupList | None = Field(
         default=None, description="Group kinds to prune; non-empty, no repeats. null: every kind the criterion can "
                                   "price - embed (the residual width, cut consistently as in UP-ViTs), heads, "

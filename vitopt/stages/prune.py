@@ -104,7 +104,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
     embed = (embed_widths(structure_before, before), embed_widths(structure_before, after))
     units = list(structure_before.units)      # depth: one blocks group (ViT) or one per stage
     depth = (sum(before[g] for g in units), sum(after[g] for g in units)) if units else None
-    _print_table(rows, embed, f"{sd.label}: kept units ({cfg.criterion}, {result.scope})", depth)
+    _print_table(rows, embed, f"{sd.label}: kept units ({cfg.criterion}, {cfg.scope})", depth)
     for r in result.rounds:
         if r.get("reconstruction", {}).get("layers"):
             rec = r["reconstruction"]
@@ -116,7 +116,7 @@ def run(cfg, state: State, sd: StageDir) -> State:
     val = make_loader(state.data.val, 256, shuffle=False, seed=0, num_workers=state.data.num_workers)
     pruned_cost = state.cost()
     target = getattr(cfg.target, cfg.target.metric)
-    metrics = {"criterion": cfg.criterion, "scope": result.scope, "schedule": cfg.schedule,
+    metrics = {"criterion": cfg.criterion, "scope": cfg.scope, "schedule": cfg.schedule,
                "target_metric": cfg.target.metric,
                "target": target.model_dump() if hasattr(target, "model_dump") else target,
                "val_top1_before_finetune": evaluate(model, val)["top1"],
