@@ -1,6 +1,6 @@
 """Allocation: turn per-unit scores into a KeepPlan that meets a budget, with hardware rounding.
 
-Two scopes:
+Three scopes:
 
 * ``global`` - one ranking across all blocks and group kinds. Units are removed in chunks of
   ``round_to`` (so kept counts stay multiples that tensor cores like), always the chunk with the
@@ -184,16 +184,16 @@ def allocate_budget(structure: Structure, scores: Mapping[str, torch.Tensor], co
                           f"still costs {cost(floor_dims) / cost(base):.1%} of its current cost; lower "
                           "min_keep/round_to or prune more groups.")
     kinds = {g: groups[g].kind for g in scores}
+    if scope == "uniform":                      # the scores only pick which units; no cross-kind value needed
+        return KeepPlan.from_scores(scores, _uniform(ladders, base, cost, budget))
     value = _normalise(scores, kinds, base, cost) if compare == "normalized" else scores
-    if scope == "uniform":
-        sizes = _uniform(ladders, base, cost, budget)
-    elif scope == "per_kind":
+    if scope == "per_kind":
         sizes = _per_kind(value, kinds, ladders, base, cost, budget)
     elif compare == "isomorphic":
         sizes = _isomorphic(scores, kinds, ladders, base, cost, budget)
     else:
         sizes = _global(value, ladders, base, cost, budget, groups, per_cost=rank == "per_cost")
-    if fill and scope != "uniform":
+    if fill:
         sizes = _fill(value, ladders, {**base, **sizes}, cost, budget)
     return KeepPlan.from_scores(scores, sizes)
 
