@@ -89,7 +89,8 @@ def test_every_criterion_ranks_dead_unit_last(base, batches, kind):
     gate = torch.rand(grp.size, generator=torch.Generator().manual_seed(3)) + 0.1
     gate[DEAD] = 0.0
     for name, kw in [("l1", {}), ("gate", {"gates": {grp.name: gate}}), ("taylor", {"batches": batches}),
-                     ("hessian", {"batches": batches}), ("kl", {"batches": batches})]:
+                     ("taylor_weights", {"batches": batches}), ("hessian", {"batches": batches}),
+                     ("kl", {"batches": batches})]:
         s = compute_scores(name, m, st, [grp.name], **kw)[grp.name]
         assert s.shape == (grp.size,) and s.dtype == torch.float64, name
         others = torch.cat([s[:DEAD], s[DEAD + 1:]])
@@ -99,7 +100,7 @@ def test_every_criterion_ranks_dead_unit_last(base, batches, kind):
             assert s[DEAD].item() <= others.min().item(), (name, s)
             # non-degenerate: other units matter
             assert others.max().item() > 0, name
-        if name in ("taylor", "hessian"):
+        if name in ("taylor", "taylor_weights", "hessian"):
             assert s[DEAD].item() == 0.0, name  # w == 0 on every coupled element
         if name == "kl" and kind != "embed":
             assert abs(s[DEAD].item()) < 1e-9  # removing a unit that outputs 0 changes nothing
@@ -207,6 +208,33 @@ def test_taylor_and_hessian_match_hand_computation(base, batches):
     torch.testing.assert_close(hess[mg], mlp.pow(2).mean(0) / counts[mg], rtol=1e-6, atol=1e-15)
 
 
+def test_taylor_weights_match_hand_computation(base, batches):
+    """taylor_weights = sum over the unit's elements of |w * mean_b g_b|: batches averaged per element,
+    one absolute value per element (not per unit and batch, which is taylor)."""
+    m = copy.deepcopy(base)
+    st = family_of(m).structure(m)
+    wgs = _manual_wg(m, batches)
+    mean = {k: sum(wg[k] for wg in wgs) / len(wgs) for k in wgs[0]}
+    b, H, d = 1, m.blocks[1].attn.num_heads, m.blocks[1].attn.head_dim
+    A, M = H * d, m.blocks[0].mlp.fc1.out_features
+    p, q = f"blocks.{b}.attn.", "blocks.0.mlp."
+
+    def head(h):
+        rows = torch.cat([torch.arange(s * A + h * d, s * A + (h + 1) * d) for s in range(3)])
+        return (mean[p + "qkv.weight"][rows].abs().sum() + mean[p + "qkv.bias"][rows].abs().sum()
+                + mean[p + "proj.weight"][:, h * d:(h + 1) * d].abs().sum())
+
+    heads = torch.stack([head(h) for h in range(H)])
+    mlp = torch.stack([mean[q + "fc1.weight"][j].abs().sum() + mean[q + "fc1.bias"][j].abs()
+                       + mean[q + "fc2.weight"][:, j].abs().sum() for j in range(M)])
+    hg, mg = f"blocks.{b}.heads", "blocks.0.mlp"
+    got = compute_scores("taylor_weights", m, st, [hg, mg], batches=batches)
+    torch.testing.assert_close(got[hg], heads.double(), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(got[mg], mlp.double(), rtol=1e-6, atol=1e-12)
+    taylor = compute_scores("taylor", m, st, [mg], batches=batches)[mg]
+    assert (got[mg] > taylor).any()            # cancelling elements count here, not in taylor
+
+
 def test_taylor_with_teacher_uses_kl(base, batches):
     m = copy.deepcopy(base)
     st = family_of(m).structure(m)
@@ -219,7 +247,7 @@ def test_taylor_with_teacher_uses_kl(base, batches):
 
 
 # ---------------------------------------------------------------------------- model left unchanged
-@pytest.mark.parametrize("name", ["taylor", "hessian", "kl"])
+@pytest.mark.parametrize("name", ["taylor", "taylor_weights", "hessian", "kl"])
 def test_criteria_leave_model_unchanged(base, batches, name):
     m = copy.deepcopy(base)
     m.train()
@@ -243,7 +271,7 @@ def test_criteria_leave_model_unchanged(base, batches, name):
 
 
 # --------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("name", ["taylor", "hessian", "kl"])
+@pytest.mark.parametrize("name", ["taylor", "taylor_weights", "hessian", "kl"])
 @pytest.mark.parametrize("given", [None, []])
 def test_missing_batches_raise(base, name, given):
     st = family_of(base).structure(base)

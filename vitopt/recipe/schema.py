@@ -514,6 +514,7 @@ class PruneStage(_StageBase):
     criterion: CriterionName = Field(
         default="taylor", description="Importance of a unit: 'gate' (|gate| from an earlier sparse_train stage, VTP), "
                                   "'l1' (L1 norm of the unit's weights), 'taylor' (|sum w*dL/dw|, Molchanov 2019), "
+                                  "'taylor_weights' (sum |w*dL/dw|, Torch-Pruning's group Taylor), "
                                   "'hessian' (NViT's (sum w*dL/dw)^2), 'kl' (UP-ViTs: KL to the unpruned model "
                                   "when the unit alone is removed), 'search' (SiDT-style: gates trained under the "
                                   "FLOPs target; their final magnitudes).")
@@ -583,7 +584,7 @@ class PruneStage(_StageBase):
             raise ValueError("target.latency_ms needs lut: PATH (a table from `vitopt measure-lut`)")
         if self.schedule == "iterative" and self.criterion == "gate":
             raise ValueError("schedule 'iterative' re-scores after every round; gates only score the first "
-                             "(allowed criteria: l1, taylor, hessian, kl)")
+                             "(allowed criteria: l1, taylor, taylor_weights, hessian, kl)")
         if self.target.shape is not None and self.schedule == "iterative":
             raise ValueError("target.shape is applied in one shot (allowed schedule: one_shot)")
         if self.round_to == "auto" and self.deploy_target is None:             # issue 15

@@ -31,14 +31,20 @@ __all__ = ["weight_gradient_sums"]
 
 
 def weight_gradient_sums(name: str, model: nn.Module, structure: Structure, groups: list[str], batches: Batches,
-                         teacher: nn.Module | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                         teacher: nn.Module | None, *, elementwise_abs: bool = False
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Per batch b and unit u: s[b, u] = sum over u's coupled elements of w * dL_b/dw (float64, CPU).
 
     L_b is the mean cross-entropy of batch b against its labels, or, with a teacher,
     KL(softmax(teacher) || softmax(model)) averaged over the batch's images (temperature 1).
 
+    With ``elementwise_abs`` the batches are averaged per element first and the absolute value is taken
+    per element: s[0, u] = sum over u's elements of |w * mean_b dL_b/dw| (Torch-Pruning's
+    GroupTaylorImportance); a ``blocks`` group, which owns no elements, gets |mean_b dL_b/ds_u|.
+
     Returns:
-        ``(sums, cost)``: group -> float64 ``[batches, group size]``, and the passes/images/seconds it took.
+        ``(sums, cost)``: group -> float64 ``[batches, group size]`` (``[1, group size]`` with
+        ``elementwise_abs``), and the passes/images/seconds it took.
 
     Raises:
         VitoptError: ``batches`` is None or empty; teacher logits of another shape.
@@ -51,6 +57,7 @@ def weight_gradient_sums(name: str, model: nn.Module, structure: Structure, grou
     flags = [p.requires_grad for p in params]
     dev = device_of(model)
     sums: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
+    acc = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in zip(names, params)} if elementwise_abs else {}
     rows = 0
     gates = {g: torch.ones(structure.groups[g].size, device=dev, requires_grad=True) for g in gated}
     handle = attach_scalers(model, structure, gates) if gates else None
@@ -73,8 +80,10 @@ def weight_gradient_sums(name: str, model: nn.Module, structure: Structure, grou
                 for g, grad in zip(gates, grads[len(params):]):
                     sums[g].append(grad.detach().double().cpu() if grad is not None
                                    else torch.zeros(structure.groups[g].size, dtype=torch.float64))
+                for n in acc:
+                    acc[n] += wg[n]
                 for g in groups:
-                    if g in gates:
+                    if g in gates or elementwise_abs:
                         continue
                     s = torch.zeros(structure.groups[g].size, dtype=torch.float64)
                     for lay in structure.layouts_of(g):
@@ -86,6 +95,15 @@ def weight_gradient_sums(name: str, model: nn.Module, structure: Structure, grou
             handle.remove()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+    if elementwise_abs:
+        for g in groups:
+            if g in gates:
+                sums[g] = [torch.stack(sums[g]).mean(0).abs()]
+                continue
+            s = torch.zeros(structure.groups[g].size, dtype=torch.float64)
+            for lay in structure.layouts_of(g):
+                s += lay.reduce(acc[lay.param].abs() / len(batches), g)
+            sums[g] = [s]
     cost = {"forward_passes": len(batches), "backward_passes": len(batches),
             "teacher_forward_passes": len(batches) if teacher is not None else 0, "rows": rows, "images": rows,
             "units": sum(structure.groups[g].size for g in groups), "seconds": time.perf_counter() - start}
