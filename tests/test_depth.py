@@ -258,7 +258,7 @@ def _batches(n: int = 2, b: int = 6):
     return [(torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 7, (b,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "hessian", "kl", "angular"])
+@pytest.mark.parametrize("criterion", ["taylor", "taylor_weights", "hessian", "kl", "angular"])
 def test_planted_dead_block_is_ranked_last(criterion):
     model = _dead_block_model(2)
     scores = vitopt.importance(model, criterion, groups=["blocks"], data=_batches())
