@@ -27,6 +27,8 @@ Methods:
 The summary gives mean ± std of top-1 over seeds, the achieved FLOPs of every method, the best
 Torch-Pruning variant per target, and the paired difference ``vitopt - best TP`` per seed with its spread.
 
+``--reference tp-VARIANT`` compares with one Torch-Pruning variant named in advance instead of the best
+on the mean, and the paired differences carry a standard error and a 95% Student-t interval.
 ``--merge A.json B.json --out C.json`` combines files of the same settings and dense models without
 training. ``--reuse EARLIER.json`` takes the runs of the methods not named in ``--methods`` from an earlier file
 made with the same settings, once each seed's dense model has reproduced that file's dense top-1 and
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp-over", type=float, default=0.02,
                     help="a Torch-Pruning variant counts as 'best TP' only if its achieved FLOPs are at most "
                          "target x (1 + this) on every seed (default 0.02)")
+    ap.add_argument("--reference", choices=sorted(TP_METHODS),
+                    help="compare vitopt with this Torch-Pruning variant in the paired differences, named in "
+                         "advance, instead of the variant with the best mean on the same seeds (an upward-biased "
+                         "reference); also with --merge and --summarize")
     ap.add_argument("--tp-grid", type=int)
     ap.add_argument("--tp-max-iter", type=int)
     ap.add_argument("--threads", type=int, default=None)
@@ -208,9 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON payload (also written to ``--out``)."""
     args = resolve_args(argv)
     if args.summarize:
-        return resummarize(args.summarize)
+        return resummarize(args.summarize, args.reference)
     if args.merge:
-        return merge(args.merge, args.out, argv)
+        return merge(args.merge, args.out, argv, args.reference)
     threads = common.set_threads(args.threads)
     tp_ok, tp_msg = common.tp_status()
     methods = [m for m in args.methods if tp_ok or m not in TP_METHODS]
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 del pruned
     all_methods = list(dict.fromkeys([*methods, *(r["method"] for r in runs)]))
     summary = summarize(runs, all_methods, args.targets, args.tp_over)
-    paired = paired_differences(runs, summary, args.targets)
+    paired = paired_differences(runs, summary, args.targets, reference=args.reference)
     print_summary(summary, paired, dense_runs, data_name, args)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     checks = reproduced(reuse, runs)
@@ -376,8 +382,9 @@ def reproduced(doc: dict[str, Any] | None, runs: list[dict]) -> list[dict]:
     return out
 
 
-def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any]:
-    """One results file from several made with the same settings and dense models (``--merge``).
+def merge(paths: list[Path], out: Path, argv: list[str] | None, reference: str | None = None) -> dict[str, Any]:
+    """One results file from several made with the same settings and dense models (``--merge``); its paired
+    differences are against ``reference`` when given (see :func:`paired_differences`).
 
     Raises SystemExit with one sentence when two files differ in a setting of :data:`SAME_FOR_REUSE`
     or in a shared seed's dense model, or give one (seed, target, method) two different results."""
@@ -416,8 +423,9 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any
     cfg["seeds"] = sorted(dense)
     cfg["targets"] = sorted({r["target"] for r in merged}, reverse=True)
     cfg["methods"] = list(dict.fromkeys(r["method"] for r in merged))
+    cfg["reference"] = reference
     summary = summarize(merged, cfg["methods"], cfg["targets"], cfg.get("tp_over", 0.02))
-    paired = paired_differences(merged, summary, cfg["targets"])
+    paired = paired_differences(merged, summary, cfg["targets"], reference=reference)
     print_summary(summary, paired, list(dense.values()), first.get("data"), SimpleNamespace(**cfg))
     payload = {"config": cfg, "defaults": defaults, "data": first.get("data"),
                "merged_from": [{"path": str(p), "command": d.get("command"), "date": d.get("date"),
@@ -428,15 +436,18 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None) -> dict[str, Any
     return payload
 
 
-def resummarize(path: Path) -> dict[str, Any]:
-    """Recompute ``summary`` and ``paired`` of the results file ``path`` from its raw ``runs`` (in place)."""
+def resummarize(path: Path, reference: str | None = None) -> dict[str, Any]:
+    """Recompute ``summary`` and ``paired`` of the results file ``path`` from its raw ``runs`` (in place),
+    the paired differences against ``reference`` when given, else against the file's recorded one."""
     doc = json.loads(path.read_text(encoding="utf-8"))
     cfg = doc["config"]
+    cfg["reference"] = reference or cfg.get("reference")
     methods = list(dict.fromkeys(r["method"] for r in doc["runs"]))
     doc["summary"] = summarize(doc["runs"], methods, cfg["targets"], cfg.get("tp_over", 0.02))
-    doc["paired"] = paired_differences(doc["runs"], doc["summary"], cfg["targets"])
+    doc["paired"] = paired_differences(doc["runs"], doc["summary"], cfg["targets"], reference=cfg["reference"])
     print_summary(doc["summary"], doc["paired"], doc["dense"], doc.get("data"), SimpleNamespace(**cfg))
-    doc["summarized_by"] = f"python benchmarks/accuracy.py --summarize {path}"
+    doc["summarized_by"] = f"python benchmarks/accuracy.py --summarize {path}" + \
+        (f" --reference {cfg['reference']}" if cfg["reference"] else "")
     path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return doc
 
@@ -472,13 +483,19 @@ def summarize(runs: list[dict], methods: list[str], targets: list[float], over: 
 
 
 def paired_differences(runs: list[dict], summary: list[dict], targets: list[float],
-                       ours: str = "vitopt") -> list[dict]:
+                       ours: str = "vitopt", reference: str | None = None) -> list[dict]:
     """Per target: the best Torch-Pruning variant (highest mean top-1 among those that reached the target,
-    see :func:`summarize`) and ``ours - best TP`` per seed."""
+    see :func:`summarize`) and ``ours - best TP`` per seed, in top-1 points.
+
+    ``reference`` fixes the Torch-Pruning method instead (``best_tp`` then names it and ``reference_fixed``
+    is true, and ``reference_reached_target`` says whether it stayed within the target's tolerance): choosing
+    the best of several variants on the same seeds biases the reference upward, so a test planned in advance
+    names it. ``diff`` holds mean / population std / min / max over seeds, and
+    :func:`mean_interval`'s standard error and two-sided 95% Student-t interval of the mean."""
     out = []
     for target in targets:
         tp = [s for s in summary if s["target"] == target and s["tool"] == "torch-pruning" and s["top1"]
-              and s.get("reached_target", True)]
+              and (s.get("reached_target", True) if reference is None else s["method"] == reference)]
         mine = {r["seed"]: r for r in runs if r["target"] == target and r["method"] == ours and "top1" in r}
         if not tp or not mine:
             continue
@@ -486,9 +503,26 @@ def paired_differences(runs: list[dict], summary: list[dict], targets: list[floa
         theirs = {r["seed"]: r for r in runs if r["target"] == target and r["method"] == best["method"] and "top1" in r}
         seeds = sorted(set(mine) & set(theirs))
         diffs = [mine[s]["top1"] - theirs[s]["top1"] for s in seeds]
-        out.append({"target": target, "ours": ours, "best_tp": best["method"], "seeds": seeds, "diff": _stats(diffs),
+        out.append({"target": target, "ours": ours, "best_tp": best["method"], "reference_fixed": reference is not None,
+                    "reference_reached_target": best.get("reached_target", True),
+                    "seeds": seeds, "diff": {**_stats(diffs), **mean_interval(diffs)},
                     "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)})
     return out
+
+
+def mean_interval(vals: list[float], level: float = 0.95) -> dict[str, Any]:
+    """Standard error of the mean of ``vals`` and its two-sided Student-t interval at ``level``.
+
+    ``se = s / sqrt(n)`` with the sample standard deviation ``s`` (n - 1 in the denominator); the interval
+    is ``mean ± t_{(1+level)/2, n-1} se`` (scipy.stats.t). Returns ``{"se": None, "ci95": None}`` for fewer
+    than two values, where neither is defined."""
+    if len(vals) < 2:
+        return {"se": None, "ci95": None}
+    from scipy import stats
+
+    mean, se = statistics.fmean(vals), statistics.stdev(vals) / len(vals) ** 0.5
+    half = float(stats.t.ppf((1 + level) / 2, len(vals) - 1)) * se
+    return {"se": se, "ci95": [mean - half, mean + half]}
 
 
 def print_summary(summary: list[dict], paired: list[dict], dense_runs: list[dict], data_name: str | None,
@@ -507,9 +541,15 @@ def print_summary(summary: list[dict], paired: list[dict], dense_runs: list[dict
                        caption="one-shot = right after pruning, before fine-tuning; FLOPs ratio = achieved / dense")
     if paired:
         common.print_table("vitopt (defaults) minus the best Torch-Pruning variant, paired by seed (top-1 points)",
-                           ["target", ("best TP", "left"), "mean diff", "min", "max", "wins"],
-                           [[p["target"], p["best_tp"], f"{p['diff']['mean']:+.2f}", f"{p['diff']['min']:+.2f}",
+                           ["target", ("best TP", "left"), "mean diff", "95% CI", "min", "max", "wins"],
+                           [[p["target"], p["best_tp"] + (" (fixed)" if p.get("reference_fixed") else ""),
+                             f"{p['diff']['mean']:+.2f}", _ci(p["diff"]), f"{p['diff']['min']:+.2f}",
                              f"{p['diff']['max']:+.2f}", f"{p['wins']}/{len(p['seeds'])}"] for p in paired])
+
+
+def _ci(diff: dict) -> str:
+    ci = diff.get("ci95")
+    return "-" if ci is None else f"{ci[0]:+.2f} .. {ci[1]:+.2f}"
 
 
 if __name__ == "__main__":

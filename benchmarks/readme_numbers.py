@@ -200,12 +200,21 @@ def render_accuracy(doc: dict) -> list[str]:
              for s in doc["summary"]]
     out = [_md(["method", "target", "FLOPs ratio", "top-1 fine-tuned (%)", "top-1 one-shot (%)",
                 "TP at most 2% over target"], rows)]
-    paired = [[p["target"], p["best_tp"], f"{p['diff']['mean']:+.2f}", f"{p['diff']['std']:.2f}",
+    with_ci = any(p["diff"].get("ci95") for p in doc.get("paired", []))
+
+    def ci(p):
+        c = p["diff"].get("ci95")
+        return ["-" if c is None else f"{c[0]:+.2f} .. {c[1]:+.2f}"] if with_ci else []
+
+    paired = [[p["target"], p["best_tp"] + (" (named in advance)" if p.get("reference_fixed") else ""),
+               f"{p['diff']['mean']:+.2f}", f"{p['diff']['std']:.2f}", *ci(p),
                f"{p['diff']['min']:+.2f}", f"{p['diff']['max']:+.2f}", f"{p['wins']}/{len(p['seeds'])}"]
               for p in doc.get("paired", [])]
     if paired:
-        out.append(_md(["target", "best Torch-Pruning variant", "vitopt - best TP (mean)", "std", "min", "max",
-                        "seeds won"], paired))
+        fixed = any(p.get("reference_fixed") for p in doc["paired"])
+        out.append(_md(["target", "Torch-Pruning variant" if fixed else "best Torch-Pruning variant",
+                        "vitopt - TP (mean)" if fixed else "vitopt - best TP (mean)", "std",
+                        *(["95% CI of the mean"] if with_ci else []), "min", "max", "seeds won"], paired))
     return out
 
 

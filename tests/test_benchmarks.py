@@ -417,3 +417,35 @@ def test_depth_width_quick(tmp_path):
     cands = doc["result"]["final_timing"]["candidates"]
     assert all(len(c["rounds_ms"]) == doc["config"]["final_rounds"] for c in cands.values())
     assert depth_width.speed_per_point(1.5, 2.0) == 0.25 and depth_width.speed_per_point(1.2, 0.0) == float("inf")
+
+
+def test_accuracy_paired_interval_is_the_student_t_interval_of_the_mean():
+    """se uses the sample standard deviation (n - 1) and the interval the t quantile with n - 1 degrees of
+    freedom: for 1, 2, 3, 4 the mean is 2.5, s = sqrt(5/3), se = s / 2, t(0.975, 3) = 3.182446."""
+    import accuracy
+
+    got = accuracy.mean_interval([1.0, 2.0, 3.0, 4.0])
+    se = (5 / 3) ** 0.5 / 2
+    assert got["se"] == pytest.approx(se, rel=1e-12)
+    assert got["ci95"] == pytest.approx([2.5 - 3.182446305 * se, 2.5 + 3.182446305 * se], rel=1e-9)
+    assert accuracy.mean_interval([1.0]) == {"se": None, "ci95": None}
+
+
+def test_accuracy_fixed_reference_replaces_the_best_on_the_mean():
+    """--reference: the paired differences are against the named variant even when another has the better
+    mean, and say so; without it the best on the mean is taken."""
+    import accuracy
+
+    def run(method, seed, top1):
+        return {"seed": seed, "target": 0.5, "method": method, "top1": top1, "top1_pruned": top1, "flops_ratio": 0.5,
+                "params_ratio": 0.5, "tool": "vitopt" if method == "vitopt" else "torch-pruning"}
+
+    runs = [run("vitopt", 0, 90.0), run("vitopt", 1, 92.0), run("vitopt", 2, 91.0),
+            run("tp-taylor", 0, 95.0), run("tp-taylor", 1, 95.0), run("tp-taylor", 2, 95.0),
+            run("tp-magnitude", 0, 89.0), run("tp-magnitude", 1, 90.0), run("tp-magnitude", 2, 91.0)]
+    summary = accuracy.summarize(runs, ["vitopt", "tp-taylor", "tp-magnitude"], [0.5])
+    (best,) = accuracy.paired_differences(runs, summary, [0.5])
+    assert best["best_tp"] == "tp-taylor" and not best["reference_fixed"]
+    (fixed,) = accuracy.paired_differences(runs, summary, [0.5], reference="tp-magnitude")
+    assert fixed["best_tp"] == "tp-magnitude" and fixed["reference_fixed"]
+    assert fixed["diff"]["values"] == [1.0, 2.0, 0.0] and fixed["diff"]["se"] == pytest.approx(1 / 3 ** 0.5)
