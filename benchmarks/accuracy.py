@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "reproduced": checks} if reuse is not None else None,
                "load_average": {"start": load_start, "end": common.load_average()},
                "dense": dense_runs, "runs": runs, "summary": summary, "paired": paired,
+               "paired_each": paired_each(runs, args.targets),
                "seconds": time.perf_counter() - t_start}
     common.write_json(args.out, payload, script=SCRIPT, args=config, argv=argv)
     return payload
@@ -431,7 +432,7 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None, reference: str |
                "merged_from": [{"path": str(p), "command": d.get("command"), "date": d.get("date"),
                                 "load_average": d.get("load_average"), "seconds": d.get("seconds")}
                                for p, d in zip(paths, docs)], "dense": [dense[k] for k in sorted(dense)], "runs": merged,
-               "summary": summary, "paired": paired}
+               "summary": summary, "paired": paired, "paired_each": paired_each(merged, cfg["targets"])}
     common.write_json(out, payload, script=SCRIPT, args={"merge": [str(p) for p in paths], "out": str(out)}, argv=argv)
     return payload
 
@@ -445,6 +446,7 @@ def resummarize(path: Path, reference: str | None = None) -> dict[str, Any]:
     methods = list(dict.fromkeys(r["method"] for r in doc["runs"]))
     doc["summary"] = summarize(doc["runs"], methods, cfg["targets"], cfg.get("tp_over", 0.02))
     doc["paired"] = paired_differences(doc["runs"], doc["summary"], cfg["targets"], reference=cfg["reference"])
+    doc["paired_each"] = paired_each(doc["runs"], cfg["targets"])
     print_summary(doc["summary"], doc["paired"], doc["dense"], doc.get("data"), SimpleNamespace(**cfg))
     doc["summarized_by"] = f"python benchmarks/accuracy.py --summarize {path}" + \
         (f" --reference {cfg['reference']}" if cfg["reference"] else "")
@@ -507,6 +509,26 @@ def paired_differences(runs: list[dict], summary: list[dict], targets: list[floa
                     "reference_reached_target": best.get("reached_target", True),
                     "seeds": seeds, "diff": {**_stats(diffs), **mean_interval(diffs)},
                     "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)})
+    return out
+
+
+def paired_each(runs: list[dict], targets: list[float], ours: str = "vitopt") -> list[dict]:
+    """``ours`` minus every other method, per target, paired over the seeds both have: mean, spread, standard
+    error and 95% t-interval (:func:`mean_interval`) in top-1 points. Every variant is listed, whether or
+    not it reached the target, so that no comparison is left out; with several variants, one interval
+    excluding 0 by chance is expected more often than 5% of the time."""
+    out = []
+    for target in targets:
+        mine = {r["seed"]: r["top1"] for r in runs if r["target"] == target and r["method"] == ours and "top1" in r}
+        others = dict.fromkeys(r["method"] for r in runs if r["target"] == target and r["method"] != ours)
+        for method in others:
+            theirs = {r["seed"]: r["top1"] for r in runs if r["target"] == target and r["method"] == method
+                      and "top1" in r}
+            seeds = sorted(set(mine) & set(theirs))
+            if seeds:
+                diffs = [mine[s] - theirs[s] for s in seeds]
+                out.append({"target": target, "ours": ours, "other": method, "seeds": seeds,
+                            "diff": {**_stats(diffs), **mean_interval(diffs)}})
     return out
 
 

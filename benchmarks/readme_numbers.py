@@ -215,6 +215,12 @@ def render_accuracy(doc: dict) -> list[str]:
         out.append(_md(["target", "Torch-Pruning variant" if fixed else "best Torch-Pruning variant",
                         "vitopt - TP (mean)" if fixed else "vitopt - best TP (mean)", "std",
                         *(["95% CI of the mean"] if with_ci else []), "min", "max", "seeds won"], paired))
+    each = [[p["target"], p["other"], f"{p['diff']['mean']:+.2f}", f"{p['diff']['std']:.2f}", *ci(p),
+             f"{sum(d > 0 for d in p['diff']['values'])}/{sum(d < 0 for d in p['diff']['values'])}"]
+            for p in doc.get("paired_each", []) if p["diff"]["n"] > 3]
+    if each:
+        out.append(_md(["target", "other method", "vitopt - other (mean)", "std",
+                        *(["95% CI of the mean"] if with_ci else []), "seeds ahead / behind"], each))
     return out
 
 

@@ -449,3 +449,21 @@ def test_accuracy_fixed_reference_replaces_the_best_on_the_mean():
     (fixed,) = accuracy.paired_differences(runs, summary, [0.5], reference="tp-magnitude")
     assert fixed["best_tp"] == "tp-magnitude" and fixed["reference_fixed"]
     assert fixed["diff"]["values"] == [1.0, 2.0, 0.0] and fixed["diff"]["se"] == pytest.approx(1 / 3 ** 0.5)
+
+
+def test_accuracy_paired_each_lists_every_method_on_common_seeds():
+    """paired_each: ours minus every other method at each target, over the seeds both ran (a method missing
+    a seed is paired on the rest), including a variant that did not reach the target."""
+    import accuracy
+
+    def run(method, seed, top1, target=0.5):
+        return {"seed": seed, "target": target, "method": method, "top1": top1}
+
+    runs = [run("vitopt", 0, 90.0), run("vitopt", 1, 92.0), run("vitopt", 2, 91.0),
+            run("tp-a", 0, 89.0), run("tp-a", 1, 93.0), run("tp-b", 0, 85.0), run("tp-b", 2, 95.0),
+            run("vitopt", 0, 80.0, 0.3), run("tp-a", 0, 70.0, 0.3)]
+    each = {(p["target"], p["other"]): p for p in accuracy.paired_each(runs, [0.5, 0.3])}
+    assert set(each) == {(0.5, "tp-a"), (0.5, "tp-b"), (0.3, "tp-a")}
+    assert each[0.5, "tp-a"]["seeds"] == [0, 1] and each[0.5, "tp-a"]["diff"]["values"] == [1.0, -1.0]
+    assert each[0.5, "tp-b"]["seeds"] == [0, 2] and each[0.5, "tp-b"]["diff"]["values"] == [5.0, -4.0]
+    assert each[0.3, "tp-a"]["diff"]["values"] == [10.0] and each[0.3, "tp-a"]["diff"]["ci95"] is None
