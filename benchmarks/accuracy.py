@@ -11,9 +11,10 @@ Methods:
 
 * ``vitopt`` - ``vitopt.prune`` with its defaults (what a recipe's prune stage does by default): the
   library's one default criterion and allocation, residual width included;
-* ``CRITERION:COMPARE[:noembed][:minF][:recon][:perkind]`` - a vitopt configuration for comparisons
-  (e.g. ``taylor:calibrated``, ``l1:normalized:noembed``, ``kl:isomorphic:min0.25``): criterion, how kinds
-  are compared (``vitopt.pruning.prune.prune_with_report``'s ``compare``), the residual width excluded,
+* ``CRITERION:COMPARE[:noembed][:noheads][:minF][:recon][:perkind]`` - a vitopt configuration for
+  comparisons (e.g. ``taylor:calibrated``, ``l1:normalized:noembed``, ``kl:isomorphic:min0.25``): criterion,
+  how kinds are compared (``vitopt.pruning.prune.prune_with_report``'s ``compare``), the residual width or
+  whole heads excluded (every head kept, as the Torch-Pruning variants keep them),
   a per-block minimum kept fraction of heads and MLP neurons, least-squares reconstruction of the
   layers consuming removed units (``reconstruct=True``), one kept fraction per kind in every block
   (``scope="per_kind"``; without it such a name allocates with ``scope="global"``, whatever the default);
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--split-seed", type=int, default=0, help="digits train/val split seed (fixed across seeds)")
     ap.add_argument("--targets", nargs="+", type=float, help="FLOPs fractions (default 0.5 0.3 0.15; quick 0.5)")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                    help="vitopt, vitopt-iterative, CRITERION:COMPARE[:noembed][:minF], or a tp-* variant")
+                    help="vitopt, vitopt-iterative, CRITERION:COMPARE[:noembed][:noheads][:minF][:recon][:perkind], "
+                         "or a tp-* variant")
     ap.add_argument("--dense-epochs", type=int, help="dense training epochs (default 20, as the quickstart)")
     ap.add_argument("--finetune-epochs", type=int, help="KD fine-tuning epochs per method (default 5)")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -155,7 +157,9 @@ def vitopt_config(method: str) -> dict[str, Any]:
                            "reconstruct": False, "scope": "global"}
     for extra in parts[2:]:
         if extra == "noembed":
-            cfg["groups"] = ("heads", "head_dim", "mlp")
+            cfg["groups"] = tuple(g for g in cfg["groups"] if g != "embed")
+        elif extra == "noheads":
+            cfg["groups"] = tuple(g for g in cfg["groups"] if g != "heads")
         elif extra == "recon":
             cfg["reconstruct"] = True
         elif extra == "perkind":

@@ -467,3 +467,16 @@ def test_accuracy_paired_each_lists_every_method_on_common_seeds():
     assert each[0.5, "tp-a"]["seeds"] == [0, 1] and each[0.5, "tp-a"]["diff"]["values"] == [1.0, -1.0]
     assert each[0.5, "tp-b"]["seeds"] == [0, 2] and each[0.5, "tp-b"]["diff"]["values"] == [5.0, -4.0]
     assert each[0.3, "tp-a"]["diff"]["values"] == [10.0] and each[0.3, "tp-a"]["diff"]["ci95"] is None
+
+
+def test_accuracy_method_names_parse_to_prune_options():
+    """A configuration name maps to vitopt.prune's options: ':noembed' / ':noheads' drop that kind from the
+    groups (both may be given), ':perkind' the scope; a malformed option is refused."""
+    import accuracy
+
+    cfg = accuracy.vitopt_config("taylor:isomorphic:noheads")
+    assert (cfg["criterion"], cfg["compare"], cfg["groups"]) == ("taylor", "isomorphic", ("embed", "head_dim", "mlp"))
+    assert accuracy.vitopt_config("l1:normalized:noembed:noheads")["groups"] == ("head_dim", "mlp")
+    assert accuracy.vitopt_config("taylor:calibrated:perkind")["scope"] == "per_kind"
+    with pytest.raises(ValueError, match="nohead"):
+        accuracy.vitopt_config("taylor:calibrated:nohead")
