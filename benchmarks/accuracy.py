@@ -502,13 +502,12 @@ def paired_differences(runs: list[dict], summary: list[dict], targets: list[floa
     for target in targets:
         tp = [s for s in summary if s["target"] == target and s["tool"] == "torch-pruning" and s["top1"]
               and (s.get("reached_target", True) if reference is None else s["method"] == reference)]
-        mine = {r["seed"]: r for r in runs if r["target"] == target and r["method"] == ours and "top1" in r}
-        if not tp or not mine:
+        if not tp:
             continue
         best = max(tp, key=lambda s: s["top1"]["mean"])
-        theirs = {r["seed"]: r for r in runs if r["target"] == target and r["method"] == best["method"] and "top1" in r}
-        seeds = sorted(set(mine) & set(theirs))
-        diffs = [mine[s]["top1"] - theirs[s]["top1"] for s in seeds]
+        seeds, diffs = _paired(runs, target, ours, best["method"])
+        if not seeds:
+            continue
         out.append({"target": target, "ours": ours, "best_tp": best["method"], "reference_fixed": reference is not None,
                     "reference_reached_target": best.get("reached_target", True),
                     "seeds": seeds, "diff": {**_stats(diffs), **mean_interval(diffs)},
@@ -523,17 +522,24 @@ def paired_each(runs: list[dict], targets: list[float], ours: str = "vitopt") ->
     excluding 0 by chance is expected more often than 5% of the time."""
     out = []
     for target in targets:
-        mine = {r["seed"]: r["top1"] for r in runs if r["target"] == target and r["method"] == ours and "top1" in r}
         others = dict.fromkeys(r["method"] for r in runs if r["target"] == target and r["method"] != ours)
         for method in others:
-            theirs = {r["seed"]: r["top1"] for r in runs if r["target"] == target and r["method"] == method
-                      and "top1" in r}
-            seeds = sorted(set(mine) & set(theirs))
+            seeds, diffs = _paired(runs, target, ours, method)
             if seeds:
-                diffs = [mine[s] - theirs[s] for s in seeds]
                 out.append({"target": target, "ours": ours, "other": method, "seeds": seeds,
                             "diff": {**_stats(diffs), **mean_interval(diffs)}})
     return out
+
+
+def _paired(runs: list[dict], target: float, ours: str, other: str) -> tuple[list[int], list[float]]:
+    """The seeds where both ``ours`` and ``other`` have a fine-tuned top-1 at ``target``, and ``ours - other``
+    on each (top-1 points)."""
+    def top1(method):
+        return {r["seed"]: r["top1"] for r in runs if r["target"] == target and r["method"] == method and "top1" in r}
+
+    mine, theirs = top1(ours), top1(other)
+    seeds = sorted(set(mine) & set(theirs))
+    return seeds, [mine[s] - theirs[s] for s in seeds]
 
 
 def mean_interval(vals: list[float], level: float = 0.95) -> dict[str, Any]:
