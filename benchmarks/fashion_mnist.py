@@ -109,7 +109,7 @@ def build(tgz: Path, out: Path, train: int = 200, val: int = 100, seed: int = 0,
                 folder = out / part / f"{label:02d}_{cls}"
                 folder.mkdir(parents=True, exist_ok=True)
                 for i in idx:
-                    Image.fromarray(images[i], mode="L").save(folder / f"{rows[i]:05d}.png")
+                    Image.fromarray(images[i]).save(folder / f"{rows[i]:05d}.png")
                 counts[part] += len(idx)
     return counts
 
