@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dense_cost = V.cost(model)
         dense_runs.append({"seed": seed, "top1": evaluate(model, val)["top1"], **dense_cost,
                            "seconds": time.perf_counter() - t0})
+        common.console.print(f"dense s{seed}: top-1 {dense_runs[-1]['top1']:.1f}, {dense_cost['flops'] / 1e6:.1f} MFLOPs")
         if reuse is not None:
             runs += reused_runs(reuse, args.reuse, seed, dense_runs[-1], methods, args.targets)
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
