@@ -59,16 +59,18 @@ def draw(docs: list[tuple[str, dict[str, Any]]], out: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(docs), 2, figsize=(11, 3.6 * len(docs)), squeeze=False, layout="constrained")
+    every = sorted({m for _, doc in docs for m in series(doc)}, key=lambda m: (m != OURS, not m.startswith("vitopt"), m))
+    color = {m: "black" if m == OURS else COLORS[i % len(COLORS)] for i, m in enumerate(every)}  # same in every row
     for (title, doc), row in zip(docs, axes):
         data = series(doc)
-        methods = sorted(data, key=lambda m: (m != OURS, not m.startswith("vitopt"), m))
+        methods = [m for m in every if m in data]
         for ax, key, label in ((row[0], "oneshot", "one-shot (right after pruning)"),
                                (row[1], "top1", "after the KD fine-tune")):
-            for i, m in enumerate(methods):
+            for m in methods:
                 pts = data[m]
                 ours = m == OURS
                 ax.errorbar([p["flops"] for p in pts], [p[key] for p in pts], yerr=[p[key + "_std"] for p in pts],
-                            label=m, color="black" if ours else COLORS[i % len(COLORS)], lw=2.6 if ours else 1.0,
+                            label=m, color=color[m], lw=2.6 if ours else 1.0,
                             marker="o" if m.startswith("vitopt") else "s", ms=6 if ours else 4, capsize=2,
                             alpha=1.0 if ours else 0.75, zorder=3 if ours else 2)
             ax.axhline(dense_top1(doc), color="0.3", ls="--", lw=1.0, label="dense (mean)")
