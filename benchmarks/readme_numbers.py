@@ -260,12 +260,20 @@ def render_depth_width(doc: dict) -> list[str]:
                  "latency / dense (median, min-max)", "speed-up per point lost"], rows)]
 
 
+def render_acceptance_odds(doc: dict) -> list[str]:
+    rows = [[f"{r['target']:g}", r["method"], r["subsets"] - r["undecided"], r["passed"],
+             "" if r["rate"] is None else _f(100 * r["rate"], 1)] for r in doc["rows"]]
+    return [_md(["target", "method", "3-seed subsets" if doc["rows"] and doc["rows"][0]["k"] == 3 else "subsets",
+                 "at or above the best of the others", "rate (%)"], rows)]
+
+
 #: results "script" -> renderer of its README table(s)
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "quickstart": render_quickstart, "noise_floor": render_noise_floor, "latency_aware": render_latency_aware,
     "speedup": render_speedup, "accuracy": render_accuracy, "overhead": render_overhead,
     "sparse_overhead": render_sparse_overhead, "hierarchical": render_hierarchical,
     "hierarchical.py": render_hierarchical, "gpu_latency": render_gpu_latency, "depth_width": render_depth_width,
+    "acceptance_odds": render_acceptance_odds,
 }
 
 
