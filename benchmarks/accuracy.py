@@ -3,8 +3,8 @@
 Per seed: train a small DeiT densely (digits: the quickstart model, width 128, depth 6, 16 px; an image
 folder such as ``benchmarks/fashion_mnist.py``'s or ``benchmarks/shapes.py``'s: width 128, depth 2,
 32 px), then for each FLOPs target and each method prune a copy of that dense model and fine-tune it
-with the same budget (``--finetune-epochs``,
-lr 3e-4, KD from the dense model, alpha 0.7, tau 2, the same seed and batch order for every method).
+with the same budget (``--finetune-epochs``, lr 3e-4, KD from the dense model, alpha 0.7, tau 2, the
+same seed and batch order for every method).
 Every method gets the same calibration data (``vitopt.pruning.calibration.calibration_batches``: 8 shuffled
 batches, or for ``kl`` UP-ViTs' proxy set of 5 images per class, as the prune stage draws them).
 
