@@ -26,6 +26,11 @@ Methods:
   pruned), ``-bottleneck`` (every fc2 ignored: residual width kept) and ``-iso`` (isomorphic pruning,
   Fang et al. ECCV 2024). A variant whose ratio search cannot reach the target within 1% is reported so.
 
+Each run also records ``top1_by_epoch``, the top-1 after each fine-tune epoch (one point of the same
+cosine schedule per epoch, not a run with a shorter budget), and ``epochs_before_finetune`` (the
+recovery epochs ``vitopt-iterative`` spent inside the prune), so ``benchmarks/plot_recovery.py`` can draw
+how fast each method's model recovers.
+
 The summary gives mean ± std of top-1 over seeds, the achieved FLOPs of every method, the best
 Torch-Pruning variant per target, and the paired difference ``vitopt - best TP`` per seed with its spread.
 
@@ -288,9 +293,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ft_train = make_loader(data.train, args.batch_size, shuffle=True, seed=seed * 1000 + 2,
                                        drop_last=len(data.train) > args.batch_size)
                 set_seed(seed)
-                if ft_epochs > 0:
-                    fit(pruned, ft_train, None, hparams(args, ft_epochs), teacher=teacher, kd_alpha=args.kd_alpha,
-                        kd_tau=args.kd_tau, desc=f"{method}@{target}")
+                history = []
+                if ft_epochs > 0:                      # validation per epoch reads no RNG: training is unchanged
+                    history = fit(pruned, ft_train, val, hparams(args, ft_epochs), teacher=teacher,
+                                  kd_alpha=args.kd_alpha, kd_tau=args.kd_tau, desc=f"{method}@{target}")
+                run["top1_by_epoch"] = [h["val_top1"] for h in history]
+                run["epochs_before_finetune"] = args.finetune_epochs - ft_epochs
                 run["top1"] = evaluate(pruned, val)["top1"]
                 run["seconds"] = time.perf_counter() - t0
                 common.console.print(f"{method} @ {target}: FLOPs {run['flops_ratio']:.4f}, top-1 one-shot "
