@@ -476,6 +476,25 @@ def _stats(vals: list[float]) -> dict | None:
             "min": min(vals), "max": max(vals), "n": len(vals), "values": vals}
 
 
+def recovery(runs: list[dict]) -> dict | None:
+    """Mean top-1 over seeds at each epoch after pruning began: the one-shot model, then each fine-tune epoch.
+
+    ``epochs`` starts at ``epochs_before_finetune`` (the recovery epochs inside an iterative prune, else 0)
+    for the one-shot top-1 and counts the fine-tune epochs from there; ``top1`` / ``std`` are the mean and
+    population std (%) per epoch. None when a run has no ``top1_by_epoch`` (files written before stop 25)
+    or the runs' curves differ in length or start."""
+    if not runs or any("top1_by_epoch" not in r for r in runs):
+        return None
+    starts = {r["epochs_before_finetune"] for r in runs}
+    lengths = {len(r["top1_by_epoch"]) for r in runs}
+    if len(starts) != 1 or len(lengths) != 1:
+        return None
+    start = starts.pop()
+    cols = list(zip(*([r["top1_pruned"], *r["top1_by_epoch"]] for r in runs)))     # one tuple per epoch
+    return {"epochs": [start + k for k in range(len(cols))], "top1": [statistics.fmean(c) for c in cols],
+            "std": [statistics.pstdev(c) for c in cols], "n": len(runs)}
+
+
 def summarize(runs: list[dict], methods: list[str], targets: list[float], over: float = 0.02) -> list[dict]:
     """Per target and method: top-1 (fine-tuned and one-shot), achieved FLOPs and params ratios over seeds.
 
@@ -493,6 +512,7 @@ def summarize(runs: list[dict], methods: list[str], targets: list[float], over: 
                         "flops_ratio": _stats([r["flops_ratio"] for r in ok]),
                         "params_ratio": _stats([r["params_ratio"] for r in ok]),
                         "notes": sorted({r["note"] for r in rs if "note" in r}),
+                        "recovery": recovery(ok),
                         "reached_target": bool(ok) and all(r["flops_ratio"] <= target * (1 + over) for r in ok),
                         "errors": [r["error"] for r in rs if "error" in r]})
     return out
@@ -581,12 +601,24 @@ def print_summary(summary: list[dict], paired: list[dict], dense_runs: list[dict
                        [("method", "left"), "target", "FLOPs ratio", "top-1 fine-tuned", "top-1 one-shot",
                         ("note", "left")], rows,
                        caption="one-shot = right after pruning, before fine-tuning; FLOPs ratio = achieved / dense")
+    curves = [s for s in summary if s.get("recovery")]
+    if curves:
+        width = max(len(s["recovery"]["epochs"]) + s["recovery"]["epochs"][0] for s in curves)
+        common.print_table("top-1 (%) after each epoch since pruning began, mean over seeds (0 = one-shot)",
+                           [("method", "left"), "target", *(str(e) for e in range(width))],
+                           [[s["method"], s["target"], *recovery_cells(s["recovery"], width)] for s in curves])
     if paired:
         common.print_table("vitopt (defaults) minus the best Torch-Pruning variant, paired by seed (top-1 points)",
                            ["target", ("best TP", "left"), "mean diff", "95% CI", "min", "max", "wins"],
                            [[p["target"], p["best_tp"] + (" (fixed)" if p.get("reference_fixed") else ""),
                              f"{p['diff']['mean']:+.2f}", _ci(p["diff"]), f"{p['diff']['min']:+.2f}",
                              f"{p['diff']['max']:+.2f}", f"{p['wins']}/{len(p['seeds'])}"] for p in paired])
+
+
+def recovery_cells(rec: dict, width: int) -> list[str]:
+    """``rec["top1"]`` placed at its epochs in ``width`` columns (``-`` before a curve starts and after it ends)."""
+    by_epoch = dict(zip(rec["epochs"], rec["top1"]))
+    return [f"{by_epoch[e]:.1f}" if e in by_epoch else "-" for e in range(width)]
 
 
 def _ci(diff: dict) -> str:

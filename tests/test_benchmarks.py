@@ -307,6 +307,27 @@ def test_accuracy_best_tp_is_chosen_among_variants_that_reached_the_target():
     assert paired["diff"]["values"] == [1.0, 2.0] and paired["wins"] == 2
 
 
+def test_accuracy_recovery_curve_is_the_per_epoch_mean_placed_after_the_iterative_recovery():
+    """The summary's recovery curve: epoch 0 of a curve is the one-shot top-1, then one point per fine-tune
+    epoch, averaged over seeds epoch by epoch; an iterative run's curve starts after the recovery epochs
+    its prune spent. Curves that cannot be averaged (missing, or of different lengths) give None."""
+    import accuracy
+
+    def run(seed, oneshot, curve, before=0, method="vitopt"):
+        return {"seed": seed, "target": 0.5, "method": method, "tool": "vitopt", "top1": curve[-1],
+                "top1_pruned": oneshot, "flops_ratio": 0.49, "params_ratio": 0.5, "top1_by_epoch": curve,
+                "epochs_before_finetune": before}
+
+    runs = [run(0, 70.0, [80.0, 90.0]), run(1, 60.0, [84.0, 88.0]),
+            run(0, 75.0, [85.0], 1, "vitopt-iterative"), run(1, 77.0, [91.0], 1, "vitopt-iterative")]
+    by = {s["method"]: s["recovery"] for s in accuracy.summarize(runs, ["vitopt", "vitopt-iterative"], [0.5])}
+    assert by["vitopt"] == {"epochs": [0, 1, 2], "top1": [65.0, 82.0, 89.0], "std": [5.0, 2.0, 1.0], "n": 2}
+    assert by["vitopt-iterative"]["epochs"] == [1, 2] and by["vitopt-iterative"]["top1"] == [76.0, 88.0]
+    assert accuracy.recovery_cells(by["vitopt-iterative"], 3) == ["-", "76.0", "88.0"]
+    assert accuracy.recovery([runs[0], run(1, 60.0, [84.0])]) is None                  # lengths differ
+    assert accuracy.recovery([runs[0], {k: v for k, v in runs[1].items() if k != "top1_by_epoch"}]) is None
+
+
 def _earlier_accuracy_file(tmp_path, defaults=None):
     import accuracy
 

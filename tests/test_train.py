@@ -510,6 +510,25 @@ def _small(seed=0):
     return m, make_loader(small, 32, shuffle=True, seed=0, drop_last=True), make_loader(b.val, 512, shuffle=False, seed=0)
 
 
+def test_validation_inside_fit_leaves_training_bitwise_unchanged():
+    """``benchmarks/accuracy.py`` validates after every fine-tune epoch and compares the final top-1 with
+    runs made without it; that is only sound if validation reads no random numbers and leaves no state
+    behind. With dropout on (it draws from the global RNG every step), two epochs with and without a
+    validation loader must end with bitwise-equal weights."""
+    def run(with_val):
+        set_seed(0)
+        m = tiny_vit(embed_dim=32, depth=2, num_heads=2, drop_rate=0.2)
+        b = load_data(SimpleNamespace(type="digits"), model_input(m), seed=0)
+        tl = make_loader(torch.utils.data.Subset(b.train, range(256)), 32, shuffle=True, seed=0, drop_last=True)
+        vl = make_loader(torch.utils.data.Subset(b.val, range(64)), 32, shuffle=False, seed=0)
+        hist = fit(m, tl, vl if with_val else None, TrainHParams(epochs=2, lr=1e-3, warmup_epochs=0))
+        return m.state_dict(), hist
+    (w_val, h_val), (w_none, h_none) = run(True), run(False)
+    assert h_val[0]["val_top1"] is not None and h_none[0]["val_top1"] is None
+    assert [h["train_loss"] for h in h_val] == [h["train_loss"] for h in h_none]
+    assert all(torch.equal(w_val[k], w_none[k]) for k in w_val)
+
+
 def test_amp_bf16_autocast_trains_close_to_fp32_and_fp16_needs_cuda():
     """bf16 autocast (CPU here) runs the matmuls in bf16: its first-epoch loss differs from fp32 by bf16
     rounding only (< 2%), not by a different computation; fp16 off CUDA is refused in one sentence."""
