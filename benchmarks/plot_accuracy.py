@@ -43,6 +43,13 @@ def series(doc: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
     return {m: sorted(pts, key=lambda p: p["flops"]) for m, pts in out.items()}
 
 
+def method_colors(methods) -> dict[str, str]:
+    """A matplotlib colour per method, in drawing order: vitopt's defaults (black) first, then the other
+    vitopt methods, then the rest, alphabetically within each; the same methods always get the same colours."""
+    every = sorted(methods, key=lambda m: (m != OURS, not m.startswith("vitopt"), m))
+    return {m: "black" if m == OURS else COLORS[i % len(COLORS)] for i, m in enumerate(every)}
+
+
 def dense_top1(doc: dict[str, Any]) -> float:
     """Mean dense top-1 (%) over the file's seeds."""
     return statistics.fmean(d["top1"] for d in doc["dense"])
@@ -59,8 +66,8 @@ def draw(docs: list[tuple[str, dict[str, Any]]], out: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(docs), 2, figsize=(11, 3.6 * len(docs)), squeeze=False, layout="constrained")
-    every = sorted({m for _, doc in docs for m in series(doc)}, key=lambda m: (m != OURS, not m.startswith("vitopt"), m))
-    color = {m: "black" if m == OURS else COLORS[i % len(COLORS)] for i, m in enumerate(every)}  # same in every row
+    color = method_colors({m for _, doc in docs for m in series(doc)})           # the same in every row
+    every = list(color)
     for (title, doc), row in zip(docs, axes):
         data = series(doc)
         methods = [m for m in every if m in data]
