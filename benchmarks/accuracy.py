@@ -604,7 +604,7 @@ def print_summary(summary: list[dict], paired: list[dict], dense_runs: list[dict
     curves = [s for s in summary if s.get("recovery")]
     if curves:
         width = max(len(s["recovery"]["epochs"]) + s["recovery"]["epochs"][0] for s in curves)
-        common.print_table("top-1 (%) after each epoch since pruning began, mean over seeds (0 = one-shot)",
+        common.print_table("mean top-1 (%) by epoch since pruning (0 = one-shot)",
                            [("method", "left"), "target", *(str(e) for e in range(width))],
                            [[s["method"], s["target"], *recovery_cells(s["recovery"], width)] for s in curves])
     if paired:
