@@ -402,7 +402,9 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None, reference: str |
     differences are against ``reference`` when given (see :func:`paired_differences`).
 
     Raises SystemExit with one sentence when two files differ in a setting of :data:`SAME_FOR_REUSE`
-    or in a shared seed's dense model, or give one (seed, target, method) two different results."""
+    or in a shared seed's dense model, or give one (seed, target, method) two different results. When one
+    file ran a (seed, target, method) and another only reused it (``--reuse``), the run that was made is
+    kept: it has the same top-1 and may carry more (``top1_by_epoch``)."""
     docs = []
     for p in paths:
         try:
@@ -433,7 +435,9 @@ def merge(paths: list[Path], out: Path, argv: list[str] | None, reference: str |
             if key in runs and runs[key].get("top1") != r.get("top1"):
                 raise SystemExit(f"--merge {p}: seed {key[0]}, target {key[1]}, {key[2]} has another result in "
                                  "another file.")
-            runs.setdefault(key, {k: v for k, v in r.items() if k != "reused_from"})
+            if key not in runs or ("reused_from" in runs[key] and "reused_from" not in r):
+                runs[key] = r                  # a run made in its file beats a copy another file reused
+    runs = {k: {f: v for f, v in r.items() if f != "reused_from"} for k, r in runs.items()}
     merged = list(runs.values())
     cfg["seeds"] = sorted(dense)
     cfg["targets"] = sorted({r["target"] for r in merged}, reverse=True)

@@ -414,6 +414,21 @@ def test_accuracy_merge_unions_runs_of_the_same_dense_models_and_refuses_others(
         accuracy.merge([path, clash], out, [])
 
 
+def test_accuracy_merge_keeps_the_run_a_file_made_over_the_copy_another_reused(tmp_path):
+    """Two reruns split by method each reuse the other's methods from the old file; the merge must keep
+    the runs that were made again (with their per-epoch curves), whichever file comes first."""
+    accuracy, _, path = _earlier_accuracy_file(tmp_path)
+    doc = json.loads(path.read_text())
+    made = [{**r, "top1_by_epoch": [r["top1"]], "epochs_before_finetune": 0} for r in doc["runs"]]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({**doc, "runs": [{**r, "reused_from": "old.json"} for r in doc["runs"]]}))
+    b.write_text(json.dumps({**doc, "runs": made}))
+    for order in ([a, b], [b, a]):
+        merged = accuracy.merge(order, tmp_path / "m.json", [])
+        assert all("top1_by_epoch" in r and "reused_from" not in r for r in merged["runs"])
+        assert len(merged["runs"]) == len(doc["runs"])
+
+
 # ---------------------------------------------------------------------------------- depth vs width
 import depth_width  # noqa: E402
 
