@@ -91,21 +91,32 @@ def draw(docs: list[tuple[str, dict[str, Any]]], out: Path):
     return fig
 
 
+def read_titled(paths: list[Path], titles: list[str] | None, check, what: str) -> list[tuple[str, dict]] | None:
+    """``(title, results)`` per file, the title from ``titles`` or else the file's dataset name; ``check(doc)``
+    must accept each file (raising ``ValueError``/``KeyError``/``TypeError`` otherwise). On the first file
+    that cannot be read or fails the check, prints one sentence naming it (``what`` ends the description
+    of what was expected) to stderr and returns None."""
+    docs = []
+    for i, path in enumerate(paths):
+        try:
+            doc = json.loads(path.read_text())
+            check(doc)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: {path}: not a readable accuracy.py results file{what} ({e})", file=sys.stderr)
+            return None
+        docs.append((titles[i] if titles and i < len(titles) else str(doc.get("data", path.stem)), doc))
+    return docs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, nargs="+", help="accuracy.py results files, one per dataset")
     ap.add_argument("--title", nargs="+", help="one title per file (default: the file's dataset name)")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = ap.parse_args(argv)
-    docs = []
-    for i, path in enumerate(args.results):
-        try:
-            doc = json.loads(path.read_text())
-            series(doc)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"error: {path}: not a readable accuracy.py results file ({e})", file=sys.stderr)
-            return 2
-        docs.append((args.title[i] if args.title and i < len(args.title) else str(doc.get("data", path.stem)), doc))
+    docs = read_titled(args.results, args.title, series, "")
+    if docs is None:
+        return 2
     draw(docs, args.out)
     print(f"wrote {args.out}")
     return 0

@@ -16,12 +16,10 @@ without it have nothing to draw and are refused).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from plot_accuracy import OURS, dense_top1, method_colors
+from plot_accuracy import OURS, dense_top1, method_colors, read_titled
 
 
 def curves(doc: dict[str, Any]) -> dict[float, dict[str, dict[str, list]]]:
@@ -85,6 +83,11 @@ def print_reach(title: str, doc: dict[str, Any], within: float) -> None:
         print(f"  {target:g}: " + ", ".join(cells))
 
 
+def _has_curves(doc: dict[str, Any]) -> None:
+    if not curves(doc):
+        raise ValueError("no recovery curves (written by accuracy.py before stop 25?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, nargs="+", help="accuracy.py results files, one per dataset")
@@ -92,16 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--within", type=float, default=0.5, help="points below dense that count as recovered")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = ap.parse_args(argv)
-    docs = []
-    for i, path in enumerate(args.results):
-        try:
-            doc = json.loads(path.read_text())
-            if not curves(doc):
-                raise ValueError("no recovery curves (written by accuracy.py before stop 25?)")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"error: {path}: not a readable accuracy.py results file with recovery curves ({e})", file=sys.stderr)
-            return 2
-        docs.append((args.title[i] if args.title and i < len(args.title) else str(doc.get("data", path.stem)), doc))
+    docs = read_titled(args.results, args.title, _has_curves, " with recovery curves")
+    if docs is None:
+        return 2
     draw(docs, args.out)
     for title, doc in docs:
         print_reach(title, doc, args.within)
