@@ -221,7 +221,17 @@ def render_accuracy(doc: dict) -> list[str]:
     if each:
         out.append(_md(["target", "other method", "vitopt - other (mean)", "std",
                         *(["95% CI of the mean"] if with_ci else []), "seeds ahead / behind"], each))
+    curves = [s for s in doc["summary"] if s.get("recovery")]
+    if curves:
+        width = max(c["recovery"]["epochs"][-1] for c in curves) + 1
+        out.append(_md(["method", "target", *(f"epoch {e}" for e in range(width))],
+                       [[c["method"], c["target"], *_recovery_cells(c["recovery"], width)] for c in curves]))
     return out
+
+
+def _recovery_cells(rec: dict, width: int) -> list[str]:
+    by_epoch = dict(zip(rec["epochs"], rec["top1"]))
+    return [f"{by_epoch[e]:.1f}" if e in by_epoch else "" for e in range(width)]
 
 
 def render_overhead(doc: dict) -> list[str]:
