@@ -22,13 +22,13 @@ from typing import Any
 from plot_accuracy import OURS, dense_top1, method_colors, read_titled
 
 
-def curves(doc: dict[str, Any]) -> dict[float, dict[str, dict[str, list]]]:
-    """``{target: {method: recovery}}`` for every summary row with a recovery curve, targets in descending
-    order. Raises ``KeyError`` when ``doc`` has no ``summary`` (not an accuracy.py results file)."""
-    out: dict[float, dict[str, dict[str, list]]] = {}
+def curves(doc: dict[str, Any]) -> dict[float, dict[str, dict[str, Any]]]:
+    """``{target: {method: summary row}}`` for every summary row with a ``recovery`` curve, targets in
+    descending order. Raises ``KeyError`` when ``doc`` has no ``summary`` (not an accuracy.py results file)."""
+    out: dict[float, dict[str, dict[str, Any]]] = {}
     for row in doc["summary"]:
         if row.get("recovery"):
-            out.setdefault(row["target"], {})[row["method"]] = row["recovery"]
+            out.setdefault(row["target"], {})[row["method"]] = row
     return dict(sorted(out.items(), reverse=True))
 
 
@@ -41,7 +41,8 @@ def draw(docs: list[tuple[str, dict[str, Any]]], out: Path):
     """Write the figure for ``(title, results)`` pairs to ``out`` (PNG) and return it (matplotlib ``Figure``).
 
     Row ``i`` holds file ``i``'s targets, left to right in descending order; each method is one
-    ``ErrorbarContainer`` labelled with its name. Raises ``ValueError`` when no file has a curve."""
+    ``ErrorbarContainer`` labelled with its name (with the FLOPs it
+    reached, dotted, when it missed the target by more than accuracy.py's ``--tp-over``). Raises ``ValueError`` when no file has a curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -56,8 +57,11 @@ def draw(docs: list[tuple[str, dict[str, Any]]], out: Path):
     for (title, doc), by_target, row in zip(docs, per_doc, axes):
         for ax, (target, by_method) in zip(row, by_target.items()):
             for m in [m for m in color if m in by_method]:
-                rec, ours = by_method[m], m == OURS
-                ax.errorbar(rec["epochs"], rec["top1"], yerr=rec["std"], label=m, color=color[m],
+                row_m, ours = by_method[m], m == OURS
+                rec, missed = row_m["recovery"], row_m.get("reached_target") is False
+                label = f"{m} (missed: {row_m['flops_ratio']['mean']:.2f} FLOPs)" if missed else m
+                ax.errorbar(rec["epochs"], rec["top1"], yerr=rec["std"], label=label, color=color[m],
+                            ls=":" if missed else "-",
                             lw=2.6 if ours else 1.0, marker="o" if m.startswith("vitopt") else "s",
                             ms=6 if ours else 4, capsize=2, alpha=1.0 if ours else 0.75, zorder=3 if ours else 2)
             ax.axhline(dense_top1(doc), color="0.3", ls="--", lw=1.0, label="dense (mean)")
@@ -67,7 +71,8 @@ def draw(docs: list[tuple[str, dict[str, Any]]], out: Path):
             ax.grid(alpha=0.3)
         for ax in row[len(by_target):]:
             ax.set_visible(False)
-        row[0].legend(fontsize=7.5, loc="lower right")
+        for ax in row[:len(by_target)]:
+            ax.legend(fontsize=6.5, loc="lower right")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return fig
@@ -78,7 +83,7 @@ def print_reach(title: str, doc: dict[str, Any], within: float) -> None:
     level = dense_top1(doc) - within
     print(f"{title}: first epoch with mean top-1 >= dense - {within:g} ({level:.1f}%); '-' = never")
     for target, by_method in curves(doc).items():
-        reach = {m: epochs_to_reach(rec, level) for m, rec in by_method.items()}
+        reach = {m: epochs_to_reach(r["recovery"], level) for m, r in by_method.items()}
         cells = [f"{m} {'-' if e is None else e}" for m, e in reach.items()]
         print(f"  {target:g}: " + ", ".join(cells))
 

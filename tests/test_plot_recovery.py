@@ -9,15 +9,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import plot_recovery as R  # noqa: E402
 
 
-def _row(method, target, epochs, top1):
-    return {"method": method, "target": target,
+def _row(method, target, epochs, top1, reached=True):
+    return {"method": method, "target": target, "reached_target": reached, "flops_ratio": {"mean": target + 0.1},
             "recovery": {"epochs": epochs, "top1": top1, "std": [0.5] * len(top1), "n": 3}}
 
 
 DOC = {"dense": [{"top1": 90.0}, {"top1": 92.0}],
        "summary": [_row("vitopt", 0.15, [0, 1, 2], [40.0, 80.0, 86.0]),
                    _row("vitopt", 0.5, [0, 1, 2], [85.0, 90.0, 91.0]),
-                   _row("tp-taylor", 0.5, [0, 1, 2], [60.0, 89.0, 90.8]),
+                   _row("tp-taylor", 0.5, [0, 1, 2], [60.0, 89.0, 90.8], reached=False),
                    _row("vitopt-iterative", 0.5, [1, 2], [88.0, 90.0]),
                    {"method": "tp-taylor", "target": 0.15, "recovery": None}]}
 
@@ -30,6 +30,7 @@ def test_curves_group_by_descending_target_and_skip_rows_without_a_curve():
 
 def test_epochs_to_reach_is_the_first_epoch_at_or_above_the_level():
     c = R.curves(DOC)[0.5]
+    c = {m: row["recovery"] for m, row in c.items()}
     assert R.epochs_to_reach(c["vitopt"], 90.5) == 2          # dense mean 91 - 0.5
     assert R.epochs_to_reach(c["tp-taylor"], 90.5) == 2
     assert R.epochs_to_reach(c["vitopt"], 90.0) == 1          # reached exactly counts
@@ -41,9 +42,11 @@ def test_the_drawn_lines_are_the_curves_at_their_epochs(tmp_path):
     fig = R.draw([("x", DOC)], tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for ax, (target, by_method) in zip(fig.axes, R.curves(DOC).items()):
-        drawn = {c.get_label(): (c.lines[0].get_xdata().tolist(), c.lines[0].get_ydata().tolist())
+        drawn = {c.get_label().split(" (")[0]: (c.lines[0].get_xdata().tolist(), c.lines[0].get_ydata().tolist())
                  for c in ax.containers}
-        assert drawn == {m: (rec["epochs"], rec["top1"]) for m, rec in by_method.items()}, target
+        assert drawn == {m: (r["recovery"]["epochs"], r["recovery"]["top1"]) for m, r in by_method.items()}, target
+    missed = {c.get_label(): c.lines[0].get_linestyle() for c in fig.axes[0].containers}
+    assert missed["tp-taylor (missed: 0.60 FLOPs)"] == ":" and missed["vitopt"] == "-"
 
 
 def test_a_file_without_recovery_curves_gets_one_sentence_and_exit_code_2(tmp_path, capsys):
