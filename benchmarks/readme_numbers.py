@@ -224,8 +224,10 @@ def render_accuracy(doc: dict) -> list[str]:
     curves = [s for s in doc["summary"] if s.get("recovery")]
     if curves:
         width = max(c["recovery"]["epochs"][-1] for c in curves) + 1
-        out.append(_md(["method", "target", *(f"epoch {e}" for e in range(width))],
-                       [[c["method"], c["target"], *_recovery_cells(c["recovery"], width)] for c in curves]))
+        out.append(_md(["method", "target", "FLOPs ratio", *(f"epoch {e}" for e in range(width))],
+                       [[c["method"], c["target"], pm(c["flops_ratio"], 3) + ("" if c.get("reached_target", True)
+                                                                         or c["tool"] != "torch-pruning" else " (missed)"),
+                         *_recovery_cells(c["recovery"], width)] for c in curves]))
     return out
 
 

@@ -91,12 +91,13 @@ def test_accuracy_recovery_table_places_each_curve_at_its_epochs():
     """The recovery table has one column per epoch since pruning; a curve that starts after recovery
     epochs (vitopt-iterative) leaves the earlier cells empty instead of shifting left."""
     def row(method, epochs, top1):
-        return {"method": method, "target": 0.5, "tool": "vitopt", "flops_ratio": None, "top1": None,
+        return {"method": method, "target": 0.5, "tool": "vitopt", "flops_ratio": {"mean": 0.498, "std": 0.0, "n": 1},
+                "top1": None,
                 "top1_pruned": None, "recovery": {"epochs": epochs, "top1": top1, "std": [0.0] * len(top1), "n": 1}}
 
     doc = {"dense": [], "summary": [row("vitopt", [0, 1, 2, 3], [70.0, 80.0, 81.0, 82.0]),
                                     row("vitopt-iterative", [2, 3], [78.0, 83.0])]}
     table = rn.render_accuracy(doc)[-1].splitlines()
-    assert table[0] == "| method | target | epoch 0 | epoch 1 | epoch 2 | epoch 3 |"
-    assert table[2] == "| vitopt | 0.5 | 70.0 | 80.0 | 81.0 | 82.0 |"
-    assert table[3] == "| vitopt-iterative | 0.5 |  |  | 78.0 | 83.0 |"
+    assert table[0] == "| method | target | FLOPs ratio | epoch 0 | epoch 1 | epoch 2 | epoch 3 |"
+    assert table[2] == "| vitopt | 0.5 | 0.498 | 70.0 | 80.0 | 81.0 | 82.0 |"
+    assert table[3] == "| vitopt-iterative | 0.5 | 0.498 |  |  | 78.0 | 83.0 |"
